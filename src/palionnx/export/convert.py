@@ -1,0 +1,192 @@
+"""Export a PaliGemma / PaliGemma 2 checkpoint to a self-describing ONNX model folder.
+
+    export(source, outdir, quant="int4")
+
+writes `vision_encoder.onnx`, `embed_tokens.onnx`, `decoder_model_merged.onnx` (each with its
+`.onnx.data`), `tokenizer.json` and, last, `palionnx.json`. A folder without the manifest is incomplete.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import __version__
+from ..runtime.manifest import QUANT_LEVELS, TOKENIZER_NAME, GraphInfo, Manifest
+from . import quantize
+from .checkpoint import Checkpoint, open_checkpoint
+
+OPSET = 21
+GRAPH_FILES = {
+    "vision_encoder": "vision_encoder.onnx",
+    "embed_tokens": "embed_tokens.onnx",
+    "decoder": "decoder_model_merged.onnx",
+}
+
+Progress = Callable[[str], None]
+
+
+class ExportError(Exception):
+    """The export cannot go on; the message says why and what to do."""
+
+
+def export(
+    source: str | Path,
+    outdir: str | Path,
+    quant: str = "fp32",
+    block_size: int = quantize.DEFAULT_BLOCK_SIZE,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Export `source` (a local checkpoint folder or a hub id) to `outdir` at `quant` precision."""
+    if quant not in QUANT_LEVELS:
+        raise ExportError(f"unknown quant level {quant!r}: use one of {', '.join(QUANT_LEVELS)}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ExportError(f"--block-size must be a power of two >= 16, got {block_size}")
+    say = _timed(progress)
+    _quiet_exporters()
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / "palionnx.json").unlink(missing_ok=True)  # the folder is incomplete until the end
+
+    say(f"reading checkpoint {source}")
+    checkpoint = open_checkpoint(source)
+    checkpoint.tokenizer.backend_tokenizer.save(str(outdir / TOKENIZER_NAME))
+
+    staging = outdir / ".staging" if quant in quantize.BITS else outdir
+    staging.mkdir(exist_ok=True)
+    try:
+        graphs = _export_graphs(checkpoint, staging, fp16=quant == "fp16", say=say)
+        del checkpoint.model
+        gc.collect()
+        if quant in quantize.BITS:
+            for role, info in graphs.items():
+                say(f"quantizing {role} to {quant} (MatMulNBits, block {block_size})")
+                quantize.quantize_graph(staging / info.file, outdir / info.file, quant, block_size,
+                                        gather=role == "embed_tokens")
+    finally:
+        if staging != outdir:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    manifest = _manifest(checkpoint, graphs, quant, block_size)
+    manifest.save(outdir)
+    say(f"done: {outdir}")
+    return manifest
+
+
+def _export_graphs(checkpoint: Checkpoint, folder: Path, fp16: bool, say: Progress) -> dict[str, GraphInfo]:
+    import torch
+
+    from .graphs import Decoder, TokenEmbedder, VisionEncoder
+
+    model = checkpoint.model
+    model.to(torch.float16 if fp16 else torch.float32)
+    cfg = model.config.text_config
+    vcfg = model.config.vision_config
+    batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("past")
+    total = torch.export.Dim("total")
+    kv_dtype = torch.float16 if fp16 else torch.float32
+    layers = cfg.num_hidden_layers
+    past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    present_names = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    # Example sizes of at least 2 everywhere: torch.export specialises dimensions of size 0 or 1.
+    jobs = {
+        "vision_encoder": (
+            VisionEncoder(model),
+            (torch.zeros(2, 3, vcfg.image_size, vcfg.image_size),),
+            ["pixel_values"], ["image_features"], ({0: batch},),
+        ),
+        "embed_tokens": (
+            TokenEmbedder(model),
+            (torch.zeros(2, 3, dtype=torch.int64),),
+            ["input_ids"], ["inputs_embeds"], ({0: batch, 1: seq},),
+        ),
+        "decoder": (
+            Decoder(model),
+            (
+                torch.zeros(2, 3, cfg.hidden_size), torch.ones(2, 5, dtype=torch.int64),
+                torch.ones(2, 3, dtype=torch.int64),
+                *(torch.zeros(2, cfg.num_key_value_heads, 2, cfg.head_dim, dtype=kv_dtype) for _ in past_names),
+            ),
+            ["inputs_embeds", "attention_mask", "position_ids", *past_names], ["logits", *present_names],
+            ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in past_names)),
+        ),
+    }
+    graphs = {}
+    for role, (module, args, inputs, outputs, dynamic) in jobs.items():
+        say(f"exporting {role} ({'fp16' if fp16 else 'fp32'})")
+        path = folder / GRAPH_FILES[role]
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module.eval(), args, dynamo=True, input_names=inputs, output_names=outputs,
+                dynamic_shapes=dynamic, opset_version=OPSET, external_data=True, verbose=False,
+            )
+        program.save(str(path), external_data=True)
+        del program
+        gc.collect()
+        graphs[role] = GraphInfo(file=path.name, inputs=inputs, outputs=outputs)
+    return graphs
+
+
+def _manifest(checkpoint: Checkpoint, graphs: dict[str, GraphInfo], quant: str, block_size: int) -> Manifest:
+    cfg = checkpoint.config
+    text = cfg.text_config
+    is_pg2 = text.model_type == "gemma2"
+    quant_info: dict = {"level": quant}
+    if quant in quantize.BITS:
+        quant_info.update(bits=quantize.BITS[quant], block_size=block_size, symmetric=True,
+                          accuracy_level=quantize.ACCURACY_LEVEL, method="MatMulNBits + GatherBlockQuantized")
+    elif quant == "fp16":
+        quant_info.update(fp32_kept=["residual stream", "RMSNorm", "attention softmax and soft-capping",
+                                     "MLP gate*up product (clamped)", "logits"])
+    return Manifest(
+        family="pg2" if is_pg2 else "pg1",
+        image_size=checkpoint.image_size,
+        image_mean=checkpoint.image_mean,
+        image_std=checkpoint.image_std,
+        resample=checkpoint.resample,
+        rescale_factor=checkpoint.rescale_factor,
+        image_seq_length=checkpoint.image_seq_length,
+        image_token_id=cfg.image_token_id,
+        bos_token_id=checkpoint.bos_token_id,
+        eos_token_ids=checkpoint.eos_token_ids,
+        pad_token_id=checkpoint.pad_token_id,
+        prompt_template="{image}{bos}{prompt}\n",
+        layers=text.num_hidden_layers,
+        heads=text.num_attention_heads,
+        kv_heads=text.num_key_value_heads,
+        head_dim=text.head_dim,
+        hidden=text.hidden_size,
+        vocab_size=text.vocab_size,
+        sliding_window=text.sliding_window if is_pg2 else None,
+        quant=quant_info,
+        kv_dtype="float16" if quant == "fp16" else "float32",
+        graphs=graphs,
+        opset=OPSET,
+        source={"id": checkpoint.source_id, "revision": checkpoint.revision},
+        palionnx_version=__version__,
+    )
+
+
+def _quiet_exporters() -> None:
+    """torch.onnx and onnx-ir log every pass; keep their warnings and errors only."""
+    names = ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch._export", "torch.export",
+             "onnx_ir", "onnxscript", "onnxruntime")
+    for name in names:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _timed(progress: Progress | None) -> Progress:
+    """Prefix each progress message with the seconds since the export started."""
+    start = time.perf_counter()
+
+    def say(message: str) -> None:
+        if progress:
+            progress(f"[{time.perf_counter() - start:6.1f}s] {message}")
+
+    return say

@@ -1,0 +1,210 @@
+"""Random-weight PaliGemma checkpoints of real or tiny geometries, written as transformers saves them.
+
+Tests use the tiny geometries; users and benchmarks use the real ones to measure latency without
+downloading a model. The tokenizer is built offline with the `tokenizers` library and follows the
+PaliGemma id layout: text pieces, then 1024 `<locNNNN>` and 128 `<segNNN>` tokens, then `<image>`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0..3, as in Gemma
+EXTRA_TOKENS = [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
+IMAGE_TOKEN = "<image>"
+START_OF_TURN_ID, END_OF_TURN_ID, NEWLINE_ID = 106, 107, 108  # Gemma's ids; <end_of_turn> is a PG2 eos
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shapes of a PaliGemma checkpoint."""
+
+    family: str  # "pg1" (Gemma decoder) or "pg2" (Gemma 2 decoder)
+    image_size: int
+    patch_size: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int
+    vision_heads: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    text_vocab: int  # pieces before the <loc>/<seg>/<image> tokens
+    sliding_window: int = 4096
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def image_seq_length(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def image_token_id(self) -> int:
+        return self.text_vocab + len(EXTRA_TOKENS)
+
+    @property
+    def vocab_size(self) -> int:
+        """The embedding rows: the tokenizer's size rounded up to 64, as in the released models."""
+        return math.ceil((self.image_token_id + 1) / 64) * 64
+
+
+_SIGLIP_SO400M = dict(vision_hidden=1152, vision_intermediate=4304, vision_layers=27, vision_heads=16, patch_size=14)
+_GEMMA_2B = dict(hidden=2048, intermediate=16384, layers=18, heads=8, kv_heads=1, head_dim=256, text_vocab=256000)
+_GEMMA2_2B = dict(hidden=2304, intermediate=9216, layers=26, heads=8, kv_heads=4, head_dim=256, text_vocab=256000)
+_TINY_VISION = dict(vision_hidden=32, vision_intermediate=64, vision_layers=2, vision_heads=2, patch_size=14)
+
+GEOMETRIES: dict[str, Geometry] = {
+    "pg1-3b-224": Geometry("pg1", image_size=224, **_SIGLIP_SO400M, **_GEMMA_2B),
+    "pg1-3b-448": Geometry("pg1", image_size=448, **_SIGLIP_SO400M, **_GEMMA_2B),
+    "pg2-3b-224": Geometry("pg2", image_size=224, **_SIGLIP_SO400M, **_GEMMA2_2B),
+    "pg2-3b-448": Geometry("pg2", image_size=448, **_SIGLIP_SO400M, **_GEMMA2_2B),
+    # Real widths and vocabulary, 4 decoder layers: quick iteration on speed with realistic matmuls.
+    "pg1-3b-224-l4": Geometry("pg1", image_size=224, **{**_SIGLIP_SO400M, "vision_layers": 4}, **{**_GEMMA_2B, "layers": 4}),
+    # Tiny: 28 px images (4 image tokens), for tests. MQA for pg1, GQA + a short window for pg2.
+    "tiny-pg1": Geometry(
+        "pg1", image_size=28, **_TINY_VISION,
+        hidden=64, intermediate=128, layers=2, heads=4, kv_heads=1, head_dim=16, text_vocab=1024,
+    ),
+    "tiny-pg2": Geometry(
+        "pg2", image_size=28, **_TINY_VISION,
+        hidden=64, intermediate=128, layers=3, heads=4, kv_heads=2, head_dim=16, text_vocab=1024,
+        sliding_window=6,
+    ),
+}
+
+
+def _pseudo_words(count: int) -> list[str]:
+    """Deterministic readable filler pieces ("▁kalo", "mire", ...) to fill the text vocabulary."""
+    consonants, vowels = "bdfgklmnprstvz", "aeiou"
+    syllables = [c + v for c in consonants for v in vowels]
+    words: list[str] = []
+    n = 0
+    while len(words) < count:
+        a, b, c = n % len(syllables), (n // len(syllables)) % len(syllables), n // len(syllables) ** 2
+        word = syllables[a] + syllables[b] + (syllables[c % len(syllables)] if c else "")
+        words.append(("▁" + word) if n % 3 else word)
+        n += 1
+    return words
+
+
+def build_tokenizer(geometry: Geometry) -> Tokenizer:
+    """A Gemma-style BPE tokenizer (byte fallback, '▁' for spaces) with PaliGemma's special tokens."""
+    pieces = list(SPECIALS)
+    pieces += [f"<unused{i}>" for i in range(START_OF_TURN_ID - len(pieces))]
+    pieces += ["<start_of_turn>", "<end_of_turn>", "\n"]
+    pieces += [f"<0x{b:02X}>" for b in range(256)]
+    pieces += ["▁"] + [chr(c) for c in range(33, 127)]
+    pieces += _pseudo_words(geometry.text_vocab - len(pieces))
+    assert len(pieces) == geometry.text_vocab, "text_vocab too small for the base pieces"
+    pieces += EXTRA_TOKENS + [IMAGE_TOKEN]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    specials = SPECIALS + ["<start_of_turn>", "<end_of_turn>", IMAGE_TOKEN]
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in EXTRA_TOKENS])
+    return tokenizer
+
+
+def make_config(geometry: Geometry):  # -> PaliGemmaConfig
+    """The transformers config of a geometry, with the released models' token ids."""
+    from transformers import PaliGemmaConfig
+
+    g = geometry
+    text = dict(
+        hidden_size=g.hidden, intermediate_size=g.intermediate, num_hidden_layers=g.layers,
+        num_attention_heads=g.heads, num_key_value_heads=g.kv_heads, head_dim=g.head_dim,
+        vocab_size=g.vocab_size, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        hidden_activation="gelu_pytorch_tanh",
+    )
+    if g.family == "pg2":
+        text.update(
+            model_type="gemma2", query_pre_attn_scalar=g.head_dim, sliding_window=g.sliding_window,
+            attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+            eos_token_id=[1, END_OF_TURN_ID],
+        )
+    else:
+        text.update(model_type="gemma")
+    vision = dict(
+        model_type="siglip_vision_model", hidden_size=g.vision_hidden, intermediate_size=g.vision_intermediate,
+        num_hidden_layers=g.vision_layers, num_attention_heads=g.vision_heads, patch_size=g.patch_size,
+        image_size=g.image_size, projection_dim=g.hidden, vision_use_head=False,
+    )
+    return PaliGemmaConfig(
+        text_config=text, vision_config=vision, image_token_index=g.image_token_id,
+        vocab_size=g.vocab_size, projection_dim=g.hidden, hidden_size=g.hidden,
+    )
+
+
+def _randomise(model, seed: int, scale: float, embed_scale: float) -> None:
+    """Fill every weight with seeded noise: N(0, scale/sqrt(fan_in)) for matrices, and random norm gains.
+
+    Gemma's RMSNorm multiplies by (1 + w), so its w ~ N(0, 0.5) (Gemma 2's post-sublayer norms N(1, 0.5));
+    SigLIP's LayerNorm uses w directly. With tied embeddings a random decoder tends to repeat its input
+    token; random gains, a larger-than-default scale and a smaller embedding give varied greedy output.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                gemma_norm = "language_model" in name and ".post_" not in name
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (0.0 if gemma_norm else 1.0))
+            elif p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * embed_scale / math.sqrt(p.shape[1]))
+            else:
+                fan_in = math.prod(p.shape[1:])
+                gain = scale if "language_model" in name else 1.0  # the vision tower stays tame
+                p.copy_(torch.randn(p.shape, generator=gen) * gain / math.sqrt(fan_in))
+
+
+def write_checkpoint(geometry: str | Geometry, outdir: str | Path, seed: int = 0, dtype: str = "float32") -> Path:
+    """Write a random-weight PaliGemma checkpoint (weights, config, processor) that
+    `PaliGemmaForConditionalGeneration.from_pretrained(outdir)` and `AutoProcessor` load."""
+    import torch
+    from transformers import (
+        GenerationConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        PreTrainedTokenizerFast,
+        SiglipImageProcessor,
+    )
+
+    g = GEOMETRIES[geometry] if isinstance(geometry, str) else geometry
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    config = make_config(g)
+    with torch.device("meta"):
+        model = PaliGemmaForConditionalGeneration(config)
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    scale = 1.0 if g.hidden >= 1024 else 2.0
+    _randomise(model, seed, scale=scale, embed_scale=scale * (0.25 if g.family == "pg2" else 1.0))
+    model.to(getattr(torch, dtype))
+    eos = config.text_config.eos_token_id
+    model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=eos, pad_token_id=0)
+    model.save_pretrained(outdir)
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=build_tokenizer(g), bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>", padding_side="left", extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+    image_processor = SiglipImageProcessor(
+        size={"height": g.image_size, "width": g.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        resample=3, do_convert_rgb=True,
+    )
+    image_processor.image_seq_length = g.image_seq_length
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor.save_pretrained(outdir)
+    return outdir

@@ -1,0 +1,164 @@
+"""The decode loop: samplers, logits processors and `generate_step`.
+
+Shaped like mlx-lm: `generate_step` is a plain generator that takes a `sampler` and a list of
+`logits_processors`, small pure functions built by `make_sampler` and `make_logits_processors`.
+Processors and samplers follow transformers' semantics (the tests check them against transformers'
+own classes on the same logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
+
+import numpy as np
+
+Sampler = Callable[[np.ndarray], np.ndarray]  # logits [b, vocab] -> token ids [b]
+LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (history [b, t], logits) -> logits
+
+
+def make_sampler(
+    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None
+) -> Sampler:
+    """Greedy when temperature is 0; otherwise temperature, then top-k, then top-p, then a draw.
+
+    The draw uses numpy's generator seeded with `seed`, so a seed makes sampling reproducible.
+    """
+    if temperature <= 0:
+        return greedy
+    rng = np.random.default_rng(seed)
+
+    def sample(logits: np.ndarray) -> np.ndarray:
+        scores = logits.astype(np.float32) / np.float32(temperature)
+        if top_k > 0:
+            scores = _top_k(scores, top_k)
+        if top_p < 1.0:
+            scores = _top_p(scores, top_p)
+        probs = _softmax(scores)
+        # Inverse-CDF draw per row: one uniform number per sequence.
+        cdf = np.cumsum(probs, axis=-1)
+        u = rng.random((probs.shape[0], 1), dtype=np.float64) * cdf[:, -1:]
+        return np.minimum((cdf < u).sum(axis=-1), probs.shape[1] - 1).astype(np.int64)
+
+    return sample
+
+
+def greedy(logits: np.ndarray) -> np.ndarray:
+    """The highest-scoring token of each row."""
+    return logits.argmax(axis=-1).astype(np.int64)
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, scores.shape[-1])
+    kth = np.partition(scores, -k, axis=-1)[:, -k][:, None]
+    return np.where(scores < kth, -np.inf, scores)
+
+
+def _top_p(scores: np.ndarray, p: float) -> np.ndarray:
+    """Nucleus filter as transformers' TopPLogitsWarper: drop the low tail whose mass is <= 1 - p."""
+    order = np.argsort(scores, axis=-1, kind="stable")
+    sorted_scores = np.take_along_axis(scores, order, axis=-1)
+    cumulative = np.cumsum(_softmax(sorted_scores), axis=-1)
+    remove_sorted = cumulative <= (1 - p)
+    remove_sorted[:, -1] = False  # keep at least one token
+    remove = np.zeros_like(remove_sorted)
+    np.put_along_axis(remove, order, remove_sorted, axis=-1)
+    return np.where(remove, -np.inf, scores)
+
+
+def make_logits_processors(
+    repetition_penalty: float | None = None, no_repeat_ngram_size: int = 0
+) -> list[LogitsProcessor]:
+    """Processors for the given settings (none for the defaults)."""
+    processors: list[LogitsProcessor] = []
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        processors.append(_repetition_penalty(repetition_penalty))
+    if no_repeat_ngram_size > 0:
+        processors.append(_no_repeat_ngram(no_repeat_ngram_size))
+    return processors
+
+
+def _repetition_penalty(penalty: float) -> LogitsProcessor:
+    """Every token already in the history: divide a positive score, multiply a negative one."""
+
+    def process(history: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        out = logits.copy()
+        for row in range(out.shape[0]):
+            seen = np.unique(history[row])
+            score = out[row, seen]
+            out[row, seen] = np.where(score < 0, score * penalty, score / penalty)
+        return out
+
+    return process
+
+
+def _no_repeat_ngram(n: int) -> LogitsProcessor:
+    """Ban any token that would repeat an n-gram already in the history."""
+
+    def process(history: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        if history.shape[1] + 1 < n:
+            return logits
+        out = logits.copy()
+        for row in range(out.shape[0]):
+            tokens = history[row].tolist()
+            prefix = tuple(tokens[len(tokens) - n + 1 :]) if n > 1 else ()
+            banned = [
+                tokens[i + n - 1]
+                for i in range(len(tokens) - n + 1)
+                if tuple(tokens[i : i + n - 1]) == prefix
+            ]
+            out[row, banned] = -np.inf
+        return out
+
+    return process
+
+
+class DecoderState(Protocol):
+    """One batch's decoder with its KV cache (see `palionnx.runtime.model`)."""
+
+    def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
+                position_ids: np.ndarray) -> np.ndarray: ...
+
+    def step(self, token_ids: np.ndarray) -> np.ndarray: ...
+
+    def keep(self, rows: np.ndarray) -> None: ...
+
+
+def generate_step(
+    decoder: DecoderState,
+    inputs_embeds: np.ndarray,
+    attention_mask: np.ndarray,
+    position_ids: np.ndarray,
+    history: np.ndarray,
+    sampler: Sampler,
+    logits_processors: Sequence[LogitsProcessor],
+    eos_ids: Sequence[int],
+    max_new_tokens: int,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Prefill once, then feed one token per step; yield (rows, tokens) for the sequences still running.
+
+    `rows` index the original batch. A row that yields an eos id, or reaches `max_new_tokens`, is
+    dropped from the batch (its KV cache rows too), so finished sequences cost nothing more.
+    `history` is the prompt ids [b, prompt_len] the logits processors see, as transformers' input_ids.
+    """
+    rows = np.arange(inputs_embeds.shape[0])
+    eos = np.asarray(list(eos_ids), dtype=np.int64)
+    logits = decoder.prefill(inputs_embeds, attention_mask, position_ids)
+    for step in range(max_new_tokens):
+        for process in logits_processors:
+            logits = process(history, logits)
+        tokens = sampler(logits)
+        yield rows, tokens
+        running = ~np.isin(tokens, eos)
+        if step + 1 == max_new_tokens or not running.any():
+            return
+        history = np.concatenate([history, tokens[:, None]], axis=1)
+        if not running.all():
+            rows, tokens, history = rows[running], tokens[running], history[running]
+            decoder.keep(np.flatnonzero(running))
+        logits = decoder.step(tokens)
