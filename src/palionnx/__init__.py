@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .runtime.captioner import CaptionResult, Captioner  # noqa: E402
+from .runtime.captioner import Captioner, CaptionResult  # noqa: E402
 
 __all__ = ["Captioner", "CaptionResult", "__version__"]

@@ -113,7 +113,10 @@ def _export_graphs(checkpoint: Checkpoint, folder: Path, fp16: bool, say: Progre
                 *(torch.zeros(2, cfg.num_key_value_heads, 2, cfg.head_dim, dtype=kv_dtype) for _ in past_names),
             ),
             ["inputs_embeds", "attention_mask", "position_ids", *past_names], ["logits", *present_names],
-            ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in past_names)),
+            (
+                {0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
+                tuple({0: batch, 2: past} for _ in past_names),
+            ),
         ),
     }
     graphs = {}

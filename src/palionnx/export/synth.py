@@ -65,7 +65,9 @@ GEOMETRIES: dict[str, Geometry] = {
     "pg2-3b-224": Geometry("pg2", image_size=224, **_SIGLIP_SO400M, **_GEMMA2_2B),
     "pg2-3b-448": Geometry("pg2", image_size=448, **_SIGLIP_SO400M, **_GEMMA2_2B),
     # Real widths and vocabulary, 4 decoder layers: quick iteration on speed with realistic matmuls.
-    "pg1-3b-224-l4": Geometry("pg1", image_size=224, **{**_SIGLIP_SO400M, "vision_layers": 4}, **{**_GEMMA_2B, "layers": 4}),
+    "pg1-3b-224-l4": Geometry(
+        "pg1", image_size=224, **{**_SIGLIP_SO400M, "vision_layers": 4}, **{**_GEMMA_2B, "layers": 4}
+    ),
     # Tiny: 28 px images (4 image tokens), for tests. MQA for pg1, GQA + a short window for pg2.
     "tiny-pg1": Geometry(
         "pg1", image_size=28, **_TINY_VISION,

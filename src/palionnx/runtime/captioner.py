@@ -113,7 +113,7 @@ class Captioner:
             batch = self._caption_batch(
                 [image for _, image in chunk], [prompts[i] for i in indices], max_new_tokens, sampler, processors
             )
-            for i, (tokens, timings) in zip(indices, batch):
+            for i, (tokens, timings) in zip(indices, batch, strict=False):
                 results[i].tokens, results[i].timings = tokens, timings
                 results[i].text = self.text.decode(tokens)
         return results
@@ -155,7 +155,7 @@ class Captioner:
             else:
                 timings.decode_s += now - started
                 timings.decode_steps += 1
-            for row, token in zip(rows.tolist(), chosen.tolist()):
+            for row, token in zip(rows.tolist(), chosen.tolist(), strict=False):
                 if token not in eos:
                     tokens[row].append(token)
             started = time.perf_counter()

@@ -58,7 +58,7 @@ class CpuDecoderState:
             "inputs_embeds": inputs_embeds,
             "attention_mask": self.attention_mask,
             "position_ids": position_ids,
-            **dict(zip(self.past_names, self.past)),
+            **dict(zip(self.past_names, self.past, strict=False)),
         }
         logits, *self.past = self.model.decoder.run(self.output_names, feeds)
         return logits

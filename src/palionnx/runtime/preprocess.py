@@ -7,12 +7,11 @@ the uint8 image, rescale by 1/255, normalise with the checkpoint's mean and std,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
-ImageInput = Union[str, Path, Image.Image]
+ImageInput = str | Path | Image.Image
 
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,

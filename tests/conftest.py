@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random-weight PaliGemma checkpoints and their exports, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+FAMILIES = ("tiny-pg1", "tiny-pg2")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """tiny-pg1 (Gemma, MQA) and tiny-pg2 (Gemma 2, GQA, sliding window 6) checkpoints on disk."""
+    from palionnx.export.synth import write_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {name: write_checkpoint(name, root / name, seed=0) for name in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, checkpoints):
+    """exported(family, quant) -> model folder, exported on first use and reused."""
+    from palionnx.export.convert import export
+
+    root = tmp_path_factory.mktemp("exports")
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(family: str, quant: str = "fp32") -> Path:
+        if (family, quant) not in cache:
+            folder = root / f"{family}-{quant}"
+            export(checkpoints[family], folder, quant=quant)
+            cache[family, quant] = folder
+        return cache[family, quant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference(checkpoints):
+    """reference(family) -> (model, processor) from transformers, loaded once."""
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            folder = checkpoints[family]
+            model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype="float32").eval()
+            cache[family] = (model, AutoProcessor.from_pretrained(folder))
+        return cache[family]
+
+    return get

@@ -1,0 +1,205 @@
+"""Export: folder layout, manifest, graphs, and parity with transformers."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from tokenizers import Tokenizer
+
+from palionnx import Captioner
+from palionnx.export.validate import reference_generate, sample_images, validate
+from palionnx.runtime.manifest import Manifest
+
+FAMILIES = ["tiny-pg1", "tiny-pg2"]
+PROMPTS = ["caption en", "describe this picture in great detail", "caption en", "x"]
+
+
+def _ops(path):
+    model = onnx.load(str(path), load_external_data=False)
+    return model, [node.op_type for node in model.graph.node]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_folder_layout_and_manifest(family, exported, checkpoints):
+    folder = exported(family, "fp32")
+    names = {p.name for p in folder.iterdir()}
+    for graph in ("vision_encoder", "embed_tokens", "decoder_model_merged"):
+        assert {f"{graph}.onnx", f"{graph}.onnx.data"} <= names
+    assert {"tokenizer.json", "palionnx.json"} <= names
+    assert not (folder / ".staging").exists()
+
+    manifest = Manifest.load(folder)
+    raw = json.loads((folder / "palionnx.json").read_text())
+    for key in ("schema_version", "palionnx_version", "opset", "source", "quant", "prompt_template"):
+        assert key in raw
+    config = json.loads((checkpoints[family] / "config.json").read_text())
+    assert manifest.family == ("pg2" if family == "tiny-pg2" else "pg1")
+    assert manifest.image_token_id == config["image_token_index"]
+    assert manifest.layers == config["text_config"]["num_hidden_layers"]
+    assert manifest.image_seq_length == 4 and manifest.image_size == 28
+    assert manifest.eos_token_ids == ([1, 107] if family == "tiny-pg2" else [1])
+    assert manifest.sliding_window == (6 if family == "tiny-pg2" else None)
+    decoder = manifest.graphs["decoder"]
+    assert decoder.inputs[:4] == ["inputs_embeds", "attention_mask", "position_ids", "past_key_values.0.key"]
+    assert decoder.outputs[:3] == ["logits", "present.0.key", "present.0.value"]
+    assert manifest.source["id"] == str(checkpoints[family])
+
+
+def test_logits_only_for_last_position(exported):
+    model, _ = _ops(exported("tiny-pg1", "fp32") / "decoder_model_merged.onnx")
+    logits = next(o for o in model.graph.output if o.name == "logits")
+    assert len(logits.type.tensor_type.shape.dim) == 2  # [batch, vocab]: no per-position logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokenizer_json_matches_transformers(family, exported, reference):
+    _, processor = reference(family)
+    tokenizer = Tokenizer.from_file(str(exported(family, "fp32") / "tokenizer.json"))
+    text = "caption en\nhello, world"
+    assert tokenizer.encode(text, add_special_tokens=False).ids == processor.tokenizer.encode(
+        text, add_special_tokens=False
+    )
+    ids = [2, 500, 600, 1, 700, Manifest.load(exported(family, "fp32")).image_token_id]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == processor.tokenizer.decode(
+        ids, skip_special_tokens=True
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_fp32_greedy_matches_generate(family, batch, exported, reference):
+    """Token-for-token parity with generate(); batch 4 mixes prompt lengths, so rows are left-padded."""
+    model, processor = reference(family)
+    images, prompts = sample_images(4)[:batch], PROMPTS[:batch]
+    expected, ref_logits = reference_generate(model, processor, images, prompts, 24)
+    captioner = Captioner.load(exported(family, "fp32"), device="cpu")
+    results = captioner.caption(images, prompt=prompts, max_new_tokens=24, batch_size=batch)
+    assert [r.tokens for r in results] == expected
+    assert [r.text for r in results] == [processor.decode(e, skip_special_tokens=True) for e in expected]
+
+    prompt_batch = captioner.prompt_batch(images, prompts)
+    logits = captioner.model.new_state().prefill(
+        prompt_batch.inputs_embeds, prompt_batch.attention_mask, prompt_batch.position_ids
+    )
+    np.testing.assert_allclose(logits, ref_logits, atol=2e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp32_matches_generate_with_penalties(family, exported, reference):
+    import torch
+
+    model, processor = reference(family)
+    images = sample_images(4)
+    inputs = processor(images=images, text=["<image>" + p for p in PROMPTS], return_tensors="pt", padding="longest")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=20, do_sample=False, repetition_penalty=1.15,
+                             no_repeat_ngram_size=2)
+    eos = set(np.atleast_1d(model.generation_config.eos_token_id).tolist())
+    expected = []
+    for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+        expected.append(row[: next((i for i, t in enumerate(row) if t in eos), len(row))])
+    captioner = Captioner.load(exported(family, "fp32"), device="cpu")
+    results = captioner.caption(images, prompt=PROMPTS, max_new_tokens=20, batch_size=4,
+                                repetition_penalty=1.15, no_repeat_ngram_size=2)
+    assert [r.tokens for r in results] == expected
+
+
+# Measured on the tiny checkpoints (8 images, prefill logits against the fp32 export), see
+# tests/README or the issue note: fp16 top-1 1.00 / cosine 1.000; int8 top-1 0.62-1.00 / cosine >= 0.957;
+# int4 cosine >= 0.37. Tiny random decoders amplify quantization noise far more than trained 2B models:
+# these bounds catch broken quantization (a wrong packing gives cosine ~ 0), not quality.
+QUANT_BOUNDS = {"fp16": (0.999, 1.0), "int8": (0.9, 0.5), "int4": (0.25, 0.0)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("quant", ["fp16", "int8", "int4"])
+def test_quantized_exports_run_and_agree(family, quant, exported):
+    images = sample_images(8)
+    prompts = ["caption en"] * 8
+    logits = {}
+    for level in ("fp32", quant):
+        captioner = Captioner.load(exported(family, level), device="cpu")
+        batch = captioner.prompt_batch(images, prompts)
+        logits[level] = captioner.model.new_state().prefill(batch.inputs_embeds, batch.attention_mask,
+                                                             batch.position_ids)
+    ref, got = logits["fp32"], logits[quant]
+    assert np.isfinite(got).all()
+    cosine = (ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
+    min_cosine, min_top1 = QUANT_BOUNDS[quant]
+    assert cosine.min() >= min_cosine
+    assert (ref.argmax(-1) == got.argmax(-1)).mean() >= min_top1
+    results = captioner.caption(images[:2], max_new_tokens=8)
+    assert all(r.ok and len(r.tokens) > 0 for r in results)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_nbit_graphs_use_matmulnbits_and_quantized_embedding(quant, exported):
+    folder = exported("tiny-pg1", quant)
+    bits = 8 if quant == "int8" else 4
+    for graph in ("decoder_model_merged", "vision_encoder"):
+        model, ops = _ops(folder / f"{graph}.onnx")
+        nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+        assert nbits and all(next(a.i for a in n.attribute if a.name == "bits") == bits for n in nbits)
+        assert "MatMulInteger" not in ops and "DynamicQuantizeLinear" not in ops
+        inits = {i.name for i in model.graph.initializer}
+        assert not [n for n in model.graph.node if n.op_type == "MatMul" and set(n.input) & inits], \
+            "a MatMul with a weight was left unquantized"
+    model, ops = _ops(folder / "embed_tokens.onnx")
+    assert "Gather" not in ops and ops.count("GatherBlockQuantized") == 1
+    assert Manifest.load(folder).quant == {
+        "level": quant, "bits": bits, "block_size": 32, "symmetric": True, "accuracy_level": 4,
+        "method": "MatMulNBits + GatherBlockQuantized",
+    }
+
+
+def test_fp16_graphs_store_half_weights(exported):
+    folder = exported("tiny-pg2", "fp16")
+    model = onnx.load(str(folder / "decoder_model_merged.onnx"), load_external_data=False)
+    big = [i for i in model.graph.initializer if np.prod(i.dims) >= 64 * 64]
+    assert big and all(i.data_type == onnx.TensorProto.FLOAT16 for i in big)
+    assert Manifest.load(folder).kv_dtype == "float16"
+
+
+def test_pg2_fp16_survives_activations_beyond_fp16_range(tmp_path):
+    """Gemma 2's residual stream outgrows fp16 in trained models; blow it up on purpose here.
+
+    A naive fp16 model overflows (checked with transformers in half precision); the fp16 export keeps
+    the residual stream in fp32 and must stay finite and close to the fp32 export."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import PaliGemmaForConditionalGeneration
+
+    from palionnx.export.convert import export
+    from palionnx.export.synth import write_checkpoint
+
+    checkpoint = write_checkpoint("tiny-pg2", tmp_path / "hot", seed=3)
+    weights = load_file(checkpoint / "model.safetensors")
+    for name in weights:
+        if "post_feedforward_layernorm" in name:
+            weights[name] = torch.full_like(weights[name], 4.0e4)
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+
+    naive = PaliGemmaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float16).eval()
+    ids = torch.tensor([[2, 500, 501, 108]])
+    with torch.no_grad():
+        hidden = naive.model.language_model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert not all(torch.isfinite(h).all() for h in hidden), "the test checkpoint should overflow naive fp16"
+
+    images, logits = sample_images(4), {}
+    for quant in ("fp32", "fp16"):
+        export(checkpoint, tmp_path / quant, quant=quant)
+        captioner = Captioner.load(tmp_path / quant, device="cpu")
+        batch = captioner.prompt_batch(images, ["caption en"] * 4)
+        logits[quant] = captioner.model.new_state().prefill(batch.inputs_embeds, batch.attention_mask,
+                                                            batch.position_ids)
+    assert np.isfinite(logits["fp16"]).all()
+    np.testing.assert_allclose(logits["fp16"], logits["fp32"], atol=0.05)
+    assert (logits["fp16"].argmax(-1) == logits["fp32"].argmax(-1)).all()
+
+
+def test_validate_reports_parity(checkpoints, exported):
+    report = validate(checkpoints["tiny-pg2"], exported("tiny-pg2", "fp32"), max_new_tokens=12)
+    assert report.exact_sequences == report.sequences == 4
+    assert report.token_agreement == 1.0 and report.max_prefill_logit_diff < 1e-3
+    assert "4/4" in report.summary()
