@@ -41,8 +41,10 @@ def test_folder_layout_and_manifest(family, exported, checkpoints):
     assert manifest.eos_token_ids == ([1, 107] if family == "tiny-pg2" else [1])
     assert manifest.sliding_window == (6 if family == "tiny-pg2" else None)
     decoder = manifest.graphs["decoder"]
-    assert decoder.inputs[:4] == ["inputs_embeds", "attention_mask", "position_ids", "past_key_values.0.key"]
-    assert decoder.outputs[:3] == ["logits", "present.0.key", "present.0.value"]
+    assert decoder.inputs[:5] == [
+        "inputs_embeds", "attention_mask", "position_ids", "past_length", "past_key_values.0.key"
+    ]
+    assert decoder.outputs[:4] == ["logits", "next_token", "present.0.key", "present.0.value"]
     assert manifest.source["id"] == str(checkpoints[family])
 
 
@@ -78,10 +80,7 @@ def test_fp32_greedy_matches_generate(family, batch, exported, reference):
     assert [r.tokens for r in results] == expected
     assert [r.text for r in results] == [processor.decode(e, skip_special_tokens=True) for e in expected]
 
-    prompt_batch = captioner.prompt_batch(images, prompts)
-    logits = captioner.model.new_state().prefill(
-        prompt_batch.inputs_embeds, prompt_batch.attention_mask, prompt_batch.position_ids
-    )
+    logits = captioner.prefill_logits(images, prompts)
     np.testing.assert_allclose(logits, ref_logits, atol=2e-4)
 
 
@@ -120,9 +119,7 @@ def test_quantized_exports_run_and_agree(family, quant, exported):
     logits = {}
     for level in ("fp32", quant):
         captioner = Captioner.load(exported(family, level), device="cpu")
-        batch = captioner.prompt_batch(images, prompts)
-        logits[level] = captioner.model.new_state().prefill(batch.inputs_embeds, batch.attention_mask,
-                                                             batch.position_ids)
+        logits[level] = captioner.prefill_logits(images, prompts)
     ref, got = logits["fp32"], logits[quant]
     assert np.isfinite(got).all()
     cosine = (ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
@@ -190,9 +187,7 @@ def test_pg2_fp16_survives_activations_beyond_fp16_range(tmp_path):
     for quant in ("fp32", "fp16"):
         export(checkpoint, tmp_path / quant, quant=quant)
         captioner = Captioner.load(tmp_path / quant, device="cpu")
-        batch = captioner.prompt_batch(images, ["caption en"] * 4)
-        logits[quant] = captioner.model.new_state().prefill(batch.inputs_embeds, batch.attention_mask,
-                                                            batch.position_ids)
+        logits[quant] = captioner.prefill_logits(images, ["caption en"] * 4)
     assert np.isfinite(logits["fp16"]).all()
     np.testing.assert_allclose(logits["fp16"], logits["fp32"], atol=0.05)
     assert (logits["fp16"].argmax(-1) == logits["fp32"].argmax(-1)).all()

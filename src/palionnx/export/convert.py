@@ -88,7 +88,7 @@ def _export_graphs(checkpoint: Checkpoint, folder: Path, fp16: bool, say: Progre
     cfg = model.config.text_config
     vcfg = model.config.vision_config
     batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("past")
-    total = torch.export.Dim("total")
+    max_len = torch.export.Dim("max_len")
     kv_dtype = torch.float16 if fp16 else torch.float32
     layers = cfg.num_hidden_layers
     past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
@@ -109,13 +109,14 @@ def _export_graphs(checkpoint: Checkpoint, folder: Path, fp16: bool, say: Progre
             Decoder(model),
             (
                 torch.zeros(2, 3, cfg.hidden_size), torch.ones(2, 5, dtype=torch.int64),
-                torch.ones(2, 3, dtype=torch.int64),
-                *(torch.zeros(2, cfg.num_key_value_heads, 2, cfg.head_dim, dtype=kv_dtype) for _ in past_names),
+                torch.ones(2, 3, dtype=torch.int64), torch.tensor(2, dtype=torch.int64),
+                *(torch.zeros(2, cfg.num_key_value_heads, 5, cfg.head_dim, dtype=kv_dtype) for _ in past_names),
             ),
-            ["inputs_embeds", "attention_mask", "position_ids", *past_names], ["logits", *present_names],
+            ["inputs_embeds", "attention_mask", "position_ids", "past_length", *past_names],
+            ["logits", "next_token", *present_names],
             (
-                {0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
-                tuple({0: batch, 2: past} for _ in past_names),
+                {0: batch, 1: seq}, {0: batch, 1: max_len}, {0: batch, 1: seq}, None,
+                tuple({0: batch, 2: max_len} for _ in past_names),
             ),
         ),
     }

@@ -61,16 +61,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Decoder(nn.Module):
-    """Gemma / Gemma 2 decoder with KV cache.
+    """Gemma / Gemma 2 decoder over a preallocated KV cache.
 
-    Inputs: inputs_embeds [b, s, hidden] float32, attention_mask [b, past + s] int64 (1 = token, 0 = left
-    padding), position_ids [b, s] int64 (1-indexed, counting only real tokens), then per layer
-    past_key_values.N.key / .value [b, kv_heads, past, head_dim].
-    Outputs: logits [b, vocab] float32 for the last position, then present.N.key / .value [b, kv, past + s, hd].
+    Inputs: inputs_embeds [b, s, hidden] float32; attention_mask [b, max_len] int64 (1 = a real token
+    already in the cache or being fed now, 0 = left padding or a free slot); position_ids [b, s] int64
+    (1-indexed, counting real tokens only); past_length [] int64 (slots filled before this call); then per
+    layer past_key_values.N.key / .value [b, kv_heads, max_len, head_dim].
+    Outputs: logits [b, vocab] float32 for the last position, next_token [b] int64 (its argmax, so a
+    greedy loop reads back 8 bytes per sequence), present.N.key / .value [b, kv, max_len, hd]: the cache
+    with this call's keys written at slots past_length .. past_length + s - 1.
 
-    Contract: the first call (past = 0) feeds the whole prompt, which attends bidirectionally, as
-    PaliGemma's prefix does; every later call feeds exactly one token per sequence. Under that contract
-    the mask needs no query index: a new token is the last one, so causal = all earlier keys.
+    The cache has a fixed size, so a runtime can bind two buffers once and swap them every step (no
+    allocation, and on CUDA no host round-trip).
+
+    Contract: the first call (past_length 0) feeds the whole prompt, which attends bidirectionally as
+    PaliGemma's prefix does; every later call feeds exactly one token per sequence, which then sees all
+    earlier tokens (causal) without a per-query mask.
     """
 
     def __init__(self, model: nn.Module):
@@ -104,27 +110,31 @@ class Decoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_weight.dtype
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+    def forward(self, inputs_embeds, attention_mask, position_ids, past_length, *past):
         dtype = self.dtype
-        total = attention_mask.shape[1]
         new = inputs_embeds.shape[1]
 
         freqs = position_ids.float()[..., None] * self.inv_freq  # [b, s, hd/2]
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [b, 1, s, hd]
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
 
-        key_idx = torch.arange(total, device=attention_mask.device)
-        valid = attention_mask[:, None, None, :].bool()  # [b, 1, 1, total]
+        # Cache slots written by this call, as a scatter index [b, kv, s, hd].
+        slots = (past_length + torch.arange(new, device=inputs_embeds.device))[None, None, :, None]
+        slots = slots.expand(inputs_embeds.shape[0], self.kv_heads, new, self.head_dim)
+
+        key_idx = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        valid = attention_mask[:, None, None, :].bool()  # [b, 1, 1, max_len]
         full_bias = torch.where(valid, 0.0, torch.finfo(torch.float32).min)
-        # Sliding layers: the new token sees the last `window` keys; the prompt (all new at prefill) sees all.
-        in_window = (key_idx > total - 1 - self.window) | (key_idx >= total - new)
+        # Sliding layers: the new token sees the last `window` slots; the prompt (all new at prefill) sees all.
+        last = past_length + new - 1
+        in_window = (key_idx > last - self.window) | (key_idx >= past_length)
         sliding_bias = torch.where(valid & in_window, 0.0, torch.finfo(torch.float32).min)
 
         hidden = inputs_embeds.float()  # the residual stream stays float32 (Gemma 2 overflows fp16 there)
         presents = []
         for i, layer in enumerate(self.layers):
             bias = sliding_bias if self.sliding[i] else full_bias
-            attn_out, k, v = self._attention(layer, hidden, cos, sin, bias, past[2 * i], past[2 * i + 1])
+            attn_out, k, v = self._attention(layer, hidden, cos, sin, bias, past[2 * i], past[2 * i + 1], slots)
             presents += [k, v]
             if self.is_gemma2:
                 attn_out = _rms_norm(attn_out, layer.post_attention_layernorm.weight, self.eps)
@@ -137,11 +147,11 @@ class Decoder(nn.Module):
                 mlp_out = self._mlp(layer.mlp, mlp_in).float()
             hidden = hidden + mlp_out
 
-        last = _rms_norm(hidden[:, -1, :], self.final_norm.weight, self.eps)
-        logits = (last.to(dtype) @ self.embed_weight.t()).float()
-        return (_softcap(logits, self.final_cap), *presents)
+        last_hidden = _rms_norm(hidden[:, -1, :], self.final_norm.weight, self.eps)
+        logits = _softcap((last_hidden.to(dtype) @ self.embed_weight.t()).float(), self.final_cap)
+        return (logits, logits.argmax(-1), *presents)
 
-    def _attention(self, layer, hidden, cos, sin, bias, past_k, past_v):
+    def _attention(self, layer, hidden, cos, sin, bias, past_k, past_v, slots):
         attn = layer.self_attn
         dtype = self.dtype
         b, s, _ = hidden.shape
@@ -151,8 +161,8 @@ class Decoder(nn.Module):
         v = attn.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        k = torch.cat((past_k, k), dim=2)
-        v = torch.cat((past_v, v), dim=2)
+        k = past_k.scatter(2, slots, k.to(past_k.dtype))
+        v = past_v.scatter(2, slots, v.to(past_v.dtype))
 
         # Grouped attention without repeating K/V: queries [b, kv, group, s, hd] against keys [b, kv, 1, T, hd].
         # Scores and softmax in float32, as transformers upcasts the softmax.

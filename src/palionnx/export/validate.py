@@ -85,8 +85,7 @@ def validate(source: str | Path, folder: str | Path, images: list[Image.Image] |
     del model
 
     captioner = Captioner.load(folder, device="cpu")
-    batch = captioner.prompt_batch(images, prompts)
-    logits = captioner.model.new_state().prefill(batch.inputs_embeds, batch.attention_mask, batch.position_ids)
+    logits = captioner.prefill_logits(images, prompts)
     results = captioner.caption(images, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=len(images))
 
     agree = total = first = exact = 0

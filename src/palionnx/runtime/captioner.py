@@ -129,6 +129,12 @@ class Captioner:
         embeds[ids == m.image_token_id] = features.reshape(-1, features.shape[-1]).astype(embeds.dtype)
         return PromptBatch(ids, embeds, attention_mask, position_ids)
 
+    def prefill_logits(self, images: list, prompts: list[str]) -> np.ndarray:
+        """Next-token logits [b, vocab] after the prompt: what validation compares with transformers."""
+        batch = self.prompt_batch(images, prompts)
+        state = self.model.new_state(max_len=batch.ids.shape[1] + 1)
+        return state.prefill(batch.inputs_embeds, batch.attention_mask, batch.position_ids).logits()
+
     def _caption_batch(
         self,
         images: list,
@@ -142,8 +148,9 @@ class Captioner:
         batch = self.prompt_batch(images, prompts)
         timings.vision_s = time.perf_counter() - started  # image encoding and prompt embedding
         started = time.perf_counter()
+        state = self.model.new_state(max_len=batch.ids.shape[1] + max_new_tokens)
         steps = generate_step(
-            self.model.new_state(), batch.inputs_embeds, batch.attention_mask, batch.position_ids, batch.ids,
+            state, batch.inputs_embeds, batch.attention_mask, batch.position_ids, batch.ids,
             sampler, processors, self.manifest.eos_token_ids, max_new_tokens,
         )
         tokens: list[list[int]] = [[] for _ in images]

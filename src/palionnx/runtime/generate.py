@@ -118,13 +118,21 @@ def _no_repeat_ngram(n: int) -> LogitsProcessor:
     return process
 
 
+class StepOutput(Protocol):
+    """What one decoder call gives back (see `palionnx.runtime.model.StepOutput`)."""
+
+    def logits(self) -> np.ndarray: ...
+
+    def next_token(self) -> np.ndarray: ...
+
+
 class DecoderState(Protocol):
-    """One batch's decoder with its KV cache (see `palionnx.runtime.model`)."""
+    """One batch's decoder with its KV cache (see `palionnx.runtime.model.DecoderState`)."""
 
     def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
-                position_ids: np.ndarray) -> np.ndarray: ...
+                position_ids: np.ndarray) -> StepOutput: ...
 
-    def step(self, token_ids: np.ndarray) -> np.ndarray: ...
+    def step(self, token_ids: np.ndarray) -> StepOutput: ...
 
     def keep(self, rows: np.ndarray) -> None: ...
 
@@ -145,14 +153,20 @@ def generate_step(
     `rows` index the original batch. A row that yields an eos id, or reaches `max_new_tokens`, is
     dropped from the batch (its KV cache rows too), so finished sequences cost nothing more.
     `history` is the prompt ids [b, prompt_len] the logits processors see, as transformers' input_ids.
+    Plain greedy decoding reads back only the graph's argmax, never the logits.
     """
     rows = np.arange(inputs_embeds.shape[0])
     eos = np.asarray(list(eos_ids), dtype=np.int64)
-    logits = decoder.prefill(inputs_embeds, attention_mask, position_ids)
+    argmax_only = sampler is greedy and not logits_processors
+    output = decoder.prefill(inputs_embeds, attention_mask, position_ids)
     for step in range(max_new_tokens):
-        for process in logits_processors:
-            logits = process(history, logits)
-        tokens = sampler(logits)
+        if argmax_only:
+            tokens = output.next_token()
+        else:
+            logits = output.logits()
+            for process in logits_processors:
+                logits = process(history, logits)
+            tokens = sampler(logits)
         yield rows, tokens
         running = ~np.isin(tokens, eos)
         if step + 1 == max_new_tokens or not running.any():
@@ -161,4 +175,4 @@ def generate_step(
         if not running.all():
             rows, tokens, history = rows[running], tokens[running], history[running]
             decoder.keep(np.flatnonzero(running))
-        logits = decoder.step(tokens)
+        output = decoder.step(tokens)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from .manifest import Manifest
 from .sessions import open_session
@@ -33,57 +34,107 @@ class OnnxPaliGemma:
         """[b, s] int64 -> inputs_embeds [b, s, hidden] (scaled by sqrt(hidden))."""
         return self.embed.run(None, {"input_ids": input_ids})[0]
 
-    def new_state(self) -> CpuDecoderState:
-        """A fresh KV cache for one batch."""
-        return CpuDecoderState(self)
+    def new_state(self, max_len: int) -> DecoderState:
+        """A fresh KV cache of `max_len` slots (prompt + generated tokens) for one batch."""
+        return DecoderState(self, max_len)
 
 
-class CpuDecoderState:
-    """KV cache kept as the decoder's own `present` outputs, fed back as `past` the next step.
+class StepOutput:
+    """The decoder's outputs for one call, fetched to the host only when asked for."""
 
-    onnxruntime reads numpy inputs in place, so the only per-step copy is the graph's Concat.
+    def __init__(self, logits: ort.OrtValue, next_token: ort.OrtValue):
+        self._logits = logits
+        self._next_token = next_token
+
+    def logits(self) -> np.ndarray:
+        """[b, vocab] float32 scores of the next token."""
+        return self._logits.numpy()
+
+    def next_token(self) -> np.ndarray:
+        """[b] int64 argmax of the logits: all a greedy loop needs to read back."""
+        return self._next_token.numpy()
+
+
+class DecoderState:
+    """One batch's decoder with its KV cache in two preallocated buffer sets.
+
+    Each call reads the cache from one set and writes the updated cache into the other (IO binding),
+    then the two swap roles: no allocation or copy of the cache between steps, and on CUDA the cache
+    never leaves the GPU. Only the new token's embedding, mask and position go in each step.
     """
 
-    def __init__(self, model: OnnxPaliGemma):
+    def __init__(self, model: OnnxPaliGemma, max_len: int):
         self.model = model
+        self.max_len = max_len
+        self.device = "cuda" if model.providers[0] == "CUDAExecutionProvider" else "cpu"
         m = model.manifest
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(m.layers) for kv in ("key", "value")]
-        self.output_names = model.manifest.graphs["decoder"].outputs
-        self.past: list[np.ndarray] = []
-        self.attention_mask = np.zeros((0, 0), dtype=np.int64)
+        self.present_names = [f"present.{i}.{kv}" for i in range(m.layers) for kv in ("key", "value")]
+        self.reading: list[ort.OrtValue] = []
+        self.writing: list[ort.OrtValue] = []
+        self.attention_mask = np.zeros((0, max_len), dtype=np.int64)
+        self.filled = 0  # cache slots written so far (the same for every row: prompts are left-padded)
         self.next_position = np.zeros((0, 1), dtype=np.int64)
 
-    def _run(self, inputs_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        feeds = {
-            "inputs_embeds": inputs_embeds,
-            "attention_mask": self.attention_mask,
-            "position_ids": position_ids,
-            **dict(zip(self.past_names, self.past, strict=False)),
-        }
-        logits, *self.past = self.model.decoder.run(self.output_names, feeds)
-        return logits
-
-    def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """Run the whole (left-padded) prompt; returns the last position's logits [b, vocab]."""
+    def _allocate(self, batch: int, initial: list[np.ndarray] | None = None) -> None:
         m = self.model.manifest
-        batch = inputs_embeds.shape[0]
-        empty = np.zeros((batch, m.kv_heads, 0, m.head_dim), dtype=self.model.kv_dtype)
-        self.past = [empty] * len(self.past_names)
-        self.attention_mask = attention_mask.astype(np.int64)
-        self.next_position = position_ids[:, -1:].astype(np.int64) + 1
-        return self._run(inputs_embeds.astype(np.float32), position_ids.astype(np.int64))
+        shape = (batch, m.kv_heads, self.max_len, m.head_dim)
+        if initial is None:  # free slots must hold finite values: masked scores still multiply them
+            initial = [np.zeros(shape, dtype=self.model.kv_dtype) for _ in self.past_names]
+        # On CPU these wrap the numpy arrays without a copy; on CUDA they are copied to the GPU once.
+        self.reading = [ort.OrtValue.ortvalue_from_numpy(array, self.device, 0) for array in initial]
+        self.writing = [
+            ort.OrtValue.ortvalue_from_shape_and_type(shape, self.model.kv_dtype, self.device, 0)
+            for _ in self.past_names
+        ]
 
-    def step(self, token_ids: np.ndarray) -> np.ndarray:
-        """Feed one new token per sequence; returns logits [b, vocab]."""
-        embeds = self.model.embed_tokens(token_ids[:, None].astype(np.int64))
-        ones = np.ones((token_ids.shape[0], 1), dtype=np.int64)
-        self.attention_mask = np.concatenate([self.attention_mask, ones], axis=1)
+    def _run(self, inputs_embeds: ort.OrtValue, position_ids: np.ndarray, new: int) -> StepOutput:
+        binding = self.model.decoder.io_binding()
+        binding.bind_ortvalue_input("inputs_embeds", inputs_embeds)
+        binding.bind_cpu_input("attention_mask", self.attention_mask)
+        binding.bind_cpu_input("position_ids", position_ids)
+        binding.bind_cpu_input("past_length", np.array(self.filled, dtype=np.int64))
+        for name, value in zip(self.past_names, self.reading):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", self.device)  # outputs come back in binding order
+        binding.bind_output("next_token", self.device)
+        for name, value in zip(self.present_names, self.writing):
+            binding.bind_ortvalue_output(name, value)
+        self.model.decoder.run_with_iobinding(binding)
+        logits, next_token = binding.get_outputs()[:2]
+        self.reading, self.writing = self.writing, self.reading
+        self.filled += new
+        return StepOutput(logits, next_token)
+
+    def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> StepOutput:
+        """Run the whole left-padded prompt [b, s] into empty cache slots 0 .. s-1."""
+        batch, width = attention_mask.shape
+        if width >= self.max_len:
+            raise ValueError(f"the prompt ({width} tokens) does not fit a cache of {self.max_len}")
+        self._allocate(batch)
+        self.filled = 0
+        self.attention_mask = np.zeros((batch, self.max_len), dtype=np.int64)
+        self.attention_mask[:, :width] = attention_mask
+        self.next_position = position_ids[:, -1:].astype(np.int64) + 1
+        embeds = ort.OrtValue.ortvalue_from_numpy(inputs_embeds.astype(np.float32), self.device, 0)
+        return self._run(embeds, position_ids.astype(np.int64), width)
+
+    def step(self, token_ids: np.ndarray) -> StepOutput:
+        """Feed one new token per sequence into the next free slot."""
+        if self.filled >= self.max_len:
+            raise ValueError(f"the KV cache of {self.max_len} slots is full")
+        binding = self.model.embed.io_binding()
+        binding.bind_cpu_input("input_ids", token_ids[:, None].astype(np.int64))
+        binding.bind_output("inputs_embeds", self.device)
+        self.model.embed.run_with_iobinding(binding)
+        self.attention_mask[:, self.filled] = 1
         position_ids = self.next_position
         self.next_position = position_ids + 1
-        return self._run(embeds, position_ids)
+        return self._run(binding.get_outputs()[0], position_ids, 1)
 
     def keep(self, rows: np.ndarray) -> None:
-        """Drop finished sequences: keep only `rows` of the batch."""
-        self.past = [p[rows] for p in self.past]
+        """Drop finished sequences: keep only `rows` of the batch (copies the cache once)."""
+        kept = [value.numpy()[rows] for value in self.reading]
+        self._allocate(len(rows), kept)
         self.attention_mask = self.attention_mask[rows]
         self.next_position = self.next_position[rows]
