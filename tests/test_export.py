@@ -8,8 +8,9 @@ import pytest
 from tokenizers import Tokenizer
 
 from palionnx import Captioner
-from palionnx.export.validate import reference_generate, sample_images, validate
+from palionnx.export.validate import reference_generate, validate
 from palionnx.runtime.manifest import Manifest
+from palionnx.samples import sample_images
 
 FAMILIES = ["tiny-pg1", "tiny-pg2"]
 PROMPTS = ["caption en", "describe this picture in great detail", "caption en", "x"]

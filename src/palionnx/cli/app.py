@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
+
+from ..runtime.captioner import Captioner
+from .models import DEFAULT_MODEL
 
 app = typer.Typer(
     help="Caption images with PaliGemma through ONNX Runtime. Export a checkpoint once, run it anywhere.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 100, "help_option_names": ["-h", "--help"]},
 )
 
 
@@ -27,6 +32,86 @@ def _need_export_extra() -> None:
     except ImportError:
         _err("error: exporting needs the export extra: pip install 'palionnx[export]' (see README, Install)")
         raise typer.Exit(2) from None
+
+
+@app.command()
+def caption(
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files, folders (searched recursively) or quoted globs.",
+                                                show_default=False)],
+    model: Annotated[str, typer.Option(help="Exported model folder, or a hub id exported on first use into the "
+                                            "cache (~/.cache/palionnx, or $PALIONNX_CACHE).")] = DEFAULT_MODEL,
+    quant: Annotated[str, typer.Option(help="Precision when --model is a hub id exported on first use.")] = "int4",
+    ext: Annotated[str, typer.Option(help="Caption file extension: .txt or .caption.")] = ".txt",
+    output_dir: Annotated[Path | None, typer.Option(help="Write captions here, mirroring the input folders, "
+                                                            "instead of beside the images.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite/--skip-existing",
+                                            help="Replace existing captions, or skip their images.")] = False,
+    jsonl: Annotated[Path | None, typer.Option(help="Append one JSON record per image to this file "
+                                                       "(path, caption, tokens, timings, error).")] = None,
+    prefix: Annotated[str, typer.Option(help='Text put before every caption, e.g. "sks, ".')] = "",
+    suffix: Annotated[str, typer.Option(help="Text put after every caption.")] = "",
+    prompt: Annotated[str, typer.Option(help="Prompt given to the model.")] = "caption en",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest caption, in tokens.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images captioned together.")] = 4,
+    device: Annotated[str, typer.Option(help="auto (CUDA if it works, else CPU), cuda or cpu.")] = "auto",
+    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Search folders recursively.")] = True,
+    clean: Annotated[bool, typer.Option("--clean", help="Post-process raw captions: drop bracketed text, cut back "
+                                                        "to the last '.' or ',', collapse whitespace.")] = False,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy (deterministic); the origin script "
+                                                             "sampled at 0.7.")] = 0.0,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample among the k best tokens (0 = off).")] = 0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass (1 = off).")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    repetition_penalty: Annotated[float, typer.Option(min=0.0, help="> 1 discourages repeats (1 = off).")] = 1.0,
+    no_repeat_ngram_size: Annotated[int, typer.Option(min=0, help="Never repeat an n-gram of this size.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress; errors and nothing else.")] = False,
+) -> None:
+    """Caption images, writing a caption file beside each one (images that have one are skipped).
+
+    Exit status: 0 when every image was captioned or skipped, 1 when some images failed,
+    2 for usage errors, 130 when interrupted (re-run the same command to resume).
+
+    \b
+    Examples:
+      palionnx caption input/
+      palionnx caption input/ --model models/longprompt-int4 --prefix "sks, " --jsonl run.jsonl
+      palionnx caption "photos/**/*.png" --output-dir captions/ --ext .caption
+    """
+    from ..runtime.manifest import ModelFolderError
+    from ..runtime.sessions import DEVICES, DeviceError
+    from .batch import BatchOptions, caption_files
+    from .files import find_images
+    from .models import ModelResolveError, resolve_model
+
+    if ext not in (".txt", ".caption"):
+        _usage(f"--ext must be .txt or .caption, got {ext!r}")
+    if device not in DEVICES:
+        _usage(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    try:
+        jobs = find_images(inputs, recursive=recursive)
+    except FileNotFoundError as exc:
+        _usage(str(exc))
+    if not jobs:
+        _err("no images found (extensions: jpg, jpeg, png, webp, bmp, gif, tif, tiff)")
+        raise typer.Exit(0)
+    try:
+        folder = resolve_model(model, quant, progress=_err)
+        captioner = Captioner.load(folder, device=device)
+    except (ModelResolveError, ModelFolderError, DeviceError) as exc:
+        _usage(str(exc))
+    if not quiet:
+        _err(f"model {folder} ({captioner.manifest.quant['level']}) on {captioner.providers[0]}")
+    options = BatchOptions(
+        ext=ext, output_dir=output_dir, overwrite=overwrite, jsonl=jsonl, prefix=prefix, suffix=suffix, clean=clean,
+        prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        generation=dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size),
+    )
+    summary = caption_files(captioner, jobs, options, quiet=quiet)
+    _err(summary.line())
+    if summary.interrupted:
+        raise typer.Exit(130)
+    raise typer.Exit(1 if summary.failed else 0)
 
 
 @app.command()
@@ -82,6 +167,85 @@ def synth(
         raise typer.Exit(2)
     write_checkpoint(geometry, output, seed=seed, dtype=dtype)
     typer.echo(f"wrote random-weight {geometry} checkpoint to {output}")
+
+
+@app.command()
+def info(model_dir: Annotated[Path, typer.Argument(help="An exported model folder.")]) -> None:
+    """Show a model folder's manifest, graph sizes, quant level and this machine's execution providers.
+
+    Example: palionnx info models/longprompt-int4
+    """
+    import onnxruntime as ort
+
+    from ..runtime.manifest import Manifest, ModelFolderError
+
+    try:
+        m = Manifest.load(model_dir)
+    except ModelFolderError as exc:
+        _usage(str(exc))
+    typer.echo(f"folder        {model_dir}")
+    typer.echo(f"source        {m.source.get('id')} (revision {m.source.get('revision') or '-'})")
+    typer.echo(f"family        {m.family} ({'Gemma 2' if m.family == 'pg2' else 'Gemma'} decoder), "
+               f"exported by palionnx {m.palionnx_version}, opset {m.opset}")
+    typer.echo(f"quant         {', '.join(f'{k}={v}' for k, v in m.quant.items() if k != 'fp32_kept')}")
+    typer.echo(f"image         {m.image_size}px -> {m.image_seq_length} tokens, mean {m.image_mean}, "
+               f"std {m.image_std}, {m.resample}")
+    typer.echo(f"decoder       {m.layers} layers, hidden {m.hidden}, {m.heads} heads / {m.kv_heads} kv heads "
+               f"x {m.head_dim}, vocab {m.vocab_size}, sliding window {m.sliding_window or '-'}, kv {m.kv_dtype}")
+    typer.echo(f"tokens        bos {m.bos_token_id}, eos {m.eos_token_ids}, image {m.image_token_id}, "
+               f"prompt {m.prompt_template!r}")
+    total = 0
+    for role, graph in m.graphs.items():
+        files = [model_dir / graph.file, model_dir / (graph.file + ".data")]
+        size = sum(f.stat().st_size for f in files if f.exists())
+        total += size
+        typer.echo(f"graph         {role:15s} {graph.file:28s} {size / 1e6:10.1f} MB")
+    typer.echo(f"total         {total / 1e6:.1f} MB")
+    typer.echo(f"providers     {', '.join(ort.get_available_providers())} (onnxruntime {ort.__version__})")
+
+
+@app.command()
+def bench(
+    model_dirs: Annotated[list[Path], typer.Argument(help="Exported model folders, e.g. one per quant level.")],
+    images: Annotated[int, typer.Option(min=1, help="Synthetic images per run.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated per image (eos ignored).")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs after the warm-up; the median is reported.")] = 3,
+    json_file: Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON here.")] = None,
+) -> None:
+    """Latency per model folder: load, vision, prefill, decode per token, throughput, memory, size.
+
+    Each folder runs in its own process with a fixed generated length; a warm-up run is excluded.
+
+    Example: palionnx bench models/pg1-fp32 models/pg1-int8 models/pg1-int4 --max-new-tokens 64
+    """
+    import json
+
+    from .bench import measure_in_subprocess, table
+
+    rows = []
+    for folder in model_dirs:
+        if not quiet_check(folder):
+            _usage(f"{folder} is not a palionnx model folder (no palionnx.json)")
+        _err(f"benchmarking {folder} ...")
+        try:
+            rows.append(measure_in_subprocess(folder, images, max_new_tokens, batch_size, device, repeats))
+        except RuntimeError as exc:
+            _err(f"error: {exc}")
+            raise typer.Exit(1) from None
+    typer.echo(table(rows))
+    if json_file:
+        json_file.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def quiet_check(folder: Path) -> bool:
+    return (folder / "palionnx.json").is_file()
+
+
+def _usage(message: str) -> NoReturn:
+    _err(f"error: {message}")
+    raise typer.Exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:

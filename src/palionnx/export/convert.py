@@ -87,8 +87,7 @@ def _export_graphs(checkpoint: Checkpoint, folder: Path, fp16: bool, say: Progre
     model.to(torch.float16 if fp16 else torch.float32)
     cfg = model.config.text_config
     vcfg = model.config.vision_config
-    batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("past")
-    max_len = torch.export.Dim("max_len")
+    batch, seq, max_len = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("max_len")
     kv_dtype = torch.float16 if fp16 else torch.float32
     layers = cfg.num_hidden_layers
     past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]

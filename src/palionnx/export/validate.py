@@ -12,25 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ..runtime.captioner import Captioner
-
-
-def sample_images(count: int = 4, size: int = 96) -> list[Image.Image]:
-    """Deterministic test images: gradients, stripes, blocks and noise (no dataset needed)."""
-    rng = np.random.default_rng(1234)
-    y, x = np.mgrid[0:size, 0:size] / size
-    images = []
-    for i in range(count):
-        kind = i % 4
-        if kind == 0:
-            array = np.stack([x, y, 1 - x], axis=-1)
-        elif kind == 1:
-            array = np.stack([(np.sin(x * 20 + i) > 0) * 1.0, y, x * y], axis=-1)
-        elif kind == 2:
-            array = np.kron(rng.random((6, 6, 3)), np.ones((size // 6 + 1, size // 6 + 1, 1)))[:size, :size]
-        else:
-            array = rng.random((size, size, 3))
-        images.append(Image.fromarray((array * 255).astype(np.uint8), "RGB"))
-    return images
+from ..samples import sample_images
 
 
 @dataclass

@@ -86,11 +86,13 @@ class Captioner:
         seed: int | None = None,
         repetition_penalty: float | None = None,
         no_repeat_ngram_size: int = 0,
+        ignore_eos: bool = False,
     ) -> list[CaptionResult]:
         """Caption `images` (paths or PIL images), one result per input in order.
 
         `prompt` is one prompt for all images or one per image. Greedy unless `temperature` > 0.
         An unreadable input gets a result with `error` set; the other images are still captioned.
+        `ignore_eos` always generates `max_new_tokens` (for benchmarks with a fixed length).
         """
         prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(images):
@@ -111,7 +113,8 @@ class Captioner:
             chunk = loaded[start : start + batch_size]
             indices = [i for i, _ in chunk]
             batch = self._caption_batch(
-                [image for _, image in chunk], [prompts[i] for i in indices], max_new_tokens, sampler, processors
+                [image for _, image in chunk], [prompts[i] for i in indices], max_new_tokens, sampler, processors,
+                [] if ignore_eos else self.manifest.eos_token_ids,
             )
             for i, (tokens, timings) in zip(indices, batch, strict=False):
                 results[i].tokens, results[i].timings = tokens, timings
@@ -142,6 +145,7 @@ class Captioner:
         max_new_tokens: int,
         sampler: Sampler,
         processors: list[LogitsProcessor],
+        eos_ids: list[int],
     ) -> list[tuple[list[int], Timings]]:
         timings = Timings()
         started = time.perf_counter()
@@ -151,10 +155,10 @@ class Captioner:
         state = self.model.new_state(max_len=batch.ids.shape[1] + max_new_tokens)
         steps = generate_step(
             state, batch.inputs_embeds, batch.attention_mask, batch.position_ids, batch.ids,
-            sampler, processors, self.manifest.eos_token_ids, max_new_tokens,
+            sampler, processors, eos_ids, max_new_tokens,
         )
         tokens: list[list[int]] = [[] for _ in images]
-        eos = set(self.manifest.eos_token_ids)
+        eos = set(eos_ids)
         for n, (rows, chosen) in enumerate(steps):
             now = time.perf_counter()
             if n == 0:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: decoder over a preallocated KV cache (past_length input)
 MANIFEST_NAME = "palionnx.json"
 TOKENIZER_NAME = "tokenizer.json"
 QUANT_LEVELS = ("fp32", "fp16", "int8", "int4")
