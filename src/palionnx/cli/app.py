@@ -36,8 +36,9 @@ def _need_export_extra() -> None:
 
 @app.command()
 def caption(
-    inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files, folders (searched recursively) or quoted globs.",
-                                                show_default=False)],
+    inputs: Annotated[list[str], typer.Argument(
+        metavar="INPUT...", help="Image files, folders (searched recursively) or quoted globs.", show_default=False
+    )],
     model: Annotated[str, typer.Option(help="Exported model folder, or a hub id exported on first use into the "
                                             "cache (~/.cache/palionnx, or $PALIONNX_CACHE).")] = DEFAULT_MODEL,
     quant: Annotated[str, typer.Option(help="Precision when --model is a hub id exported on first use.")] = "int4",

@@ -22,7 +22,7 @@ class CheckpointError(Exception):
 class Checkpoint:
     """A loaded checkpoint and the settings the runtime needs from it."""
 
-    model: Any  # PaliGemmaForConditionalGeneration, float32, eager attention
+    model: Any  # PaliGemmaForConditionalGeneration, eager attention
     config: Any
     tokenizer: Any
     source_id: str
@@ -64,8 +64,8 @@ def resolve_source(source: str | Path) -> tuple[Path, str, str | None]:
     return folder, text, folder.name  # snapshot folders are named by commit hash
 
 
-def open_checkpoint(source: str | Path) -> Checkpoint:
-    """Load the model (float32, eager attention) and its processor settings."""
+def open_checkpoint(source: str | Path, dtype: str = "float32") -> Checkpoint:
+    """Load the model (in `dtype`, eager attention) and its processor settings."""
     from transformers import AutoConfig, AutoProcessor, GenerationConfig, PaliGemmaForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
@@ -80,7 +80,7 @@ def open_checkpoint(source: str | Path) -> Checkpoint:
     if config.model_type != "paligemma":
         raise CheckpointError(f"{source}: model_type is {config.model_type!r}, palionnx exports 'paligemma' only")
     model = PaliGemmaForConditionalGeneration.from_pretrained(
-        folder, dtype="float32", attn_implementation="eager"
+        folder, dtype=dtype, attn_implementation="eager"
     ).eval()
 
     image_processor, tokenizer = processor.image_processor, processor.tokenizer

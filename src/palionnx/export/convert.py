@@ -54,7 +54,8 @@ def export(
     (outdir / "palionnx.json").unlink(missing_ok=True)  # the folder is incomplete until the end
 
     say(f"reading checkpoint {source}")
-    checkpoint = open_checkpoint(source)
+    # fp16 loads the weights as fp16 directly: converting a loaded fp32 model would hold both copies.
+    checkpoint = open_checkpoint(source, dtype="float16" if quant == "fp16" else "float32")
     checkpoint.tokenizer.backend_tokenizer.save(str(outdir / TOKENIZER_NAME))
 
     staging = outdir / ".staging" if quant in quantize.BITS else outdir
@@ -84,7 +85,6 @@ def _export_graphs(checkpoint: Checkpoint, folder: Path, fp16: bool, say: Progre
     from .graphs import Decoder, TokenEmbedder, VisionEncoder
 
     model = checkpoint.model
-    model.to(torch.float16 if fp16 else torch.float32)
     cfg = model.config.text_config
     vcfg = model.config.vision_config
     batch, seq, max_len = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("max_len")
@@ -185,11 +185,23 @@ def _quiet_exporters() -> None:
 
 
 def _timed(progress: Progress | None) -> Progress:
-    """Prefix each progress message with the seconds since the export started."""
+    """Prefix each progress message with the seconds since the export started and the memory in use."""
     start = time.perf_counter()
 
     def say(message: str) -> None:
         if progress:
-            progress(f"[{time.perf_counter() - start:6.1f}s] {message}")
+            progress(f"[{time.perf_counter() - start:6.1f}s, RSS {_rss_gb():4.1f} GB] {message}")
 
     return say
+
+
+def _rss_gb() -> float:
+    """Resident memory of this process now (Linux), else its peak so far."""
+    try:
+        with open("/proc/self/status") as status:
+            kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 2**20

@@ -3,7 +3,7 @@
 - MatMul weights -> `MatMulNBits` (4 or 8 bits, blockwise along K), onnxruntime's MatMulNBitsQuantizer.
   Unlike `quantize_dynamic` (MatMulInteger), MatMulNBits runs on the CUDA provider too.
 - The embedding table -> `GatherBlockQuantized`: 4 bits by the same quantizer; 8 bits, which that
-  quantizer does not do for Gather, by `quantize_gather_int8` below (symmetric blocks, zero point 128).
+  quantizer does not do for Gather, by `_gather_int8` below (symmetric blocks, zero point 128).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import external_data_helper, helper, numpy_helper
 
 BITS = {"int8": 8, "int4": 4}
 DEFAULT_BLOCK_SIZE = 32
@@ -32,53 +32,83 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
 
 
 def quantize_graph(src: Path, dst: Path, level: str, block_size: int, gather: bool) -> None:
-    """Write `dst`: `src` with its MatMul weights (and with `gather`, its embedding table) quantized."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    """Write `dst`: `src` with its MatMul weights (and with `gather`, its embedding table) quantized.
+
+    Weights are streamed: the graph is read without its external data, and each weight is loaded,
+    quantized by onnxruntime's DefaultWeightOnlyQuantizer in a scratch graph, and dropped, so memory holds
+    one float weight at a time plus the quantized result (not the whole float model).
+    """
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
 
     bits = BITS[level]
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    model = onnx.load(str(src))
-    op_types = ("MatMul", "Gather") if (gather and bits == 4) else ("MatMul",)
-    quantizer = MatMulNBitsQuantizer(
-        model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
-        op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)),
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=True, accuracy_level=ACCURACY_LEVEL, bits=bits,
+        op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
-    quantizer.process()
-    model = quantizer.model.model
-    del quantizer
-    if gather and bits == 8:
-        quantize_gather_int8(model, block_size)
+    quantizer = DefaultWeightOnlyQuantizer(config)
+    model = onnx.load(str(src), load_external_data=False)
+    graph, base = model.graph, str(src.parent)
+    weights = {init.name: init for init in graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    added: list[onnx.TensorProto] = []
+    for node in graph.node:
+        name = {"MatMul": node.input[-1], "Gather": node.input[0] if gather else None}.get(node.op_type)
+        if name not in weights:
+            nodes.append(node)
+            continue
+        weight = onnx.TensorProto()
+        weight.CopyFrom(weights[name])
+        external_data_helper.load_external_data_for_tensor(weight, base)
+        scratch = helper.make_graph([], "scratch", [], [], initializer=[weight])
+        if node.op_type == "Gather" and bits == 8:
+            replacement = [_gather_int8(node, weight, block_size, scratch)]
+        else:
+            replacement = quantizer.quantize(node, [graph, scratch])
+        nodes.extend(replacement)
+        added.extend(t for t in scratch.initializer if t.name != name)
+
+    used = {name for node in nodes for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    for init in kept:  # what stays float (norm gains, biases, conv) is small: load it for saving
+        if external_data_helper.uses_external_data(init):
+            external_data_helper.load_external_data_for_tensor(init, base)
+            init.data_location = onnx.TensorProto.DEFAULT
+            del init.external_data[:]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + added)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     save_model(model, dst)
 
 
-def quantize_gather_int8(model: onnx.ModelProto, block_size: int) -> None:
-    """Replace each Gather over a float initializer by an 8-bit GatherBlockQuantized, in place."""
-    graph = model.graph
-    inits = {init.name: init for init in graph.initializer}
-    for index, node in enumerate(list(graph.node)):
-        if node.op_type != "Gather" or node.input[0] not in inits:
-            continue
-        table = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
-        rows, cols = table.shape
-        if cols % block_size:
-            continue
-        blocks = table.reshape(rows, cols // block_size, block_size)
-        scales = np.abs(blocks).max(axis=-1) / 127.0
-        scales[scales == 0] = 1.0
-        q = np.clip(np.rint(blocks / scales[..., None]), -127, 127).astype(np.int16) + 128
-        name = node.input[0]
-        graph.initializer.remove(inits[name])
-        graph.initializer.extend([
-            numpy_helper.from_array(q.astype(np.uint8).reshape(rows, cols), name + "_Q8"),
-            numpy_helper.from_array(scales.astype(table.dtype), name + "_scales"),
-        ])
-        gather_axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        replacement = helper.make_node(
-            "GatherBlockQuantized", [name + "_Q8", node.input[1], name + "_scales"], list(node.output),
-            name=(node.name or "gather") + "_Q8", domain="com.microsoft",
-            gather_axis=gather_axis, quantize_axis=1, block_size=block_size, bits=8,
-        )
-        graph.node.remove(node)
-        graph.node.insert(index, replacement)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+def _gather_int8(node: onnx.NodeProto, weight: onnx.TensorProto, block_size: int,
+                 scratch: onnx.GraphProto) -> onnx.NodeProto:
+    """An 8-bit GatherBlockQuantized for a Gather over `weight` (symmetric blocks, zero point 128).
+
+    onnxruntime's quantizer does Gather at 4 bits only; the layout here is the kernel's 8-bit one.
+    """
+    table = numpy_helper.to_array(weight)
+    rows, cols = table.shape
+    if cols % block_size:
+        return node
+    blocks = table.astype(np.float32).reshape(rows, cols // block_size, block_size)
+    scales = np.abs(blocks).max(axis=-1) / 127.0
+    scales[scales == 0] = 1.0
+    q = (np.clip(np.rint(blocks / scales[..., None]), -127, 127) + 128).astype(np.uint8)
+    name = weight.name
+    scratch.initializer.extend([
+        numpy_helper.from_array(q.reshape(rows, cols), name + "_Q8"),
+        numpy_helper.from_array(scales.astype(table.dtype), name + "_scales"),
+    ])
+    gather_axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    return helper.make_node(
+        "GatherBlockQuantized", [name + "_Q8", node.input[1], name + "_scales"], list(node.output),
+        name=(node.name or "gather") + "_Q8", domain="com.microsoft",
+        gather_axis=gather_axis, quantize_axis=1, block_size=block_size, bits=8,
+    )

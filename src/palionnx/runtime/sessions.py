@@ -54,6 +54,8 @@ def providers_for(device: str) -> list[str]:
 def open_session(path: str | Path, device: str, threads: int | None = None) -> ort.InferenceSession:
     """Create a session on `device`; asking for CUDA and silently getting CPU is an error."""
     providers = providers_for(device)
+    if providers[0] == "CUDAExecutionProvider" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # finds CUDA / cuDNN installed as pip packages (nvidia-*-cu12)
     session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
     if providers[0] == "CUDAExecutionProvider" and "CUDAExecutionProvider" not in session.get_providers():
         if device == "auto":

@@ -1,0 +1,175 @@
+"""palionnx against transformers (PyTorch eager), per quant level, on one synthetic checkpoint.
+
+    python benchmarks/compare.py --geometry pg1-3b-224 --new-tokens 64 --levels fp32 int8 int4
+
+In one run on one machine: transformers `generate()` fp32 on CPU (the origin script's path), then each
+palionnx level, with the same images, prompt and fixed generated length (eos ignored). Each row gives
+vision ms/image, prefill ms, decode ms/token, seconds per image end to end, images/s, peak RSS and size on
+disk; palionnx rows also as a speed-up over transformers fp32, and decode ms/token as a multiple of the
+decode floor (weight bytes read per step / memory bandwidth measured here by a copy benchmark).
+Writes JSON and a Markdown table to benchmarks/results/.
+Each measurement runs in its own subprocess so peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def copy_bandwidth_gbs(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Memory bandwidth from a large numpy copy: bytes read + written per second, best of `repeats`."""
+    source = np.ones(megabytes * 2**20 // 8, dtype=np.float64)
+    target = np.empty_like(source)
+    best = min(_timed(lambda: np.copyto(target, source)) for _ in range(repeats))
+    return 2 * source.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def decoder_weight_bytes(folder: Path) -> int:
+    """Bytes a decode step reads: the decoder graph's weights (all layers and the lm_head)."""
+    return sum(f.stat().st_size for f in folder.glob("decoder_model_merged.onnx*"))
+
+
+def measure_transformers(checkpoint: Path, images: int, new_tokens: int) -> dict:
+    """Phases of transformers generate() in fp32 eager on CPU: vision, prefill, decode per token."""
+    import torch
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+    from palionnx.samples import sample_images
+
+    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+    started = time.perf_counter()
+    model = PaliGemmaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    load_s = time.perf_counter() - started
+    pictures = sample_images(images, size=model.config.vision_config.image_size)
+    rows = []
+    with torch.no_grad():
+        for picture in pictures:
+            inputs = processor(images=picture, text="<image>caption en", return_tensors="pt")
+            vision = _timed(lambda inputs=inputs: model.get_image_features(inputs["pixel_values"]))
+            first = _timed(lambda inputs=inputs: model(**inputs, use_cache=True))  # vision + prefill
+            total = _timed(lambda inputs=inputs: model.generate(**inputs, max_new_tokens=new_tokens,
+                                                                 min_new_tokens=new_tokens, do_sample=False))
+            rows.append((vision, first - vision, (total - first) / (new_tokens - 1), total))
+    vision, prefill, decode, total = (float(np.median(column)) for column in zip(*rows))
+    return {
+        "engine": "transformers", "level": "fp32", "load_s": load_s, "vision_ms_per_image": 1000 * vision,
+        "prefill_ms": 1000 * prefill, "decode_ms_per_token": 1000 * decode, "seconds_per_image": total,
+        "images_per_s": 1 / total, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "size_on_disk_mb": sum(f.stat().st_size for f in checkpoint.iterdir()) / 1e6,
+    }
+
+
+def measure_palionnx(folder: Path, images: int, new_tokens: int, batch_size: int) -> dict:
+    from palionnx.cli.bench import measure
+
+    row = measure(folder, images, new_tokens, batch_size, device="cpu", repeats=1)
+    row.update(engine="palionnx", level=row["quant"], seconds_per_image=1 / row["images_per_s"])
+    return row
+
+
+def in_subprocess(kind: str, *args) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--measure", json.dumps([kind, *map(str, args)])],
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def prepare(geometry: str, levels: list[str], work: Path) -> tuple[Path, dict[str, Path]]:
+    """Synthesize the checkpoint and export each level, reusing what `work` already holds."""
+    from palionnx.export.convert import export
+    from palionnx.export.synth import write_checkpoint
+    from palionnx.runtime.manifest import MANIFEST_NAME
+
+    checkpoint = work / geometry
+    if not (checkpoint / "config.json").exists():
+        write_checkpoint(geometry, checkpoint)
+    folders = {}
+    for level in levels:
+        folders[level] = work / f"{geometry}-{level}"
+        if not (folders[level] / MANIFEST_NAME).exists():
+            export(checkpoint, folders[level], quant=level, progress=print)
+    return checkpoint, folders
+
+
+def markdown(rows: list[dict], floor_ms: dict[str, float], machine: str, args) -> str:
+    lines = [
+        f"`{args.geometry}`, {args.new_tokens} new tokens (eos ignored), batch {args.batch_size}, "
+        f"{args.images} images, prompt `caption en`. Machine: {machine}.",
+        "",
+        "| engine | level | vision ms/img | prefill ms | decode ms/tok | s/image | images/s | speed-up vs "
+        "transformers fp32 | decode / floor | peak RSS MB | disk MB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    base = rows[0]["seconds_per_image"]
+    for row in rows:
+        floor = floor_ms.get(row["level"]) if row["engine"] == "palionnx" else None
+        lines.append(
+            f"| {row['engine']} | {row['level']} | {row['vision_ms_per_image']:.0f} | {row['prefill_ms']:.0f} | "
+            f"{row['decode_ms_per_token']:.1f} | {row['seconds_per_image']:.1f} | {row['images_per_s']:.3f} | "
+            f"{base / row['seconds_per_image']:.2f}x | {row['decode_ms_per_token'] / floor if floor else 0:.2f} | "
+            f"{row['peak_rss_mb']:.0f} | {row['size_on_disk_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--geometry", default="pg1-3b-224-l4")
+    parser.add_argument("--levels", nargs="+", default=["fp32", "int8", "int4"])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--images", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/palionnx-bench"))
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        kind, *rest = json.loads(args.measure)
+        if kind == "transformers":
+            print(json.dumps(measure_transformers(Path(rest[0]), int(rest[1]), int(rest[2]))))
+        else:
+            print(json.dumps(measure_palionnx(Path(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]))))
+        return
+
+    checkpoint, folders = prepare(args.geometry, args.levels, args.work)
+    bandwidth = copy_bandwidth_gbs()
+    floor_ms = {level: decoder_weight_bytes(folder) / (bandwidth * 1e9) * 1000 for level, folder in folders.items()}
+    rows = [] if args.skip_transformers else [in_subprocess("transformers", checkpoint, args.images, args.new_tokens)]
+    for level, folder in folders.items():
+        rows.append(in_subprocess("palionnx", folder, args.images, args.new_tokens, args.batch_size))
+        print(f"{level}: {rows[-1]['decode_ms_per_token']:.1f} ms/token (floor {floor_ms[level]:.1f})", flush=True)
+    machine = f"{platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, " \
+              f"copy bandwidth {bandwidth:.1f} GB/s"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.geometry}-{args.new_tokens}tok-b{args.batch_size}"
+    report = {"machine": machine, "bandwidth_gbs": bandwidth, "floor_ms": floor_ms, "rows": rows, "args": vars(args)}
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if rows and not args.skip_transformers:
+        table = markdown(rows, floor_ms, machine, args)
+        (RESULTS / f"{stem}.md").write_text(table)
+        print(table)
+
+
+if __name__ == "__main__":
+    main()
