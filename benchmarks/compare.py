@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -52,6 +51,7 @@ def measure_transformers(checkpoint: Path, images: int, new_tokens: int) -> dict
     import torch
     from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 
+    from palionnx.cli.bench import peak_rss_mb
     from palionnx.samples import sample_images
 
     torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
@@ -63,6 +63,8 @@ def measure_transformers(checkpoint: Path, images: int, new_tokens: int) -> dict
     pictures = sample_images(images, size=model.config.vision_config.image_size)
     rows = []
     with torch.no_grad():
+        warm = processor(images=pictures[0], text="<image>caption en", return_tensors="pt")
+        model.generate(**warm, max_new_tokens=2, do_sample=False)  # warm-up, excluded
         for picture in pictures:
             inputs = processor(images=picture, text="<image>caption en", return_tensors="pt")
             vision = _timed(lambda inputs=inputs: model.get_image_features(inputs["pixel_values"]))
@@ -74,7 +76,7 @@ def measure_transformers(checkpoint: Path, images: int, new_tokens: int) -> dict
     return {
         "engine": "transformers", "level": "fp32", "load_s": load_s, "vision_ms_per_image": 1000 * vision,
         "prefill_ms": 1000 * prefill, "decode_ms_per_token": 1000 * decode, "seconds_per_image": total,
-        "images_per_s": 1 / total, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "images_per_s": 1 / total, "peak_rss_mb": peak_rss_mb(),
         "size_on_disk_mb": sum(f.stat().st_size for f in checkpoint.iterdir()) / 1e6,
     }
 
@@ -117,9 +119,9 @@ def markdown(rows: list[dict], floor_ms: dict[str, float], machine: str, args) -
         f"`{args.geometry}`, {args.new_tokens} new tokens (eos ignored), batch {args.batch_size}, "
         f"{args.images} images, prompt `caption en`. Machine: {machine}.",
         "",
-        "| engine | level | vision ms/img | prefill ms | decode ms/tok | s/image | images/s | speed-up vs "
-        "transformers fp32 | decode / floor | peak RSS MB | disk MB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| engine | level | vision ms/img | prefill ms | decode ms/tok | s/image | images/s | images/s batch 8 | "
+        "speed-up vs transformers fp32 | decode / floor | peak RSS MB | disk MB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     base = rows[0]["seconds_per_image"]
     for row in rows:
@@ -127,6 +129,7 @@ def markdown(rows: list[dict], floor_ms: dict[str, float], machine: str, args) -
         lines.append(
             f"| {row['engine']} | {row['level']} | {row['vision_ms_per_image']:.0f} | {row['prefill_ms']:.0f} | "
             f"{row['decode_ms_per_token']:.1f} | {row['seconds_per_image']:.1f} | {row['images_per_s']:.3f} | "
+            f"{row.get('images_per_s_batch8', float('nan')):.3f} | "
             f"{base / row['seconds_per_image']:.2f}x | {row['decode_ms_per_token'] / floor if floor else 0:.2f} | "
             f"{row['peak_rss_mb']:.0f} | {row['size_on_disk_mb']:.0f} |"
         )
@@ -142,6 +145,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--work", type=Path, default=Path("/tmp/palionnx-bench"))
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--batch8", action="store_true", help="also measure palionnx images/s on 8 images at batch 8")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -158,6 +162,8 @@ def main() -> None:
     rows = [] if args.skip_transformers else [in_subprocess("transformers", checkpoint, args.images, args.new_tokens)]
     for level, folder in folders.items():
         rows.append(in_subprocess("palionnx", folder, args.images, args.new_tokens, args.batch_size))
+        if args.batch8:
+            rows[-1]["images_per_s_batch8"] = in_subprocess("palionnx", folder, 8, args.new_tokens, 8)["images_per_s"]
         print(f"{level}: {rows[-1]['decode_ms_per_token']:.1f} ms/token (floor {floor_ms[level]:.1f})", flush=True)
     machine = f"{platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, " \
               f"copy bandwidth {bandwidth:.1f} GB/s"

@@ -36,7 +36,7 @@ def make_dataset(root: Path) -> Path:
         if name == "cmyk.jpg":
             image = image.convert("CMYK")
         elif name == "grey16.png":
-            image = Image.fromarray((np.asarray(image.convert("L"), dtype=np.uint16) * 257))
+            image = Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257)
         elif name == "palette.png":
             image = image.convert("P")
             image.info["transparency"] = 0
@@ -46,7 +46,8 @@ def make_dataset(root: Path) -> Path:
             image.save(path, transparency=0)
         else:
             image.save(path)
-    (root / "corrupt.jpg").write_bytes((root / "a.png").read_bytes()[:0] + b"\xff\xd8\xff\xe0" + b"\x00" * 50)
+    sample_images(1, size=200)[0].save(root / "corrupt.jpg", quality=95)
+    (root / "corrupt.jpg").write_bytes((root / "corrupt.jpg").read_bytes()[:400])  # truncated JPEG
     (root / "empty.png").write_bytes(b"")
     (root / "text.jpg").write_text("this is not a picture")
     (root / "notes.md").write_text("not an image extension: ignored")

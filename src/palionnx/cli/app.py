@@ -227,7 +227,7 @@ def bench(
 
     rows = []
     for folder in model_dirs:
-        if not quiet_check(folder):
+        if not (folder / "palionnx.json").is_file():
             _usage(f"{folder} is not a palionnx model folder (no palionnx.json)")
         _err(f"benchmarking {folder} ...")
         try:
@@ -238,10 +238,6 @@ def bench(
     typer.echo(table(rows))
     if json_file:
         json_file.write_text(json.dumps(rows, indent=2) + "\n")
-
-
-def quiet_check(folder: Path) -> bool:
-    return (folder / "palionnx.json").is_file()
 
 
 def _usage(message: str) -> NoReturn:

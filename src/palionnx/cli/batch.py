@@ -68,7 +68,8 @@ class Progress:
             width = 24
             filled = int(width * self.done / max(self.total, 1))
             bar = "#" * filled + "-" * (width - filled)
-            self.stream.write(f"\r[{bar}] {self.done}/{self.total} {rate:.2f} img/s ETA {eta:4.0f}s ")
+            clock = time.strftime("%H:%M:%S", time.gmtime(eta))
+            self.stream.write(f"\r[{bar}] {self.done}/{self.total} {rate:.2f} img/s ETA {clock} ")
             if self.done == self.total:
                 self.stream.write("\n")
         else:

@@ -6,6 +6,7 @@ Fixed generated length (eos ignored), a warm-up run excluded, the median of the 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -20,10 +21,18 @@ def folder_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM on Linux, which (unlike ru_maxrss) is not inherited
+    from the parent across fork + exec."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def gpu_memory_mb() -> float | None:
     """This process's GPU memory from nvidia-smi, if there is one."""
-    import os
-
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
@@ -75,7 +84,7 @@ def measure(folder: Path, images: int, max_new_tokens: int, batch_size: int, dev
         "tokens_per_s": 1000 / median["decode_ms_per_token"] * min(batch_size, images)
         if median["decode_ms_per_token"] else 0.0,
         "images_per_s": images / median["wall_s"],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "gpu_memory_mb": gpu_memory_mb() if "CUDAExecutionProvider" in captioner.providers else None,
         "size_on_disk_mb": folder_size(folder) / 1e6,
         "images": images, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "repeats": repeats,

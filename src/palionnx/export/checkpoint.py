@@ -22,7 +22,8 @@ class CheckpointError(Exception):
 class Checkpoint:
     """A loaded checkpoint and the settings the runtime needs from it."""
 
-    model: Any  # PaliGemmaForConditionalGeneration, eager attention
+    model: Any  # PaliGemmaForConditionalGeneration, eager attention (None when not loaded)
+    folder: Path  # the local checkpoint folder (the hub snapshot for a hub id)
     config: Any
     tokenizer: Any
     source_id: str
@@ -64,8 +65,8 @@ def resolve_source(source: str | Path) -> tuple[Path, str, str | None]:
     return folder, text, folder.name  # snapshot folders are named by commit hash
 
 
-def open_checkpoint(source: str | Path, dtype: str = "float32") -> Checkpoint:
-    """Load the model (in `dtype`, eager attention) and its processor settings."""
+def open_checkpoint(source: str | Path, dtype: str = "float32", load_model: bool = True) -> Checkpoint:
+    """Read the processor settings and, with `load_model`, the model (in `dtype`, eager attention)."""
     from transformers import AutoConfig, AutoProcessor, GenerationConfig, PaliGemmaForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
@@ -79,9 +80,11 @@ def open_checkpoint(source: str | Path, dtype: str = "float32") -> Checkpoint:
         raise CheckpointError(f"{source}: not a readable PaliGemma checkpoint ({exc})") from exc
     if config.model_type != "paligemma":
         raise CheckpointError(f"{source}: model_type is {config.model_type!r}, palionnx exports 'paligemma' only")
-    model = PaliGemmaForConditionalGeneration.from_pretrained(
-        folder, dtype=dtype, attn_implementation="eager"
-    ).eval()
+    model = None
+    if load_model:
+        model = PaliGemmaForConditionalGeneration.from_pretrained(
+            folder, dtype=dtype, attn_implementation="eager"
+        ).eval()
 
     image_processor, tokenizer = processor.image_processor, processor.tokenizer
     size = image_processor.size
@@ -96,6 +99,7 @@ def open_checkpoint(source: str | Path, dtype: str = "float32") -> Checkpoint:
     eos_ids = [eos] if isinstance(eos, int) else list(eos)
     return Checkpoint(
         model=model,
+        folder=folder,
         config=config,
         tokenizer=tokenizer,
         source_id=source_id,

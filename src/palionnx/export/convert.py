@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import multiprocessing
+import queue
 import shutil
 import time
 import warnings
@@ -47,23 +49,20 @@ def export(
         raise ExportError(f"unknown quant level {quant!r}: use one of {', '.join(QUANT_LEVELS)}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ExportError(f"--block-size must be a power of two >= 16, got {block_size}")
+    _START[0] = time.monotonic()
     say = _timed(progress)
-    _quiet_exporters()
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "palionnx.json").unlink(missing_ok=True)  # the folder is incomplete until the end
 
     say(f"reading checkpoint {source}")
-    # fp16 loads the weights as fp16 directly: converting a loaded fp32 model would hold both copies.
-    checkpoint = open_checkpoint(source, dtype="float16" if quant == "fp16" else "float32")
+    checkpoint = open_checkpoint(source, load_model=False)
     checkpoint.tokenizer.backend_tokenizer.save(str(outdir / TOKENIZER_NAME))
 
     staging = outdir / ".staging" if quant in quantize.BITS else outdir
     staging.mkdir(exist_ok=True)
     try:
-        graphs = _export_graphs(checkpoint, staging, fp16=quant == "fp16", say=say)
-        del checkpoint.model
-        gc.collect()
+        graphs = _export_in_child(checkpoint.folder, staging, quant == "fp16", progress)
         if quant in quantize.BITS:
             for role, info in graphs.items():
                 say(f"quantizing {role} to {quant} (MatMulNBits, block {block_size})")
@@ -77,6 +76,47 @@ def export(
     manifest.save(outdir)
     say(f"done: {outdir}")
     return manifest
+
+
+def _export_in_child(folder: Path, staging: Path, fp16: bool, progress: Progress | None) -> dict[str, GraphInfo]:
+    """Run the torch export in a child process and wait for its graphs.
+
+    The transformers model and the exporter's copies of the weights (together ~20 GB for a 3B model)
+    all go back to the OS when the child exits, so quantization starts from a small process.
+    """
+    context = multiprocessing.get_context("spawn")
+    messages = context.Queue()
+    child = context.Process(target=_export_worker, args=(str(folder), str(staging), fp16, messages, _START[0]))
+    child.start()
+    while True:
+        try:
+            kind, payload = messages.get(timeout=1.0)
+        except queue.Empty:
+            if child.is_alive():
+                continue
+            raise ExportError(f"the export process died (exit code {child.exitcode}): out of memory?") from None
+        if kind == "progress":
+            if progress:
+                progress(payload)
+            continue
+        child.join()
+        if kind == "error":
+            raise ExportError(payload)
+        return payload
+
+
+def _export_worker(folder: str, staging: str, fp16: bool, messages, started: float) -> None:
+    """Child process: load the model and export its three graphs, reporting through `messages`."""
+    try:
+        _START[0] = started
+        _quiet_exporters()
+        say = _timed(lambda text: messages.put(("progress", text)))
+        say("loading the model for export")
+        # fp16 loads the weights as fp16 directly: converting a loaded fp32 model would hold both copies.
+        checkpoint = open_checkpoint(folder, dtype="float16" if fp16 else "float32")
+        messages.put(("done", _export_graphs(checkpoint, Path(staging), fp16, say)))
+    except Exception as exc:  # everything goes back to the parent as a message
+        messages.put(("error", f"exporting failed: {type(exc).__name__}: {exc}"))
 
 
 def _export_graphs(checkpoint: Checkpoint, folder: Path, fp16: bool, say: Progress) -> dict[str, GraphInfo]:
@@ -184,13 +224,15 @@ def _quiet_exporters() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+_START = [0.0]  # when the export began (time.monotonic(), shared by the child process)
+
+
 def _timed(progress: Progress | None) -> Progress:
-    """Prefix each progress message with the seconds since the export started and the memory in use."""
-    start = time.perf_counter()
+    """Prefix each progress message with the seconds since the export began and this process's memory."""
 
     def say(message: str) -> None:
         if progress:
-            progress(f"[{time.perf_counter() - start:6.1f}s, RSS {_rss_gb():4.1f} GB] {message}")
+            progress(f"[{time.monotonic() - _START[0]:6.1f}s, RSS {_rss_gb():4.1f} GB] {message}")
 
     return say
 

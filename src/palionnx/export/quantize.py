@@ -69,7 +69,10 @@ def quantize_graph(src: Path, dst: Path, level: str, block_size: int, gather: bo
         else:
             replacement = quantizer.quantize(node, [graph, scratch])
         nodes.extend(replacement)
-        added.extend(t for t in scratch.initializer if t.name != name)
+        for tensor in scratch.initializer:  # copied out, so the scratch graph and its float weight are freed
+            if tensor.name != name:
+                added.append(onnx.TensorProto())
+                added[-1].CopyFrom(tensor)
 
     used = {name for node in nodes for name in node.input}
     kept = [init for init in graph.initializer if init.name in used]
