@@ -66,6 +66,14 @@ def caption(
     repetition_penalty: Annotated[float, typer.Option(min=0.0, help="> 1 discourages repeats (1 = off).")] = 1.0,
     no_repeat_ngram_size: Annotated[int, typer.Option(min=0, help="Never repeat an n-gram of this size.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress; errors and nothing else.")] = False,
+    parquet: Annotated[Path | None, typer.Option(help="Also write this run's records as a Parquet file "
+                                                      "(needs pyarrow, which palionnx[ray] installs).")] = None,
+    ray: Annotated[str | None, typer.Option(help="Run as a Ray Data pipeline: 'local' (Ray on this machine), "
+                                                 "'auto' (the running cluster) or a cluster address.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="With --ray: captioning actors (one model each).")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(min=0.0, help="With --ray: GPUs per actor.")] = 0.0,
+    cpus_per_worker: Annotated[float, typer.Option(min=0.0, help="With --ray: CPUs Ray reserves per actor; "
+                                                                 "leave some on each node for reading images.")] = 1.0,
 ) -> None:
     """Caption images, writing a caption file beside each one (images that have one are skipped).
 
@@ -77,8 +85,9 @@ def caption(
       palionnx caption input/
       palionnx caption input/ --model models/longprompt-int4 --prefix "sks, " --jsonl run.jsonl
       palionnx caption "photos/**/*.png" --output-dir captions/ --ext .caption
+      palionnx caption /shared/dataset --ray auto --workers 8 --gpus-per-worker 1 --parquet run.parquet
     """
-    from ..runtime.manifest import ModelFolderError
+    from ..runtime.manifest import Manifest, ModelFolderError
     from ..runtime.sessions import DEVICES, DeviceError
     from .batch import BatchOptions, caption_files
     from .files import find_images
@@ -95,20 +104,32 @@ def caption(
     if not jobs:
         _err("no images found (extensions: jpg, jpeg, png, webp, bmp, gif, tif, tiff)")
         raise typer.Exit(0)
-    try:
-        folder = resolve_model(model, quant, progress=_err)
-        captioner = Captioner.load(folder, device=device)
-    except (ModelResolveError, ModelFolderError, DeviceError) as exc:
-        _usage(str(exc))
-    if not quiet:
-        _err(f"model {folder} ({captioner.manifest.quant['level']}) on {captioner.providers[0]}")
     options = BatchOptions(
-        ext=ext, output_dir=output_dir, overwrite=overwrite, jsonl=jsonl, prefix=prefix, suffix=suffix, clean=clean,
-        prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        ext=ext, output_dir=output_dir, overwrite=overwrite, jsonl=jsonl, parquet=parquet, prefix=prefix,
+        suffix=suffix, clean=clean, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
         generation=dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                         repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size),
     )
-    summary = caption_files(captioner, jobs, options, quiet=quiet)
+    try:
+        folder = resolve_model(model, quant, progress=_err)
+        if ray:
+            from .ray_pipeline import caption_with_ray, require_ray
+
+            require_ray()
+            Manifest.load(folder)  # each actor loads the model itself
+        else:
+            captioner = Captioner.load(folder, device=device)
+    except (ModelResolveError, ModelFolderError, DeviceError, ImportError) as exc:
+        _usage(str(exc))
+    if ray:
+        if not quiet:
+            _err(f"model {folder} on Ray ({ray}): {workers} worker(s), {gpus_per_worker} GPU each")
+        summary = caption_with_ray(jobs, folder, options, device, ray, workers, gpus_per_worker, cpus_per_worker,
+                                   quiet=quiet)
+    else:
+        if not quiet:
+            _err(f"model {folder} ({captioner.manifest.quant['level']}) on {captioner.providers[0]}")
+        summary = caption_files(captioner, jobs, options, quiet=quiet)
     _err(summary.line())
     if summary.interrupted:
         raise typer.Exit(130)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,6 +21,7 @@ class BatchOptions:
     output_dir: Path | None = None
     overwrite: bool = False
     jsonl: Path | None = None
+    parquet: Path | None = None
     prefix: str = ""
     suffix: str = ""
     clean: bool = False
@@ -83,10 +84,19 @@ class Progress:
         self.stream.flush()
 
 
-def caption_files(captioner: Captioner, jobs: list[ImageJob], options: BatchOptions, quiet: bool = False) -> Summary:
-    """Caption `jobs`, writing one caption file per image. Ctrl-C abandons the current batch cleanly."""
+@dataclass
+class Plan:
+    """What a run will do: the images to caption and where each caption goes."""
+
+    todo: list[ImageJob]
+    targets: dict[ImageJob, Path]
+    summary: Summary  # skipped and colliding images are counted already
+    progress: Progress
+
+
+def plan_run(jobs: list[ImageJob], options: BatchOptions, quiet: bool = False) -> Plan:
+    """Map images to caption files, skip those already captioned, report collisions, clean stale temps."""
     summary = Summary()
-    start = time.perf_counter()
     targets = {job: caption_path(job, options.ext, options.output_dir) for job in jobs}
     remove_stale_temp_files({path.parent for path in targets.values()})
     todo, seen = [], {}
@@ -104,47 +114,91 @@ def caption_files(captioner: Captioner, jobs: list[ImageJob], options: BatchOpti
     progress.total = len(todo)
     if summary.skipped and not quiet:
         progress.error(f"skipping {summary.skipped} images that already have a {options.ext} caption")
+    return Plan(todo, targets, summary, progress)
 
-    jsonl = open(options.jsonl, "a", encoding="utf-8") if options.jsonl else None  # noqa: SIM115
+
+@dataclass
+class Record:
+    """One line of --jsonl."""
+
+    path: str
+    tokens: int = 0
+    error: str | None = None
+    output: str | None = None
+    caption: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def publish(result: CaptionResult, target: Path, options: BatchOptions, exclusive: bool = False) -> Record:
+    """Write one image's caption file (prefix, --clean, suffix applied) and return its record.
+
+    With `exclusive`, an existing caption file is left alone (a retried task must not write twice).
+    """
+    record = Record(path=str(result.source), tokens=len(result.tokens), error=result.error,
+                    timings={"vision_s": round(result.timings.vision_s, 4),
+                             "prefill_s": round(result.timings.prefill_s, 4),
+                             "decode_ms_per_token": round(result.timings.decode_ms_per_token, 3)})
+    if result.ok:
+        text = options.prefix + (clean_caption(result.text) if options.clean else result.text) + options.suffix
+        try:
+            write_atomic(target, text, exclusive=exclusive)
+            record.output, record.caption = str(target), text
+        except FileExistsError:
+            record.output, record.caption = str(target), target.read_text(encoding="utf-8")
+        except OSError as exc:
+            record.error = f"{target}: cannot write the caption ({exc})"
+    return record
+
+
+class Recorder:
+    """Counts results into the summary, updates progress and appends --jsonl lines."""
+
+    def __init__(self, plan: Plan, options: BatchOptions):
+        self.summary, self.progress = plan.summary, plan.progress
+        self.jsonl = open(options.jsonl, "a", encoding="utf-8") if options.jsonl else None  # noqa: SIM115
+        self.parquet = options.parquet
+        self.records: list[dict] = []
+
+    def add(self, record: Record) -> None:
+        if record.error is None:
+            self.summary.captioned += 1
+        else:
+            self.summary.failed += 1
+        self.progress.update(Path(record.path), f"{record.tokens} tokens", record.error)
+        if self.jsonl:
+            self.jsonl.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
+            self.jsonl.flush()
+        if self.parquet:
+            self.records.append(asdict(record))
+
+    def close(self) -> None:
+        """Close --jsonl; write --parquet (one row per image of this run, written at the end)."""
+        if self.jsonl:
+            self.jsonl.close()
+        if self.parquet and self.records:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(self.records), self.parquet)
+
+
+def caption_files(captioner: Captioner, jobs: list[ImageJob], options: BatchOptions, quiet: bool = False) -> Summary:
+    """Caption `jobs` in this process, writing one caption file per image. Ctrl-C abandons the current batch."""
+    start = time.perf_counter()
+    plan = plan_run(jobs, options, quiet)
+    recorder = Recorder(plan, options)
     try:
-        for first in range(0, len(todo), options.batch_size):
-            batch = todo[first : first + options.batch_size]
+        for first in range(0, len(plan.todo), options.batch_size):
+            batch = plan.todo[first : first + options.batch_size]
             results = captioner.caption(
                 [job.image for job in batch], prompt=options.prompt, max_new_tokens=options.max_new_tokens,
                 batch_size=options.batch_size, **options.generation,
             )
             for job, result in zip(batch, results):
-                _finish(job, result, targets[job], options, summary, progress, jsonl)
+                recorder.add(publish(result, plan.targets[job], options))
     except KeyboardInterrupt:
-        summary.interrupted = True
+        plan.summary.interrupted = True
     finally:
-        if jsonl:
-            jsonl.close()
-    summary.elapsed_s = time.perf_counter() - start
-    return summary
-
-
-def _finish(job: ImageJob, result: CaptionResult, target: Path, options: BatchOptions, summary: Summary,
-            progress: Progress, jsonl: IO[str] | None) -> None:
-    text = ""
-    if result.ok:
-        text = options.prefix + (clean_caption(result.text) if options.clean else result.text) + options.suffix
-        try:
-            write_atomic(target, text)
-        except OSError as exc:
-            result.error = f"{target}: cannot write the caption ({exc})"
-    if result.ok:
-        summary.captioned += 1
-    else:
-        summary.failed += 1
-    progress.update(job.image, f"{len(result.tokens)} tokens", result.error)
-    if jsonl:
-        timings = result.timings
-        record = {
-            "path": str(job.image), "output": str(target) if result.ok else None,
-            "caption": text if result.ok else None, "tokens": len(result.tokens), "error": result.error,
-            "timings": {"vision_s": round(timings.vision_s, 4), "prefill_s": round(timings.prefill_s, 4),
-                        "decode_ms_per_token": round(timings.decode_ms_per_token, 3)},
-        }
-        jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
-        jsonl.flush()
+        recorder.close()
+    plan.summary.elapsed_s = time.perf_counter() - start
+    return plan.summary

@@ -58,8 +58,12 @@ def caption_path(job: ImageJob, ext: str, output_dir: Path | None) -> Path:
     return output_dir / relative / name
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file and a rename: a reader (or a crash) never sees half a caption."""
+def write_atomic(path: Path, text: str, exclusive: bool = False) -> None:
+    """Write via a temp file and a rename: a reader (or a crash) never sees half a caption.
+
+    With `exclusive` the temp file is hard-linked into place instead, which raises FileExistsError
+    rather than replace a caption that another process wrote in the meantime.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
     try:
@@ -67,7 +71,10 @@ def write_atomic(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp, path)
+        if exclusive:
+            os.link(temp, path)
+        else:
+            os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
 

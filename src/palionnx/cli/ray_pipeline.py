@@ -1,0 +1,113 @@
+"""`palionnx caption --ray`: the same captioning as a Ray Data pipeline, for datasets beyond one machine.
+
+Images are read and resized in parallel by CPU tasks, captioned by a pool of actors that each load the
+model once, and written by the actors as the CLI writes them (atomic, never over an existing caption, so a
+retried batch after a worker died writes nothing twice). The driver plans the run (skips, collisions)
+and keeps the progress, the summary and --jsonl exactly as a single-process run does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..runtime.manifest import Manifest
+from .batch import BatchOptions, Plan, Record, Recorder, Summary, plan_run, publish
+from .files import ImageJob
+
+
+def require_ray() -> None:
+    """Raise ImportError with the install command when Ray Data is missing."""
+    try:
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise ImportError("--ray needs Ray Data: pip install 'palionnx[ray]' (on every node of the cluster)") from None
+
+
+def load_row(row: dict[str, Any], size: int, resample: str) -> dict[str, Any]:
+    """CPU stage: decode one image (EXIF, modes) and resize it to the model's size, or record why not."""
+    from ..runtime.preprocess import RESAMPLE, ImageLoadError, load_image
+
+    try:
+        image = load_image(row["image"]).resize((size, size), RESAMPLE[resample])
+        row["pixels"], row["error"] = np.asarray(image, dtype=np.uint8), ""
+    except ImageLoadError as exc:
+        row["pixels"], row["error"] = np.zeros((size, size, 3), dtype=np.uint8), str(exc)
+    return row
+
+
+class CaptionActor:
+    """One model load per actor; captions a batch of decoded images and writes their caption files."""
+
+    def __init__(self, folder: str, device: str, options: BatchOptions, threads: int | None):
+        from ..runtime.captioner import Captioner
+
+        self.captioner = Captioner.load(folder, device=device, threads=threads)
+        self.options = options
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from PIL import Image
+
+        from ..runtime.captioner import CaptionResult
+
+        options = self.options
+        good = [i for i, error in enumerate(batch["error"]) if not error]
+        images = [Image.fromarray(batch["pixels"][i]) for i in good]
+        results = dict(zip(good, self.captioner.caption(
+            images, prompt=options.prompt, max_new_tokens=options.max_new_tokens,
+            batch_size=options.batch_size, **options.generation,
+        )))
+        records = []
+        for i, path in enumerate(batch["image"]):
+            result = results.get(i) or CaptionResult(source=str(path), error=str(batch["error"][i]))
+            result.source = str(path)
+            records.append(publish(result, Path(batch["target"][i]), options, exclusive=not options.overwrite))
+        return {"record": np.array([asdict(r) for r in records], dtype=object)}
+
+
+def caption_with_ray(jobs: list[ImageJob], folder: Path, options: BatchOptions, device: str, address: str,
+                     workers: int, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
+                     quiet: bool = False) -> Summary:
+    """Caption `jobs` on Ray: `address` is "local" (start Ray on this machine), "auto" (the running cluster)
+    or a cluster address. Same outputs, summary and --jsonl as `caption_files`.
+
+    Ray places actors by the CPUs and GPUs they request: workers x cpus_per_worker must leave CPU on each
+    node for the image-reading tasks (0.5 CPU each), or reading waits forever behind the actors.
+    """
+    import ray
+
+    start = time.perf_counter()
+    # CPU actors run onnxruntime on as many threads as Ray reserved cores for them, so actors sharing a
+    # node do not oversubscribe it; GPU actors keep onnxruntime's default.
+    threads = None if gpus_per_worker else max(1, round(cpus_per_worker))
+    plan: Plan = plan_run(jobs, options, quiet)
+    recorder = Recorder(plan, options)
+    manifest = Manifest.load(folder)
+    try:
+        if plan.todo:
+            ray.init(address=None if address == "local" else address, ignore_reinit_error=True,
+                     log_to_driver=False, logging_level=logging.ERROR, include_dashboard=False)
+            for name in ("ray", "ray.data"):  # the CLI reports progress itself
+                logging.getLogger(name).setLevel(logging.WARNING)
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            rows = [{"image": str(job.image), "target": str(plan.targets[job])} for job in plan.todo]
+            dataset = ray.data.from_items(rows).map(
+                load_row, fn_kwargs={"size": manifest.image_size, "resample": manifest.resample}, num_cpus=0.5
+            ).map_batches(
+                CaptionActor, fn_constructor_args=(str(folder), device, options, threads),
+                batch_size=options.batch_size, concurrency=workers, num_gpus=gpus_per_worker, num_cpus=cpus_per_worker,
+                max_restarts=-1, max_task_retries=-1,  # a killed worker is restarted and its batch retried
+            )
+            for row in dataset.iter_rows():
+                recorder.add(Record(**row["record"]))
+    except KeyboardInterrupt:
+        plan.summary.interrupted = True
+    finally:
+        recorder.close()
+    plan.summary.elapsed_s = time.perf_counter() - start
+    return plan.summary
