@@ -98,6 +98,26 @@ def measure_transformers(checkpoint: Path, images: int, new_tokens: int) -> dict
     }
 
 
+def measure_transformers_batch(checkpoint: Path, images: int, new_tokens: int) -> dict:
+    """transformers generate() on `images` images in one batch (warm-up excluded): images per second."""
+    import torch
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+    from palionnx.samples import sample_images
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    model = PaliGemmaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    pictures = sample_images(images, size=model.config.vision_config.image_size)
+    inputs = processor(images=pictures, text=["<image>caption en"] * images, return_tensors="pt")
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)  # warm-up, excluded
+        total = _timed(lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                              do_sample=False))
+    return {"images_per_s": images / total}
+
+
 def measure_palionnx(folder: Path, images: int, new_tokens: int, batch_size: int) -> dict:
     from palionnx.cli.bench import measure
 
@@ -184,6 +204,8 @@ def main() -> None:
         kind, *rest = json.loads(args.measure)
         if kind == "transformers":
             print(json.dumps(measure_transformers(Path(rest[0]), int(rest[1]), int(rest[2]))))
+        elif kind == "transformers-batch":
+            print(json.dumps(measure_transformers_batch(Path(rest[0]), int(rest[1]), int(rest[2]))))
         else:
             print(json.dumps(measure_palionnx(Path(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]))))
         return
@@ -195,6 +217,9 @@ def main() -> None:
     bandwidth = copy_bandwidth_gbs()
     floor_ms = {level: decoder_weight_bytes(folder) / (bandwidth * 1e9) * 1000 for level, folder in folders.items()}
     rows = [] if args.skip_transformers else [in_subprocess("transformers", checkpoint, args.images, args.new_tokens)]
+    if rows and args.batch8:
+        rows[0]["images_per_s_batch8"] = in_subprocess("transformers-batch", checkpoint, 8, args.new_tokens)[
+            "images_per_s"]
     for level, folder in folders.items():
         rows.append(in_subprocess("palionnx", folder, args.images, args.new_tokens, args.batch_size))
         if args.batch8:

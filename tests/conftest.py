@@ -51,3 +51,9 @@ def reference(checkpoints):
         return cache[family]
 
     return get
+
+
+@pytest.fixture
+def model(exported) -> Path:
+    """The tiny PaliGemma 1 fp32 folder the CLI tests caption with."""
+    return exported("tiny-pg1", "fp32")

@@ -58,11 +58,6 @@ def captions(root: Path, ext=".txt") -> dict[str, str]:
     return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob(f"*{ext}"))}
 
 
-@pytest.fixture
-def model(exported):
-    return exported("tiny-pg1", "fp32")
-
-
 def test_caption_folder_end_to_end(tmp_path, model):
     data = make_dataset(tmp_path / "data")
     (data / "d.txt").write_text("hand-written caption")

@@ -21,11 +21,6 @@ RAY_ENV = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
 RAY = ["--ray", "local", "--cpus-per-worker", "0.5"]  # 2 CPUs here: leave one for the reading tasks
 
 
-@pytest.fixture
-def model(exported):
-    return exported("tiny-pg1", "fp32")
-
-
 def test_ray_run_matches_plain_run(tmp_path, model):
     plain = make_dataset(tmp_path / "plain")
     (plain / "d.txt").write_text("hand-written caption")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -182,12 +184,24 @@ class Recorder:
             pq.write_table(pa.Table.from_pylist(self.records), self.parquet)
 
 
-def caption_files(captioner: Captioner, jobs: list[ImageJob], options: BatchOptions, quiet: bool = False) -> Summary:
-    """Caption `jobs` in this process, writing one caption file per image. Ctrl-C abandons the current batch."""
-    start = time.perf_counter()
-    plan = plan_run(jobs, options, quiet)
+@contextmanager
+def recording(plan: Plan, options: BatchOptions, started: float) -> Iterator[Recorder]:
+    """Record results for a run; Ctrl-C ends it cleanly (summary marked interrupted), outputs closed."""
     recorder = Recorder(plan, options)
     try:
+        yield recorder
+    except KeyboardInterrupt:
+        plan.summary.interrupted = True
+    finally:
+        recorder.close()
+        plan.summary.elapsed_s = time.perf_counter() - started
+
+
+def caption_files(captioner: Captioner, jobs: list[ImageJob], options: BatchOptions, quiet: bool = False) -> Summary:
+    """Caption `jobs` in this process, writing one caption file per image. Ctrl-C abandons the current batch."""
+    started = time.perf_counter()
+    plan = plan_run(jobs, options, quiet)
+    with recording(plan, options, started) as recorder:
         for first in range(0, len(plan.todo), options.batch_size):
             batch = plan.todo[first : first + options.batch_size]
             results = captioner.caption(
@@ -196,9 +210,4 @@ def caption_files(captioner: Captioner, jobs: list[ImageJob], options: BatchOpti
             )
             for job, result in zip(batch, results):
                 recorder.add(publish(result, plan.targets[job], options))
-    except KeyboardInterrupt:
-        plan.summary.interrupted = True
-    finally:
-        recorder.close()
-    plan.summary.elapsed_s = time.perf_counter() - start
     return plan.summary

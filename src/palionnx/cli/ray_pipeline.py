@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime.manifest import Manifest
-from .batch import BatchOptions, Plan, Record, Recorder, Summary, plan_run, publish
+from .batch import BatchOptions, Plan, Record, Summary, plan_run, publish, recording
 from .files import ImageJob
 
 
@@ -81,14 +81,13 @@ def caption_with_ray(jobs: list[ImageJob], folder: Path, options: BatchOptions, 
     """
     import ray
 
-    start = time.perf_counter()
+    started = time.perf_counter()
     # CPU actors run onnxruntime on as many threads as Ray reserved cores for them, so actors sharing a
     # node do not oversubscribe it; GPU actors keep onnxruntime's default.
     threads = None if gpus_per_worker else max(1, round(cpus_per_worker))
     plan: Plan = plan_run(jobs, options, quiet)
-    recorder = Recorder(plan, options)
     manifest = Manifest.load(folder)
-    try:
+    with recording(plan, options, started) as recorder:
         if plan.todo:
             ray.init(address=None if address == "local" else address, ignore_reinit_error=True,
                      log_to_driver=False, logging_level=logging.ERROR, include_dashboard=False)
@@ -100,14 +99,10 @@ def caption_with_ray(jobs: list[ImageJob], folder: Path, options: BatchOptions, 
                 load_row, fn_kwargs={"size": manifest.image_size, "resample": manifest.resample}, num_cpus=0.5
             ).map_batches(
                 CaptionActor, fn_constructor_args=(str(folder), device, options, threads),
-                batch_size=options.batch_size, concurrency=workers, num_gpus=gpus_per_worker, num_cpus=cpus_per_worker,
+                batch_size=options.batch_size, concurrency=workers, num_gpus=gpus_per_worker,
+                num_cpus=cpus_per_worker,
                 max_restarts=-1, max_task_retries=-1,  # a killed worker is restarted and its batch retried
             )
             for row in dataset.iter_rows():
                 recorder.add(Record(**row["record"]))
-    except KeyboardInterrupt:
-        plan.summary.interrupted = True
-    finally:
-        recorder.close()
-    plan.summary.elapsed_s = time.perf_counter() - start
     return plan.summary
