@@ -163,11 +163,13 @@ def markdown(rows: list[dict], floor_ms: dict[str, float], machine: str, args) -
     base = rows[0]["seconds_per_image"]
     for row in rows:
         floor = floor_ms.get(row["level"]) if row["engine"] == "palionnx" else None
+        batch8 = row.get("images_per_s_batch8")
+        batch8_cell = f"{batch8:.3f}" if batch8 else "—"
+        floor_cell = f"{row['decode_ms_per_token'] / floor:.2f}" if floor else "—"
         lines.append(
             f"| {row['engine']} | {row['level']} | {row['vision_ms_per_image']:.0f} | {row['prefill_ms']:.0f} | "
             f"{row['decode_ms_per_token']:.1f} | {row['seconds_per_image']:.1f} | {row['images_per_s']:.3f} | "
-            f"{row.get('images_per_s_batch8', float('nan')):.3f} | "
-            f"{base / row['seconds_per_image']:.2f}x | {row['decode_ms_per_token'] / floor if floor else 0:.2f} | "
+            f"{batch8_cell} | {base / row['seconds_per_image']:.2f}x | {floor_cell} | "
             f"{row['peak_rss_mb']:.0f} | {row['size_on_disk_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"

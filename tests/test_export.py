@@ -199,3 +199,62 @@ def test_validate_reports_parity(checkpoints, exported):
     assert report.exact_sequences == report.sequences == 4
     assert report.token_agreement == 1.0 and report.max_prefill_logit_diff < 1e-3
     assert "4/4" in report.summary()
+
+
+def test_legacy_checkpoint_layout(tmp_path):
+    """An older checkpoint: SentencePiece `tokenizer.model` only and `preprocessor_config.json`, no
+    tokenizer.json / processor_config.json. The export reads it through transformers, writes a
+    tokenizer.json, and matches generate() token for token."""
+    import random
+
+    import sentencepiece as spm
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+    from palionnx.export.convert import export
+    from palionnx.export.synth import GEOMETRIES, _randomise, make_config
+
+    folder = tmp_path / "legacy"
+    folder.mkdir()
+    rng = random.Random(0)
+    words = ["a", "photo", "of", "cat", "dog", "tree", "sky", "blue", "red", "on", "the", "fox", "caption", "en"]
+    (tmp_path / "corpus.txt").write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(2000)))
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(folder / "tokenizer"), vocab_size=400,
+        model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+        bos_piece="<bos>", unk_piece="<unk>", byte_fallback=True, character_coverage=1.0, add_dummy_prefix=False,
+        user_defined_symbols=["\n"], remove_extra_whitespaces=False, minloglevel=2,
+    )
+    (folder / "tokenizer.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "padding_side": "left",
+    }))
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "processor_class": "PaliGemmaProcessor", "image_processor_type": "SiglipImageProcessor",
+        "image_seq_length": 4, "size": {"height": 28, "width": 28}, "resample": 3, "do_resize": True,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3, "do_convert_rgb": True,
+    }))
+    # <image> is added by the processor after the SentencePiece vocabulary, then the 1152 <loc>/<seg> tokens.
+    config = make_config(GEOMETRIES["tiny-pg1"])
+    config.image_token_id = 401  # the converted tokenizer holds 401 entries
+    config.text_config.vocab_size = 1600
+    model = PaliGemmaForConditionalGeneration(config)
+    _randomise(model, seed=1, scale=2.0, embed_scale=2.0)
+    model.save_pretrained(folder)
+    assert not (folder / "tokenizer.json").exists() and not (folder / "processor_config.json").exists()
+
+    processor = AutoProcessor.from_pretrained(folder)
+    assert processor.image_token_id == 401
+    reference = PaliGemmaForConditionalGeneration.from_pretrained(folder).eval()
+    images = sample_images(2)
+    expected, _ = reference_generate(reference, processor, images, ["caption en", "describe the photo"], 16)
+    assert len(set(expected[0])) > 4
+
+    out = tmp_path / "out"
+    export(folder, out, quant="fp32")
+    assert (out / "tokenizer.json").is_file()
+    results = Captioner.load(out, device="cpu").caption(images, prompt=["caption en", "describe the photo"],
+                                                         max_new_tokens=16)
+    assert [r.tokens for r in results] == expected
+    assert [r.text for r in results] == [processor.decode(e, skip_special_tokens=True) for e in expected]

@@ -84,3 +84,14 @@ def test_killed_worker_loses_nothing_and_writes_nothing_twice(tmp_path, model):
 
     again = palionnx("caption", data, *args, *RAY, env=RAY_ENV)
     assert again.returncode == 0 and "0 captioned, 24 skipped, 0 failed" in again.stderr
+
+
+def test_ray_missing_says_how_to_install(tmp_path, model):
+    """Without Ray installed, --ray is a usage error naming the extra to install."""
+    shim = tmp_path / "shim" / "ray"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    (tmp_path / "x.png").write_bytes(b"")
+    env = {"PYTHONPATH": f"{shim.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    run = palionnx("caption", tmp_path, "--model", model, "--ray", "local", env=env)
+    assert run.returncode == 2 and "pip install 'palionnx[ray]'" in run.stderr and "Traceback" not in run.stderr
