@@ -216,7 +216,8 @@ def test_legacy_checkpoint_layout(tmp_path):
     folder = tmp_path / "legacy"
     folder.mkdir()
     rng = random.Random(0)
-    words = ["a", "photo", "of", "cat", "dog", "tree", "sky", "blue", "red", "on", "the", "fox", "caption", "en"]
+    words = ["a", "photo", "of", "cat", "dog", "tree", "sky", "water", "blue", "green", "red", "on", "mat", "the",
+             "quick", "fox", "caption", "en", "describe"]
     (tmp_path / "corpus.txt").write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(2000)))
     spm.SentencePieceTrainer.train(
         input=str(tmp_path / "corpus.txt"), model_prefix=str(folder / "tokenizer"), vocab_size=400,
