@@ -49,8 +49,8 @@ def export(
         raise ExportError(f"unknown quant level {quant!r}: use one of {', '.join(QUANT_LEVELS)}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ExportError(f"--block-size must be a power of two >= 16, got {block_size}")
-    _START[0] = time.monotonic()
-    say = _timed(progress)
+    started = time.monotonic()
+    say = _timed(progress, started)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "palionnx.json").unlink(missing_ok=True)  # the folder is incomplete until the end
@@ -62,7 +62,7 @@ def export(
     staging = outdir / ".staging" if quant in quantize.BITS else outdir
     staging.mkdir(exist_ok=True)
     try:
-        graphs = _export_in_child(checkpoint.folder, staging, quant == "fp16", progress)
+        graphs = _export_in_child(checkpoint.folder, staging, quant == "fp16", progress, started)
         if quant in quantize.BITS:
             for role, info in graphs.items():
                 say(f"quantizing {role} to {quant} (MatMulNBits, block {block_size})")
@@ -78,7 +78,9 @@ def export(
     return manifest
 
 
-def _export_in_child(folder: Path, staging: Path, fp16: bool, progress: Progress | None) -> dict[str, GraphInfo]:
+def _export_in_child(
+    folder: Path, staging: Path, fp16: bool, progress: Progress | None, started: float
+) -> dict[str, GraphInfo]:
     """Run the torch export in a child process and wait for its graphs.
 
     The transformers model and the exporter's copies of the weights (together ~20 GB for a 3B model)
@@ -86,7 +88,7 @@ def _export_in_child(folder: Path, staging: Path, fp16: bool, progress: Progress
     """
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
-    child = context.Process(target=_export_worker, args=(str(folder), str(staging), fp16, messages, _START[0]))
+    child = context.Process(target=_export_worker, args=(str(folder), str(staging), fp16, messages, started))
     child.start()
     while True:
         try:
@@ -108,9 +110,8 @@ def _export_in_child(folder: Path, staging: Path, fp16: bool, progress: Progress
 def _export_worker(folder: str, staging: str, fp16: bool, messages, started: float) -> None:
     """Child process: load the model and export its three graphs, reporting through `messages`."""
     try:
-        _START[0] = started
         _quiet_exporters()
-        say = _timed(lambda text: messages.put(("progress", text)))
+        say = _timed(lambda text: messages.put(("progress", text)), started)
         say("loading the model for export")
         # fp16 loads the weights as fp16 directly: converting a loaded fp32 model would hold both copies.
         checkpoint = open_checkpoint(folder, dtype="float16" if fp16 else "float32")
@@ -224,15 +225,13 @@ def _quiet_exporters() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-_START = [0.0]  # when the export began (time.monotonic(), shared by the child process)
-
-
-def _timed(progress: Progress | None) -> Progress:
-    """Prefix each progress message with the seconds since the export began and this process's memory."""
+def _timed(progress: Progress | None, started: float) -> Progress:
+    """Prefix each progress message with the seconds since `started` (time.monotonic(), the same clock in
+    the child process) and this process's memory."""
 
     def say(message: str) -> None:
         if progress:
-            progress(f"[{time.monotonic() - _START[0]:6.1f}s, RSS {_rss_gb():4.1f} GB] {message}")
+            progress(f"[{time.monotonic() - started:6.1f}s, RSS {_rss_gb():4.1f} GB] {message}")
 
     return say
 
