@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .generate import LogitsProcessor, Sampler, generate_step, make_logits_processors, make_sampler
 from .manifest import Manifest
@@ -103,22 +104,27 @@ class Captioner:
         processors = make_logits_processors(repetition_penalty, no_repeat_ngram_size)
 
         results = [CaptionResult(source=_name(image)) for image in images]
-        loaded: list[tuple[int, object]] = []
-        for i, image in enumerate(images):
-            try:
-                loaded.append((i, load_image(image)))
-            except ImageLoadError as exc:
-                results[i].error = str(exc)
-        for start in range(0, len(loaded), batch_size):
-            chunk = loaded[start : start + batch_size]
-            indices = [i for i, _ in chunk]
-            batch = self._caption_batch(
-                [image for _, image in chunk], [prompts[i] for i in indices], max_new_tokens, sampler, processors,
-                [] if ignore_eos else self.manifest.eos_token_ids,
-            )
-            for i, (tokens, timings) in zip(indices, batch, strict=False):
+        eos_ids = [] if ignore_eos else self.manifest.eos_token_ids
+        pending: list[tuple[int, Image.Image]] = []  # loaded lazily: at most one batch of images in memory
+
+        def run_pending() -> None:
+            indices = [i for i, _ in pending]
+            batch = self._caption_batch([image for _, image in pending], [prompts[i] for i in indices],
+                                        max_new_tokens, sampler, processors, eos_ids)
+            for i, (tokens, timings) in zip(indices, batch):
                 results[i].tokens, results[i].timings = tokens, timings
                 results[i].text = self.text.decode(tokens)
+            pending.clear()
+
+        for i, image in enumerate(images):
+            try:
+                pending.append((i, load_image(image)))
+            except ImageLoadError as exc:
+                results[i].error = str(exc)
+            if len(pending) == batch_size:
+                run_pending()
+        if pending:
+            run_pending()
         return results
 
     def prompt_batch(self, images: list, prompts: list[str]) -> PromptBatch:
