@@ -63,21 +63,29 @@ def decoder_weight_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("decoder_model_merged.onnx*"))
 
 
-def measure_transformers(checkpoint: Path, images: int, new_tokens: int) -> dict:
-    """Phases of transformers generate() in fp32 eager on CPU: vision, prefill, decode per token."""
+def load_transformers(checkpoint: Path, images: int):
+    """The origin script's setup: transformers fp32, eager attention, all cores; plus the test images."""
     import torch
     from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 
-    from palionnx.cli.bench import peak_rss_mb
     from palionnx.samples import sample_images
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    started = time.perf_counter()
     model = PaliGemmaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32,
                                                               attn_implementation="eager").eval()
     processor = AutoProcessor.from_pretrained(checkpoint)
+    return model, processor, sample_images(images, size=model.config.vision_config.image_size)
+
+
+def measure_transformers(checkpoint: Path, images: int, new_tokens: int) -> dict:
+    """Phases of transformers generate() in fp32 eager on CPU: vision, prefill, decode per token."""
+    import torch
+
+    from palionnx.cli.bench import peak_rss_mb
+
+    started = time.perf_counter()
+    model, processor, pictures = load_transformers(checkpoint, images)
     load_s = time.perf_counter() - started
-    pictures = sample_images(images, size=model.config.vision_config.image_size)
     rows = []
     with torch.no_grad():
         warm = processor(images=pictures[0], text="<image>caption en", return_tensors="pt")
@@ -101,15 +109,8 @@ def measure_transformers(checkpoint: Path, images: int, new_tokens: int) -> dict
 def measure_transformers_batch(checkpoint: Path, images: int, new_tokens: int) -> dict:
     """transformers generate() on `images` images in one batch (warm-up excluded): images per second."""
     import torch
-    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 
-    from palionnx.samples import sample_images
-
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    model = PaliGemmaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32,
-                                                              attn_implementation="eager").eval()
-    processor = AutoProcessor.from_pretrained(checkpoint)
-    pictures = sample_images(images, size=model.config.vision_config.image_size)
+    model, processor, pictures = load_transformers(checkpoint, images)
     inputs = processor(images=pictures, text=["<image>caption en"] * images, return_tensors="pt")
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=2, do_sample=False)  # warm-up, excluded

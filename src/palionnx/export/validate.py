@@ -71,10 +71,10 @@ def validate(source: str | Path, folder: str | Path, images: list[Image.Image] |
     results = captioner.caption(images, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=len(images))
 
     agree = total = first = exact = 0
-    for result, ref in zip(results, expected, strict=False):
+    for result, ref in zip(results, expected):
         exact += result.tokens == ref
         first += bool(result.tokens[:1] == ref[:1])
-        pairs = list(zip(result.tokens, ref, strict=False))
+        pairs = list(zip(result.tokens, ref))
         agree += sum(a == b for a, b in pairs)
         total += max(len(pairs), 1)
     return ValidationReport(

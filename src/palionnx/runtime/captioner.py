@@ -172,7 +172,7 @@ class Captioner:
             else:
                 timings.decode_s += now - started
                 timings.decode_steps += 1
-            for row, token in zip(rows.tolist(), chosen.tolist(), strict=False):
+            for row, token in zip(rows.tolist(), chosen.tolist()):
                 if token not in eos:
                     tokens[row].append(token)
             started = time.perf_counter()
