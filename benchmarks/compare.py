@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from palionnx.runtime.defaults import DEFAULT_PROMPT
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -60,20 +62,20 @@ def cpu_model() -> str:
 
 def decoder_weight_bytes(folder: Path) -> int:
     """Bytes a decode step reads: the decoder graph's weights (all layers and the lm_head)."""
-    return sum(f.stat().st_size for f in folder.glob("decoder_model_merged.onnx*"))
+    from palionnx.runtime.contract import DECODER, files_size, graph_files
+
+    return files_size(graph_files(folder, DECODER))
 
 
 def load_transformers(checkpoint: Path, images: int):
     """The origin script's setup: transformers fp32, eager attention, all cores; plus the test images."""
     import torch
-    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 
+    from palionnx.export.validate import load_reference
     from palionnx.samples import sample_images
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    model = PaliGemmaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32,
-                                                              attn_implementation="eager").eval()
-    processor = AutoProcessor.from_pretrained(checkpoint)
+    model, processor = load_reference(checkpoint)
     return model, processor, sample_images(images, size=model.config.vision_config.image_size)
 
 
@@ -81,17 +83,17 @@ def measure_transformers(checkpoint: Path, images: int, new_tokens: int) -> dict
     """Phases of transformers generate() in fp32 eager on CPU: vision, prefill, decode per token."""
     import torch
 
-    from palionnx.cli.bench import peak_rss_mb
+    from palionnx.runtime.measure import peak_rss_mb
 
     started = time.perf_counter()
     model, processor, pictures = load_transformers(checkpoint, images)
     load_s = time.perf_counter() - started
     rows = []
     with torch.no_grad():
-        warm = processor(images=pictures[0], text="<image>caption en", return_tensors="pt")
+        warm = processor(images=pictures[0], text="<image>" + DEFAULT_PROMPT, return_tensors="pt")
         model.generate(**warm, max_new_tokens=2, do_sample=False)  # warm-up, excluded
         for picture in pictures:
-            inputs = processor(images=picture, text="<image>caption en", return_tensors="pt")
+            inputs = processor(images=picture, text="<image>" + DEFAULT_PROMPT, return_tensors="pt")
             vision = _timed(lambda inputs=inputs: model.get_image_features(inputs["pixel_values"]))
             first = _timed(lambda inputs=inputs: model(**inputs, use_cache=True))  # vision + prefill
             total = _timed(lambda inputs=inputs: model.generate(**inputs, max_new_tokens=new_tokens,
@@ -111,7 +113,7 @@ def measure_transformers_batch(checkpoint: Path, images: int, new_tokens: int) -
     import torch
 
     model, processor, pictures = load_transformers(checkpoint, images)
-    inputs = processor(images=pictures, text=["<image>caption en"] * images, return_tensors="pt")
+    inputs = processor(images=pictures, text=["<image>" + DEFAULT_PROMPT] * images, return_tensors="pt")
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=2, do_sample=False)  # warm-up, excluded
         total = _timed(lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -120,9 +122,9 @@ def measure_transformers_batch(checkpoint: Path, images: int, new_tokens: int) -
 
 
 def measure_palionnx(folder: Path, images: int, new_tokens: int, batch_size: int) -> dict:
-    from palionnx.cli.bench import measure
+    from palionnx.runtime.measure import measure
 
-    row = measure(folder, images, new_tokens, batch_size, device="cpu", repeats=1)
+    row = measure(folder, images=images, max_new_tokens=new_tokens, batch_size=batch_size, device="cpu", repeats=1)
     row.update(engine="palionnx", level=row["quant"], seconds_per_image=1 / row["images_per_s"])
     return row
 
@@ -139,7 +141,7 @@ def prepare(geometry: str, levels: list[str], work: Path) -> tuple[Path, dict[st
     """Synthesize the checkpoint and export each level, reusing what `work` already holds."""
     from palionnx.export.convert import export
     from palionnx.export.synth import write_checkpoint
-    from palionnx.runtime.manifest import MANIFEST_NAME
+    from palionnx.runtime.contract import MANIFEST_NAME
 
     checkpoint = work / geometry
     if not (checkpoint / "config.json").exists():
@@ -155,7 +157,7 @@ def prepare(geometry: str, levels: list[str], work: Path) -> tuple[Path, dict[st
 def markdown(rows: list[dict], floor_ms: dict[str, float], machine: str, args) -> str:
     lines = [
         f"`{args.geometry}`, {args.new_tokens} new tokens (eos ignored), batch {args.batch_size}, "
-        f"{args.images} images, prompt `caption en`. Machine: {machine}.",
+        f"{args.images} images, prompt `{DEFAULT_PROMPT}`. Machine: {machine}.",
         "",
         "| engine | level | vision ms/img | prefill ms | decode ms/tok | s/image | images/s | images/s batch 8 | "
         "speed-up vs transformers fp32 | decode / floor | peak RSS MB | disk MB |",

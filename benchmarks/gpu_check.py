@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from palionnx import Captioner
 from palionnx.runtime import sessions
+from palionnx.runtime.contract import DECODER
 from palionnx.samples import sample_images
 
 
@@ -44,7 +45,7 @@ def check(folder: Path) -> bool:
     options = sessions.session_options()
     options.enable_profiling = True
     options.profile_file_prefix = str(folder.name) + "-profile"
-    decoder = ort.InferenceSession(str(folder / captioner.manifest.graphs["decoder"].file), options,
+    decoder = ort.InferenceSession(str(folder / captioner.manifest.graphs[DECODER].file), options,
                                    providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     captioner.model.decoder = decoder
     captioner.caption(images[:1], max_new_tokens=4, ignore_eos=True)

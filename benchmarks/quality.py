@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from palionnx import Captioner
+from palionnx.runtime.defaults import DEFAULT_PROMPT
+from palionnx.runtime.preprocess import image_pixels
 from palionnx.samples import sample_images
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -25,9 +27,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def teacher_forced_logits(folder: Path, images, tokens: np.ndarray | None, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Logits [steps, b, vocab] along `tokens` [b, steps] (or along its own greedy choice when None)."""
     captioner = Captioner.load(folder, device="cpu")
-    batch = captioner.prompt_batch(images, ["caption en"] * len(images))
+    pixels = np.stack([image_pixels(image, captioner.image_spec) for image in images])
+    batch = captioner.prompt_batch(pixels, [DEFAULT_PROMPT] * len(images))
     state = captioner.model.new_state(max_len=batch.ids.shape[1] + steps)
-    output = state.prefill(batch.inputs_embeds, batch.attention_mask, batch.position_ids)
+    output = state.prefill(batch)
     logits, chosen = [], []
     for step in range(steps):
         logits.append(output.logits())
@@ -49,7 +52,7 @@ def main() -> None:
 
     from palionnx.export.convert import export
     from palionnx.export.synth import write_checkpoint
-    from palionnx.runtime.manifest import MANIFEST_NAME
+    from palionnx.runtime.contract import MANIFEST_NAME
 
     checkpoint = args.work / args.geometry
     if not (checkpoint / "config.json").exists():

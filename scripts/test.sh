@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh dev
 . .venv/bin/activate
 ruff check src tests benchmarks
-mypy src/palionnx/runtime
+mypy src/palionnx
 python -m pytest -q "$@"

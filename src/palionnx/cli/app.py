@@ -9,6 +9,9 @@ from typing import Annotated, NoReturn
 import typer
 
 from ..runtime.captioner import Captioner
+from ..runtime.contract import MANIFEST_NAME, folder_size
+from ..runtime.defaults import DEFAULT_BATCH_SIZE, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
+from .files import ImageJob
 from .models import DEFAULT_MODEL
 
 app = typer.Typer(
@@ -34,46 +37,57 @@ def _need_export_extra() -> None:
         raise typer.Exit(2) from None
 
 
+# Options of `caption`, declared once here so the command's signature stays readable.
+Inputs = Annotated[list[str], typer.Argument(
+    metavar="INPUT...", help="Image files, folders (searched recursively) or quoted globs.", show_default=False)]
+ModelOpt = Annotated[str, typer.Option(help="Exported model folder, or a hub id exported on first use into the "
+                                            "cache (~/.cache/palionnx, or $PALIONNX_CACHE).")]
+QuantOpt = Annotated[str, typer.Option(help="Precision when --model is a hub id exported on first use.")]
+ExtOpt = Annotated[str, typer.Option(help="Caption file extension: .txt or .caption.")]
+OutputDirOpt = Annotated[Path | None, typer.Option(help="Write captions here, mirroring the input folders, "
+                                                        "instead of beside the images.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite/--skip-existing",
+                                            help="Replace existing captions, or skip their images.")]
+JsonlOpt = Annotated[Path | None, typer.Option(help="Append one JSON record per image to this file "
+                                                    "(path, caption, tokens, timings, error).")]
+PrefixOpt = Annotated[str, typer.Option(help='Text put before every caption, e.g. "sks, ".')]
+SuffixOpt = Annotated[str, typer.Option(help="Text put after every caption.")]
+PromptOpt = Annotated[str, typer.Option(help="Prompt given to the model.")]
+MaxTokensOpt = Annotated[int, typer.Option(min=1, help="Longest caption, in tokens.")]
+BatchOpt = Annotated[int, typer.Option(min=1, help="Images captioned together.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if it works, else CPU), cuda or cpu.")]
+RecursiveOpt = Annotated[bool, typer.Option("--recursive/--no-recursive", help="Search folders recursively.")]
+CleanOpt = Annotated[bool, typer.Option("--clean", help="Post-process raw captions: drop bracketed text, cut back "
+                                                        "to the last '.' or ',', collapse whitespace.")]
+TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="0 = greedy (deterministic); the origin script "
+                                                             "sampled at 0.7.")]
+TopKOpt = Annotated[int, typer.Option(min=0, help="Sample among the k best tokens (0 = off).")]
+TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass (1 = off).")]
+SeedOpt = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
+RepetitionOpt = Annotated[float, typer.Option(min=0.0, help="> 1 discourages repeats (1 = off).")]
+NgramOpt = Annotated[int, typer.Option(min=0, help="Never repeat an n-gram of this size.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress; errors and nothing else.")]
+ParquetOpt = Annotated[Path | None, typer.Option(help="Also write this run's records as a Parquet file "
+                                                      "(needs pyarrow, which palionnx[ray] installs).")]
+RayOpt = Annotated[str | None, typer.Option(help="Run as a Ray Data pipeline: 'local' (Ray on this machine), "
+                                                 "'auto' (the running cluster) or a cluster address.")]
+WorkersOpt = Annotated[int, typer.Option(min=1, help="With --ray: captioning actors (one model each).")]
+GpusOpt = Annotated[float, typer.Option(min=0.0, help="With --ray: GPUs per actor.")]
+CpusOpt = Annotated[float, typer.Option(min=0.0, help="With --ray: CPUs Ray reserves per actor; leave some on "
+                                                      "each node for reading images.")]
+
+
 @app.command()
 def caption(
-    inputs: Annotated[list[str], typer.Argument(
-        metavar="INPUT...", help="Image files, folders (searched recursively) or quoted globs.", show_default=False
-    )],
-    model: Annotated[str, typer.Option(help="Exported model folder, or a hub id exported on first use into the "
-                                            "cache (~/.cache/palionnx, or $PALIONNX_CACHE).")] = DEFAULT_MODEL,
-    quant: Annotated[str, typer.Option(help="Precision when --model is a hub id exported on first use.")] = "int4",
-    ext: Annotated[str, typer.Option(help="Caption file extension: .txt or .caption.")] = ".txt",
-    output_dir: Annotated[Path | None, typer.Option(help="Write captions here, mirroring the input folders, "
-                                                            "instead of beside the images.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite/--skip-existing",
-                                            help="Replace existing captions, or skip their images.")] = False,
-    jsonl: Annotated[Path | None, typer.Option(help="Append one JSON record per image to this file "
-                                                       "(path, caption, tokens, timings, error).")] = None,
-    prefix: Annotated[str, typer.Option(help='Text put before every caption, e.g. "sks, ".')] = "",
-    suffix: Annotated[str, typer.Option(help="Text put after every caption.")] = "",
-    prompt: Annotated[str, typer.Option(help="Prompt given to the model.")] = "caption en",
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest caption, in tokens.")] = 256,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images captioned together.")] = 4,
-    device: Annotated[str, typer.Option(help="auto (CUDA if it works, else CPU), cuda or cpu.")] = "auto",
-    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Search folders recursively.")] = True,
-    clean: Annotated[bool, typer.Option("--clean", help="Post-process raw captions: drop bracketed text, cut back "
-                                                        "to the last '.' or ',', collapse whitespace.")] = False,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy (deterministic); the origin script "
-                                                             "sampled at 0.7.")] = 0.0,
-    top_k: Annotated[int, typer.Option(min=0, help="Sample among the k best tokens (0 = off).")] = 0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass (1 = off).")] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
-    repetition_penalty: Annotated[float, typer.Option(min=0.0, help="> 1 discourages repeats (1 = off).")] = 1.0,
-    no_repeat_ngram_size: Annotated[int, typer.Option(min=0, help="Never repeat an n-gram of this size.")] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress; errors and nothing else.")] = False,
-    parquet: Annotated[Path | None, typer.Option(help="Also write this run's records as a Parquet file "
-                                                      "(needs pyarrow, which palionnx[ray] installs).")] = None,
-    ray: Annotated[str | None, typer.Option(help="Run as a Ray Data pipeline: 'local' (Ray on this machine), "
-                                                 "'auto' (the running cluster) or a cluster address.")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="With --ray: captioning actors (one model each).")] = 1,
-    gpus_per_worker: Annotated[float, typer.Option(min=0.0, help="With --ray: GPUs per actor.")] = 0.0,
-    cpus_per_worker: Annotated[float, typer.Option(min=0.0, help="With --ray: CPUs Ray reserves per actor; "
-                                                                 "leave some on each node for reading images.")] = 1.0,
+    inputs: Inputs, model: ModelOpt = DEFAULT_MODEL, quant: QuantOpt = "int4", ext: ExtOpt = ".txt",
+    output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False, jsonl: JsonlOpt = None,
+    prefix: PrefixOpt = "", suffix: SuffixOpt = "", prompt: PromptOpt = DEFAULT_PROMPT,
+    max_new_tokens: MaxTokensOpt = DEFAULT_MAX_NEW_TOKENS, batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
+    device: DeviceOpt = "auto", recursive: RecursiveOpt = True, clean: CleanOpt = False,
+    temperature: TemperatureOpt = 0.0, top_k: TopKOpt = 0, top_p: TopPOpt = 1.0, seed: SeedOpt = None,
+    repetition_penalty: RepetitionOpt = 1.0, no_repeat_ngram_size: NgramOpt = 0, quiet: QuietOpt = False,
+    parquet: ParquetOpt = None, ray: RayOpt = None, workers: WorkersOpt = 1, gpus_per_worker: GpusOpt = 0.0,
+    cpus_per_worker: CpusOpt = 1.0,
 ) -> None:
     """Caption images, writing a caption file beside each one (images that have one are skipped).
 
@@ -87,11 +101,39 @@ def caption(
       palionnx caption "photos/**/*.png" --output-dir captions/ --ext .caption
       palionnx caption /shared/dataset --ray auto --workers 8 --gpus-per-worker 1 --parquet run.parquet
     """
-    from ..runtime.manifest import Manifest, ModelFolderError
-    from ..runtime.sessions import DEVICES, DeviceError
+    from ..runtime.generate import make_logits_processors, make_sampler
     from .batch import BatchOptions, caption_files
+
+    jobs = _find_jobs(inputs, ext, device, recursive)
+    options = BatchOptions(
+        ext=ext, output_dir=output_dir, overwrite=overwrite, jsonl=jsonl, parquet=parquet, prefix=prefix,
+        suffix=suffix, clean=clean, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        sampler=make_sampler(temperature, top_k, top_p, seed),
+        logits_processors=make_logits_processors(repetition_penalty, no_repeat_ngram_size),
+    )
+    folder, captioner = _open_model(model, quant, device, ray)
+    if ray:
+        from .ray_pipeline import caption_with_ray
+
+        if not quiet:
+            _err(f"model {folder} on Ray ({ray}): {workers} worker(s), {gpus_per_worker} GPU each")
+        summary = caption_with_ray(jobs, folder, options, device, ray, workers, gpus_per_worker, cpus_per_worker,
+                                   quiet=quiet)
+    else:
+        assert captioner is not None
+        if not quiet:
+            _err(f"model {folder} ({captioner.manifest.quant.level}) on {captioner.providers[0]}")
+        summary = caption_files(captioner, jobs, options, quiet=quiet)
+    _err(summary.line())
+    if summary.interrupted:
+        raise typer.Exit(130)
+    raise typer.Exit(1 if summary.failed else 0)
+
+
+def _find_jobs(inputs: list[str], ext: str, device: str, recursive: bool) -> list[ImageJob]:
+    """Check the options that need no model, then expand the inputs; exit 2 (or 0: no images) otherwise."""
+    from ..runtime.sessions import DEVICES
     from .files import find_images
-    from .models import ModelResolveError, resolve_model
 
     if ext not in (".txt", ".caption"):
         _usage(f"--ext must be .txt or .caption, got {ext!r}")
@@ -104,36 +146,27 @@ def caption(
     if not jobs:
         _err("no images found (extensions: jpg, jpeg, png, webp, bmp, gif, tif, tiff)")
         raise typer.Exit(0)
-    options = BatchOptions(
-        ext=ext, output_dir=output_dir, overwrite=overwrite, jsonl=jsonl, parquet=parquet, prefix=prefix,
-        suffix=suffix, clean=clean, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        generation=dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size),
-    )
+    return jobs
+
+
+def _open_model(model: str, quant: str, device: str, ray: str | None) -> tuple[Path, Captioner | None]:
+    """Resolve --model to a folder (exporting a hub model on first use) and load it here, unless Ray
+    actors will load it themselves. Any failure is a usage error (exit 2)."""
+    from ..runtime.manifest import Manifest, ModelFolderError
+    from ..runtime.sessions import DeviceError
+    from .models import ModelResolveError, resolve_model
+
     try:
         folder = resolve_model(model, quant, progress=_err)
         if ray:
-            from .ray_pipeline import caption_with_ray, require_ray
+            from .ray_pipeline import require_ray
 
             require_ray()
             Manifest.load(folder)  # each actor loads the model itself
-        else:
-            captioner = Captioner.load(folder, device=device)
+            return folder, None
+        return folder, Captioner.load(folder, device=device)
     except (ModelResolveError, ModelFolderError, DeviceError, ImportError) as exc:
         _usage(str(exc))
-    if ray:
-        if not quiet:
-            _err(f"model {folder} on Ray ({ray}): {workers} worker(s), {gpus_per_worker} GPU each")
-        summary = caption_with_ray(jobs, folder, options, device, ray, workers, gpus_per_worker, cpus_per_worker,
-                                   quiet=quiet)
-    else:
-        if not quiet:
-            _err(f"model {folder} ({captioner.manifest.quant['level']}) on {captioner.providers[0]}")
-        summary = caption_files(captioner, jobs, options, quiet=quiet)
-    _err(summary.line())
-    if summary.interrupted:
-        raise typer.Exit(130)
-    raise typer.Exit(1 if summary.failed else 0)
 
 
 @app.command()
@@ -141,7 +174,7 @@ def export(
     source: Annotated[str, typer.Argument(help="Checkpoint folder, or a hub id such as google/paligemma-3b-pt-224.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Model folder to write.")],
     quant: Annotated[str, typer.Option(help="Precision: fp32, fp16, int8 or int4.")] = "int4",
-    block_size: Annotated[int, typer.Option(help="Block size of int8/int4 weight quantization.")] = 32,
+    block_size: Annotated[int, typer.Option(help="Block size of int8/int4 weight quantization.")] = DEFAULT_BLOCK_SIZE,
     validate: Annotated[
         bool, typer.Option("--validate", help="Afterwards, compare the folder with transformers on a few images.")
     ] = False,
@@ -160,8 +193,7 @@ def export(
     except (CheckpointError, ExportError) as exc:
         _err(f"error: {exc}")
         raise typer.Exit(2) from None
-    sizes = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
-    typer.echo(f"exported {manifest.family} at {quant} to {output} ({sizes / 1e9:.2f} GB)")
+    typer.echo(f"exported {manifest.family} at {quant} to {output} ({folder_size(output) / 1e9:.2f} GB)")
     if validate:
         from ..export.validate import validate as run_validate
 
@@ -199,6 +231,7 @@ def info(model_dir: Annotated[Path, typer.Argument(help="An exported model folde
     """
     import onnxruntime as ort
 
+    from ..runtime.contract import files_size, graph_files
     from ..runtime.manifest import Manifest, ModelFolderError
 
     try:
@@ -209,20 +242,17 @@ def info(model_dir: Annotated[Path, typer.Argument(help="An exported model folde
     typer.echo(f"source        {m.source.get('id')} (revision {m.source.get('revision') or '-'})")
     typer.echo(f"family        {m.family} ({'Gemma 2' if m.family == 'pg2' else 'Gemma'} decoder), "
                f"exported by palionnx {m.palionnx_version}, opset {m.opset}")
-    typer.echo(f"quant         {', '.join(f'{k}={v}' for k, v in m.quant.items() if k != 'fp32_kept')}")
+    typer.echo(f"quant         {', '.join(f'{k}={v}' for k, v in m.quant.to_json().items() if k != 'fp32_kept')}")
     typer.echo(f"image         {m.image_size}px -> {m.image_seq_length} tokens, mean {m.image_mean}, "
                f"std {m.image_std}, {m.resample}")
     typer.echo(f"decoder       {m.layers} layers, hidden {m.hidden}, {m.heads} heads / {m.kv_heads} kv heads "
                f"x {m.head_dim}, vocab {m.vocab_size}, sliding window {m.sliding_window or '-'}, kv {m.kv_dtype}")
     typer.echo(f"tokens        bos {m.bos_token_id}, eos {m.eos_token_ids}, image {m.image_token_id}, "
                f"prompt {m.prompt_template!r}")
-    total = 0
     for role, graph in m.graphs.items():
-        files = [model_dir / graph.file, model_dir / (graph.file + ".data")]
-        size = sum(f.stat().st_size for f in files if f.exists())
-        total += size
+        size = files_size(graph_files(model_dir, role))
         typer.echo(f"graph         {role:15s} {graph.file:28s} {size / 1e6:10.1f} MB")
-    typer.echo(f"total         {total / 1e6:.1f} MB")
+    typer.echo(f"total         {folder_size(model_dir) / 1e6:.1f} MB")
     typer.echo(f"providers     {', '.join(ort.get_available_providers())} (onnxruntime {ort.__version__})")
 
 
@@ -244,15 +274,17 @@ def bench(
     """
     import json
 
-    from .bench import measure_in_subprocess, table
+    from ..runtime.measure import measure_in_subprocess
+    from .bench import table
 
     rows = []
     for folder in model_dirs:
-        if not (folder / "palionnx.json").is_file():
-            _usage(f"{folder} is not a palionnx model folder (no palionnx.json)")
+        if not (folder / MANIFEST_NAME).is_file():
+            _usage(f"{folder} is not a palionnx model folder (no {MANIFEST_NAME})")
         _err(f"benchmarking {folder} ...")
         try:
-            rows.append(measure_in_subprocess(folder, images, max_new_tokens, batch_size, device, repeats))
+            rows.append(measure_in_subprocess(folder, images=images, max_new_tokens=max_new_tokens,
+                                              batch_size=batch_size, device=device, repeats=repeats))
         except RuntimeError as exc:
             _err(f"error: {exc}")
             raise typer.Exit(1) from None

@@ -9,9 +9,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from ..runtime.captioner import Captioner, CaptionResult
+from ..runtime.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
+from ..runtime.generate import LogitsProcessor, Sampler, greedy
 from .files import ImageJob, caption_path, clean_caption, remove_stale_temp_files, write_atomic
 
 
@@ -27,10 +29,11 @@ class BatchOptions:
     prefix: str = ""
     suffix: str = ""
     clean: bool = False
-    prompt: str = "caption en"
-    max_new_tokens: int = 256
-    batch_size: int = 4
-    generation: dict[str, Any] = field(default_factory=dict)  # temperature, top_k, ... for Captioner.caption
+    prompt: str = DEFAULT_PROMPT
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    batch_size: int = DEFAULT_BATCH_SIZE
+    sampler: Sampler = greedy  # from make_sampler
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)  # from make_logits_processors
 
 
 @dataclass
@@ -101,7 +104,8 @@ def plan_run(jobs: list[ImageJob], options: BatchOptions, quiet: bool = False) -
     summary = Summary()
     targets = {job: caption_path(job, options.ext, options.output_dir) for job in jobs}
     remove_stale_temp_files({path.parent for path in targets.values()})
-    todo, seen = [], {}
+    todo: list[ImageJob] = []
+    seen: dict[Path, Path] = {}
     progress = Progress(len(jobs), quiet)
     for job in jobs:
         target = targets[job]
@@ -206,7 +210,7 @@ def caption_files(captioner: Captioner, jobs: list[ImageJob], options: BatchOpti
             batch = plan.todo[first : first + options.batch_size]
             results = captioner.caption(
                 [job.image for job in batch], prompt=options.prompt, max_new_tokens=options.max_new_tokens,
-                batch_size=options.batch_size, **options.generation,
+                batch_size=options.batch_size, sampler=options.sampler, logits_processors=options.logits_processors,
             )
             for job, result in zip(batch, results):
                 recorder.add(publish(result, plan.targets[job], options))

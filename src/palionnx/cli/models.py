@@ -6,7 +6,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ..runtime.manifest import MANIFEST_NAME
+from ..hub import is_hub_id
+from ..runtime.contract import MANIFEST_NAME
 
 DEFAULT_MODEL = "mnemic/paligemma-longprompt-v1-safetensors"
 ALTERNATIVE_MODEL = "gokaygokay/paligemma-rich-captions"
@@ -41,7 +42,7 @@ def resolve_model(model: str, quant: str, progress: Callable[[str], None]) -> Pa
                 f"`palionnx export {model} -o {model}-{quant} --quant {quant}` and pass that folder"
             )
         raise ModelResolveError(f"{model} is not a palionnx model folder (no {MANIFEST_NAME})")
-    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+    if not is_hub_id(model):
         raise ModelResolveError(f"{model}: no such model folder (give an exported folder or a hub id)")
 
     folder = cached_folder(model, quant)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..runtime.manifest import Manifest
+from ..runtime.preprocess import ImageSpec
 from .batch import BatchOptions, Plan, Record, Summary, plan_run, publish, recording
 from .files import ImageJob
 
@@ -29,15 +31,14 @@ def require_ray() -> None:
         raise ImportError("--ray needs Ray Data: pip install 'palionnx[ray]' (on every node of the cluster)") from None
 
 
-def load_row(row: dict[str, Any], size: int, resample: str) -> dict[str, Any]:
-    """CPU stage: decode one image (EXIF, modes) and resize it to the model's size, or record why not."""
-    from ..runtime.preprocess import RESAMPLE, ImageLoadError, load_image
+def load_row(row: dict[str, Any], spec: ImageSpec) -> dict[str, Any]:
+    """CPU stage: the runtime's `image_pixels` for one image, or the reason it cannot be read."""
+    from ..runtime.preprocess import ImageLoadError, image_pixels
 
     try:
-        image = load_image(row["image"]).resize((size, size), RESAMPLE[resample])
-        row["pixels"], row["error"] = np.asarray(image, dtype=np.uint8), ""
+        row["pixels"], row["error"] = image_pixels(row["image"], spec), ""
     except ImageLoadError as exc:
-        row["pixels"], row["error"] = np.zeros((size, size, 3), dtype=np.uint8), str(exc)
+        row["pixels"], row["error"] = np.zeros((3, spec.size, spec.size), dtype=np.float32), str(exc)
     return row
 
 
@@ -51,16 +52,15 @@ class CaptionActor:
         self.options = options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from PIL import Image
-
         from ..runtime.captioner import CaptionResult
+        from ..runtime.preprocess import Pixels
 
         options = self.options
         good = [i for i, error in enumerate(batch["error"]) if not error]
-        images = [Image.fromarray(batch["pixels"][i]) for i in good]
+        images = [Pixels(batch["pixels"][i], str(batch["image"][i])) for i in good]
         results = dict(zip(good, self.captioner.caption(
-            images, prompt=options.prompt, max_new_tokens=options.max_new_tokens,
-            batch_size=options.batch_size, **options.generation,
+            images, prompt=options.prompt, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
+            sampler=options.sampler, logits_processors=options.logits_processors,
         )))
         records = []
         for i, path in enumerate(batch["image"]):
@@ -86,7 +86,7 @@ def caption_with_ray(jobs: list[ImageJob], folder: Path, options: BatchOptions, 
     # node do not oversubscribe it; GPU actors keep onnxruntime's default.
     threads = None if gpus_per_worker else max(1, round(cpus_per_worker))
     plan: Plan = plan_run(jobs, options, quiet)
-    manifest = Manifest.load(folder)
+    spec = Manifest.load(folder).image_spec
     with recording(plan, options, started) as recorder:
         if plan.todo:
             ray.init(address=None if address == "local" else address, ignore_reinit_error=True,
@@ -96,7 +96,7 @@ def caption_with_ray(jobs: list[ImageJob], folder: Path, options: BatchOptions, 
             ray.data.DataContext.get_current().enable_progress_bars = False
             rows = [{"image": str(job.image), "target": str(plan.targets[job])} for job in plan.todo]
             dataset = ray.data.from_items(rows).map(
-                load_row, fn_kwargs={"size": manifest.image_size, "resample": manifest.resample}, num_cpus=0.5
+                partial(load_row, spec=spec), num_cpus=0.5
             ).map_batches(
                 CaptionActor, fn_constructor_args=(str(folder), device, options, threads),
                 batch_size=options.batch_size, concurrency=workers, num_gpus=gpus_per_worker,

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..hub import is_hub_id
+
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
 
@@ -48,7 +50,7 @@ def resolve_source(source: str | Path) -> tuple[Path, str, str | None]:
     if path.is_dir():
         return path, str(source), None
     text = str(source)
-    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+    if not is_hub_id(text):
         raise CheckpointError(f"{source}: no such checkpoint folder (give a folder or a hub id like owner/name)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -65,9 +67,17 @@ def resolve_source(source: str | Path) -> tuple[Path, str, str | None]:
     return folder, text, folder.name  # snapshot folders are named by commit hash
 
 
+def load_paligemma(folder: str | Path, dtype: str = "float32") -> Any:
+    """The transformers model of a local checkpoint folder in `dtype`, eager attention, in eval mode: what
+    export traces and what every comparison with transformers (validation, tests, benchmarks) runs."""
+    from transformers import PaliGemmaForConditionalGeneration
+
+    return PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation="eager").eval()
+
+
 def open_checkpoint(source: str | Path, dtype: str = "float32", load_model: bool = True) -> Checkpoint:
     """Read the processor settings and, with `load_model`, the model (in `dtype`, eager attention)."""
-    from transformers import AutoConfig, AutoProcessor, GenerationConfig, PaliGemmaForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor, GenerationConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -80,11 +90,7 @@ def open_checkpoint(source: str | Path, dtype: str = "float32", load_model: bool
         raise CheckpointError(f"{source}: not a readable PaliGemma checkpoint ({exc})") from exc
     if config.model_type != "paligemma":
         raise CheckpointError(f"{source}: model_type is {config.model_type!r}, palionnx exports 'paligemma' only")
-    model = None
-    if load_model:
-        model = PaliGemmaForConditionalGeneration.from_pretrained(
-            folder, dtype=dtype, attn_implementation="eager"
-        ).eval()
+    model = load_paligemma(folder, dtype) if load_model else None
 
     image_processor, tokenizer = processor.image_processor, processor.tokenizer
     size = image_processor.size

@@ -17,18 +17,24 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
-from ..runtime.manifest import QUANT_LEVELS, TOKENIZER_NAME, GraphInfo, Manifest
+from ..runtime.contract import (
+    DECODER,
+    EMBED_TOKENS,
+    GRAPH_FILES,
+    MANIFEST_NAME,
+    TOKENIZER_NAME,
+    VISION_ENCODER,
+    graph_io,
+)
+from ..runtime.defaults import DEFAULT_BLOCK_SIZE
+from ..runtime.manifest import QUANT_LEVELS, GraphInfo, Manifest, QuantInfo
 from . import quantize
 from .checkpoint import Checkpoint, open_checkpoint
 
 OPSET = 21
-GRAPH_FILES = {
-    "vision_encoder": "vision_encoder.onnx",
-    "embed_tokens": "embed_tokens.onnx",
-    "decoder": "decoder_model_merged.onnx",
-}
 
 Progress = Callable[[str], None]
 
@@ -41,7 +47,7 @@ def export(
     source: str | Path,
     outdir: str | Path,
     quant: str = "fp32",
-    block_size: int = quantize.DEFAULT_BLOCK_SIZE,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     progress: Progress | None = None,
 ) -> Manifest:
     """Export `source` (a local checkpoint folder or a hub id) to `outdir` at `quant` precision."""
@@ -53,7 +59,7 @@ def export(
     say = _timed(progress, started)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / "palionnx.json").unlink(missing_ok=True)  # the folder is incomplete until the end
+    (outdir / MANIFEST_NAME).unlink(missing_ok=True)  # the folder is incomplete until the end
 
     say(f"reading checkpoint {source}")
     checkpoint = open_checkpoint(source, load_model=False)
@@ -67,7 +73,7 @@ def export(
             for role, info in graphs.items():
                 say(f"quantizing {role} to {quant} (MatMulNBits, block {block_size})")
                 quantize.quantize_graph(staging / info.file, outdir / info.file, quant, block_size,
-                                        gather=role == "embed_tokens")
+                                        gather=role == EMBED_TOKENS)
     finally:
         if staging != outdir:
             shutil.rmtree(staging, ignore_errors=True)
@@ -107,7 +113,7 @@ def _export_in_child(
         return payload
 
 
-def _export_worker(folder: str, staging: str, fp16: bool, messages, started: float) -> None:
+def _export_worker(folder: str, staging: str, fp16: bool, messages: Any, started: float) -> None:
     """Child process: load the model and export its three graphs, reporting through `messages`."""
     try:
         _quiet_exporters()
@@ -131,49 +137,41 @@ def _export_graphs(checkpoint: Checkpoint, folder: Path, fp16: bool, say: Progre
     batch, seq, max_len = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("max_len")
     kv_dtype = torch.float16 if fp16 else torch.float32
     layers = cfg.num_hidden_layers
-    past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    present_names = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     # Example sizes of at least 2 everywhere: torch.export specialises dimensions of size 0 or 1.
     jobs = {
-        "vision_encoder": (
-            VisionEncoder(model),
-            (torch.zeros(2, 3, vcfg.image_size, vcfg.image_size),),
-            ["pixel_values"], ["image_features"], ({0: batch},),
+        VISION_ENCODER: (
+            VisionEncoder(model), (torch.zeros(2, 3, vcfg.image_size, vcfg.image_size),), ({0: batch},),
         ),
-        "embed_tokens": (
-            TokenEmbedder(model),
-            (torch.zeros(2, 3, dtype=torch.int64),),
-            ["input_ids"], ["inputs_embeds"], ({0: batch, 1: seq},),
-        ),
-        "decoder": (
+        EMBED_TOKENS: (TokenEmbedder(model), (torch.zeros(2, 3, dtype=torch.int64),), ({0: batch, 1: seq},)),
+        DECODER: (
             Decoder(model),
             (
                 torch.zeros(2, 3, cfg.hidden_size), torch.ones(2, 5, dtype=torch.int64),
                 torch.ones(2, 3, dtype=torch.int64), torch.tensor(2, dtype=torch.int64),
-                *(torch.zeros(2, cfg.num_key_value_heads, 5, cfg.head_dim, dtype=kv_dtype) for _ in past_names),
+                *(torch.zeros(2, cfg.num_key_value_heads, 5, cfg.head_dim, dtype=kv_dtype) for _ in range(2 * layers)),
             ),
-            ["inputs_embeds", "attention_mask", "position_ids", "past_length", *past_names],
-            ["logits", "next_token", *present_names],
             (
                 {0: batch, 1: seq}, {0: batch, 1: max_len}, {0: batch, 1: seq}, None,
-                tuple({0: batch, 2: max_len} for _ in past_names),
+                tuple({0: batch, 2: max_len} for _ in range(2 * layers)),
             ),
         ),
     }
     graphs = {}
-    for role, (module, args, inputs, outputs, dynamic) in jobs.items():
+    for role, (module, args, dynamic) in jobs.items():
         say(f"exporting {role} ({'fp16' if fp16 else 'fp32'})")
+        io = graph_io(role, layers)
         path = folder / GRAPH_FILES[role]
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                module.eval(), args, dynamo=True, input_names=inputs, output_names=outputs,
+                module.eval(), args, dynamo=True, input_names=io.inputs, output_names=io.outputs,
                 dynamic_shapes=dynamic, opset_version=OPSET, external_data=True, verbose=False,
             )
+        assert program is not None
         program.save(str(path), external_data=True)
         del program
         gc.collect()
-        graphs[role] = GraphInfo(file=path.name, inputs=inputs, outputs=outputs)
+        graphs[role] = GraphInfo(file=path.name, inputs=io.inputs, outputs=io.outputs)
     return graphs
 
 
@@ -181,13 +179,14 @@ def _manifest(checkpoint: Checkpoint, graphs: dict[str, GraphInfo], quant: str, 
     cfg = checkpoint.config
     text = cfg.text_config
     is_pg2 = text.model_type == "gemma2"
-    quant_info: dict = {"level": quant}
+    quant_info = QuantInfo(level=quant)
     if quant in quantize.BITS:
-        quant_info.update(bits=quantize.BITS[quant], block_size=block_size, symmetric=True,
-                          accuracy_level=quantize.ACCURACY_LEVEL, method="MatMulNBits + GatherBlockQuantized")
+        quant_info = QuantInfo(level=quant, bits=quantize.BITS[quant], block_size=block_size, symmetric=True,
+                               accuracy_level=quantize.ACCURACY_LEVEL, method="MatMulNBits + GatherBlockQuantized")
     elif quant == "fp16":
-        quant_info.update(fp32_kept=["residual stream", "RMSNorm", "attention softmax and soft-capping",
-                                     "MLP gate*up product (clamped)", "logits"])
+        quant_info = QuantInfo(level=quant, fp32_kept=["residual stream", "RMSNorm",
+                                                       "attention softmax and soft-capping",
+                                                       "MLP gate*up product (clamped)", "logits"])
     return Manifest(
         family="pg2" if is_pg2 else "pg1",
         image_size=checkpoint.image_size,

@@ -12,6 +12,8 @@ bidirectional attention over the whole prompt, causal afterwards, Gemma 2 soft-c
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -21,7 +23,7 @@ FP16_MAX = 65504.0
 class VisionEncoder(nn.Module):
     """pixel_values [b, 3, H, W] -> image_features [b, image_seq_length, hidden] in float32."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: Any):
         super().__init__()
         self.vision_tower = model.model.vision_tower
         self.projector = model.model.multi_modal_projector
@@ -35,7 +37,7 @@ class VisionEncoder(nn.Module):
 class TokenEmbedder(nn.Module):
     """input_ids [b, s] -> inputs_embeds [b, s, hidden] in float32, scaled by sqrt(hidden) as in Gemma."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: Any):
         super().__init__()
         embed = model.model.language_model.embed_tokens
         self.weight = embed.weight
@@ -79,7 +81,7 @@ class Decoder(nn.Module):
     earlier tokens (causal) without a per-query mask.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: Any):
         super().__init__()
         config = model.config.text_config
         lm = model.model.language_model
@@ -104,13 +106,15 @@ class Decoder(nn.Module):
             self.window = 0
         theta = config.rope_parameters["rope_theta"]
         inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_weight.dtype
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, past_length, *past):
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                past_length: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         dtype = self.dtype
         new = inputs_embeds.shape[1]
 
@@ -151,7 +155,9 @@ class Decoder(nn.Module):
         logits = _softcap((last_hidden.to(dtype) @ self.embed_weight.t()).float(), self.final_cap)
         return (logits, logits.argmax(-1), *presents)
 
-    def _attention(self, layer, hidden, cos, sin, bias, past_k, past_v, slots):
+    def _attention(self, layer: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+                   past_k: torch.Tensor, past_v: torch.Tensor, slots: torch.Tensor,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn = layer.self_attn
         dtype = self.dtype
         b, s, _ = hidden.shape
@@ -176,7 +182,7 @@ class Decoder(nn.Module):
         return attn.o_proj(out), k, v
 
     @staticmethod
-    def _mlp(mlp, x):
+    def _mlp(mlp: Any, x: torch.Tensor) -> torch.Tensor:
         """Gemma's gated GELU MLP; the product is formed in float32 and clamped to the fp16 range."""
         gate = nn.functional.gelu(mlp.gate_proj(x).float(), approximate="tanh")
         product = (gate * mlp.up_proj(x).float()).clamp(-FP16_MAX, FP16_MAX)

@@ -16,7 +16,6 @@ import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
 BITS = {"int8": 8, "int4": 4}
-DEFAULT_BLOCK_SIZE = 32
 # accuracy_level 4: MatMulNBits may compute with int8 activations (VNNI / AVX-512 on CPU), which is the
 # fast path on x86; the CUDA kernels ignore the attribute.
 ACCURACY_LEVEL = 4

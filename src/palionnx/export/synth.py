@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
@@ -54,10 +55,14 @@ class Geometry:
         return math.ceil((self.image_token_id + 1) / 64) * 64
 
 
-_SIGLIP_SO400M = dict(vision_hidden=1152, vision_intermediate=4304, vision_layers=27, vision_heads=16, patch_size=14)
-_GEMMA_2B = dict(hidden=2048, intermediate=16384, layers=18, heads=8, kv_heads=1, head_dim=256, text_vocab=256000)
-_GEMMA2_2B = dict(hidden=2304, intermediate=9216, layers=26, heads=8, kv_heads=4, head_dim=256, text_vocab=256000)
-_TINY_VISION = dict(vision_hidden=32, vision_intermediate=64, vision_layers=2, vision_heads=2, patch_size=14)
+Shapes = dict[str, Any]
+_SIGLIP_SO400M: Shapes = dict(vision_hidden=1152, vision_intermediate=4304, vision_layers=27, vision_heads=16,
+                              patch_size=14)
+_GEMMA_2B: Shapes = dict(hidden=2048, intermediate=16384, layers=18, heads=8, kv_heads=1, head_dim=256,
+                         text_vocab=256000)
+_GEMMA2_2B: Shapes = dict(hidden=2304, intermediate=9216, layers=26, heads=8, kv_heads=4, head_dim=256,
+                          text_vocab=256000)
+_TINY_VISION: Shapes = dict(vision_hidden=32, vision_intermediate=64, vision_layers=2, vision_heads=2, patch_size=14)
 
 GEOMETRIES: dict[str, Geometry] = {
     "pg1-3b-224": Geometry("pg1", image_size=224, **_SIGLIP_SO400M, **_GEMMA_2B),
@@ -116,7 +121,7 @@ def build_tokenizer(geometry: Geometry) -> Tokenizer:
     return tokenizer
 
 
-def make_config(geometry: Geometry):  # -> PaliGemmaConfig
+def make_config(geometry: Geometry) -> Any:  # PaliGemmaConfig
     """The transformers config of a geometry, with the released models' token ids."""
     from transformers import PaliGemmaConfig
 
@@ -146,7 +151,7 @@ def make_config(geometry: Geometry):  # -> PaliGemmaConfig
     )
 
 
-def _randomise(model, seed: int, scale: float, embed_scale: float) -> None:
+def _randomise(model: Any, seed: int, scale: float, embed_scale: float) -> None:
     """Fill every weight with seeded noise: N(0, scale/sqrt(fan_in)) for matrices, and random norm gains.
 
     Gemma's RMSNorm multiplies by (1 + w), so its w ~ N(0, 0.5) (Gemma 2's post-sublayer norms N(1, 0.5));
@@ -206,7 +211,7 @@ def write_checkpoint(geometry: str | Geometry, outdir: str | Path, seed: int = 0
         size={"height": g.image_size, "width": g.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
         resample=3, do_convert_rgb=True,
     )
-    image_processor.image_seq_length = g.image_seq_length
+    setattr(image_processor, "image_seq_length", g.image_seq_length)  # noqa: B010 (not a declared attribute)
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     processor.save_pretrained(outdir)
     return outdir

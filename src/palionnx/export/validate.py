@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from ..runtime.captioner import Captioner
+from ..runtime.defaults import DEFAULT_PROMPT
 from ..samples import sample_images
 
 
@@ -33,7 +35,20 @@ class ValidationReport:
         )
 
 
-def reference_generate(model, processor, images, prompts, max_new_tokens):
+def load_reference(source: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
+    """(transformers model, processor) of a checkpoint folder or hub id, loaded as export loads it."""
+    from transformers import AutoProcessor
+
+    from .checkpoint import load_paligemma, resolve_source
+
+    folder, _, _ = resolve_source(source)
+    return load_paligemma(folder, dtype), AutoProcessor.from_pretrained(folder)
+
+
+def reference_generate(
+    model: Any, processor: Any, images: list[Image.Image], prompts: list[str], max_new_tokens: int,
+    **generate_kwargs: Any,
+) -> tuple[list[list[int]], np.ndarray]:
     """Greedy transformers output: (generated ids per image without padding/eos, prefill logits)."""
     import torch
 
@@ -41,7 +56,7 @@ def reference_generate(model, processor, images, prompts, max_new_tokens):
                        padding="longest")
     with torch.no_grad():
         prefill = model(**inputs).logits[:, -1].float().numpy()
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
     eos = model.generation_config.eos_token_id
     eos_ids = {eos} if isinstance(eos, int) else set(eos)
     sequences = []
@@ -52,17 +67,11 @@ def reference_generate(model, processor, images, prompts, max_new_tokens):
 
 
 def validate(source: str | Path, folder: str | Path, images: list[Image.Image] | None = None,
-             prompt: str = "caption en", max_new_tokens: int = 16) -> ValidationReport:
+             prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 16) -> ValidationReport:
     """Run transformers and the exported folder on the same images and compare."""
-    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
-
-    from .checkpoint import resolve_source
-
-    checkpoint_dir, _, _ = resolve_source(source)
     images = images or sample_images()
     prompts = [prompt] * len(images)
-    processor = AutoProcessor.from_pretrained(checkpoint_dir)
-    model = PaliGemmaForConditionalGeneration.from_pretrained(checkpoint_dir, dtype="float32").eval()
+    model, processor = load_reference(source)
     expected, ref_logits = reference_generate(model, processor, images, prompts, max_new_tokens)
     del model
 

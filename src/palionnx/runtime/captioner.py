@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from .generate import LogitsProcessor, Sampler, generate_step, make_logits_processors, make_sampler
+from .defaults import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
+from .generate import LogitsProcessor, PromptBatch, Sampler, generate_step, greedy
 from .manifest import Manifest
 from .model import OnnxPaliGemma
-from .preprocess import ImageInput, ImageLoadError, load_image, pixel_values
+from .preprocess import ImageInput, ImageLoadError, Pixels, image_pixels
 from .text import TextCodec
 
 
@@ -29,16 +29,6 @@ class Timings:
     @property
     def decode_ms_per_token(self) -> float:
         return 1000 * self.decode_s / self.decode_steps if self.decode_steps else 0.0
-
-
-@dataclass
-class PromptBatch:
-    """Prefill inputs of one batch: ids and embeddings left-padded to a common length."""
-
-    ids: np.ndarray  # [b, s] int64, image tokens included
-    inputs_embeds: np.ndarray  # [b, s, hidden], image features in the image-token slots
-    attention_mask: np.ndarray  # [b, s], 0 on the left padding
-    position_ids: np.ndarray  # [b, s], 1-indexed over real tokens
 
 
 @dataclass
@@ -64,6 +54,7 @@ class Captioner:
         self.manifest = manifest
         self.model = model
         self.text = TextCodec(folder, manifest)
+        self.image_spec = manifest.image_spec
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "auto", threads: int | None = None) -> Captioner:
@@ -72,65 +63,61 @@ class Captioner:
         return cls(folder, manifest, OnnxPaliGemma(folder, manifest, device, threads))
 
     @property
+    def device(self) -> str:
+        """Where every graph of the model runs: "cuda" or "cpu"."""
+        return self.model.device
+
+    @property
     def providers(self) -> list[str]:
         return list(self.model.providers)
 
     def caption(
         self,
         images: Sequence[ImageInput],
-        prompt: str | Sequence[str] = "caption en",
-        max_new_tokens: int = 256,
-        batch_size: int = 4,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        repetition_penalty: float | None = None,
-        no_repeat_ngram_size: int = 0,
+        *,
+        prompt: str | Sequence[str] = DEFAULT_PROMPT,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        sampler: Sampler | None = None,
+        logits_processors: Sequence[LogitsProcessor] | None = None,
         ignore_eos: bool = False,
     ) -> list[CaptionResult]:
-        """Caption `images` (paths or PIL images), one result per input in order.
+        """Caption `images` (paths, PIL images or `Pixels`), one result per input in order.
 
-        `prompt` is one prompt for all images or one per image. Greedy unless `temperature` > 0.
-        An unreadable input gets a result with `error` set; the other images are still captioned.
-        `ignore_eos` always generates `max_new_tokens` (for benchmarks with a fixed length).
+        `prompt` is one prompt for all images or one per image. `sampler` and `logits_processors` come from
+        `make_sampler` / `make_logits_processors` (default: greedy, none). An unreadable input gets a
+        result with `error` set; the other images are still captioned. `ignore_eos` always generates
+        `max_new_tokens` (for benchmarks with a fixed length). Images are loaded one batch at a time.
         """
         prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(images):
             raise ValueError(f"got {len(prompts)} prompts for {len(images)} images")
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be at least 1")
-        sampler = make_sampler(temperature, top_k, top_p, seed)
-        processors = make_logits_processors(repetition_penalty, no_repeat_ngram_size)
-
         results = [CaptionResult(source=_name(image)) for image in images]
-        eos_ids = [] if ignore_eos else self.manifest.eos_token_ids
-        pending: list[tuple[int, Image.Image]] = []  # loaded lazily: at most one batch of images in memory
-
-        def run_pending() -> None:
-            indices = [i for i, _ in pending]
-            batch = self._caption_batch([image for _, image in pending], [prompts[i] for i in indices],
-                                        max_new_tokens, sampler, processors, eos_ids)
-            for i, (tokens, timings) in zip(indices, batch):
-                results[i].tokens, results[i].timings = tokens, timings
-                results[i].text = self.text.decode(tokens)
-            pending.clear()
-
+        pending: list[tuple[int, np.ndarray]] = []
         for i, image in enumerate(images):
             try:
-                pending.append((i, load_image(image)))
+                pending.append((i, self._pixels(image)))
             except ImageLoadError as exc:
                 results[i].error = str(exc)
-            if len(pending) == batch_size:
-                run_pending()
-        if pending:
-            run_pending()
+            if pending and (len(pending) == batch_size or i == len(images) - 1):
+                indices = [index for index, _ in pending]
+                batch = self._caption_batch(
+                    np.stack([pixels for _, pixels in pending]), [prompts[index] for index in indices],
+                    max_new_tokens=max_new_tokens, sampler=sampler or greedy,
+                    logits_processors=logits_processors or [],
+                    eos_ids=[] if ignore_eos else self.manifest.eos_token_ids,
+                )
+                for index, (tokens, timings) in zip(indices, batch):
+                    results[index].tokens, results[index].timings = tokens, timings
+                    results[index].text = self.text.decode(tokens)
+                pending.clear()
         return results
 
-    def prompt_batch(self, images: list, prompts: list[str]) -> PromptBatch:
-        """Encode RGB images and build the left-padded prefill inputs of one batch."""
+    def prompt_batch(self, pixels: np.ndarray, prompts: list[str]) -> PromptBatch:
+        """Encode pixel values [n, 3, H, W] and build the left-padded prefill inputs of one batch."""
         m = self.manifest
-        pixels = pixel_values(images, m.image_size, m.image_mean, m.image_std, m.rescale_factor, m.resample)
         features = self.model.encode_images(pixels)
         ids, attention_mask = self._left_padded([self.text.prompt_ids(p) for p in prompts])
         position_ids = np.where(attention_mask == 0, 1, attention_mask.cumsum(-1) - 1) + 1  # 1-indexed
@@ -138,32 +125,34 @@ class Captioner:
         embeds[ids == m.image_token_id] = features.reshape(-1, features.shape[-1]).astype(embeds.dtype)
         return PromptBatch(ids, embeds, attention_mask, position_ids)
 
-    def prefill_logits(self, images: list, prompts: list[str]) -> np.ndarray:
+    def prefill_logits(self, images: Sequence[ImageInput], prompts: list[str]) -> np.ndarray:
         """Next-token logits [b, vocab] after the prompt: what validation compares with transformers."""
-        batch = self.prompt_batch(images, prompts)
+        batch = self.prompt_batch(np.stack([self._pixels(image) for image in images]), prompts)
         state = self.model.new_state(max_len=batch.ids.shape[1] + 1)
-        return state.prefill(batch.inputs_embeds, batch.attention_mask, batch.position_ids).logits()
+        return state.prefill(batch).logits()
+
+    def _pixels(self, image: ImageInput) -> np.ndarray:
+        return image.values if isinstance(image, Pixels) else image_pixels(image, self.image_spec)
 
     def _caption_batch(
         self,
-        images: list,
+        pixels: np.ndarray,
         prompts: list[str],
+        *,
         max_new_tokens: int,
         sampler: Sampler,
-        processors: list[LogitsProcessor],
+        logits_processors: Sequence[LogitsProcessor],
         eos_ids: list[int],
     ) -> list[tuple[list[int], Timings]]:
         timings = Timings()
         started = time.perf_counter()
-        batch = self.prompt_batch(images, prompts)
+        batch = self.prompt_batch(pixels, prompts)
         timings.vision_s = time.perf_counter() - started  # image encoding and prompt embedding
         started = time.perf_counter()
         state = self.model.new_state(max_len=batch.ids.shape[1] + max_new_tokens)
-        steps = generate_step(
-            state, batch.inputs_embeds, batch.attention_mask, batch.position_ids, batch.ids,
-            sampler, processors, eos_ids, max_new_tokens,
-        )
-        tokens: list[list[int]] = [[] for _ in images]
+        steps = generate_step(state, batch, max_new_tokens=max_new_tokens, eos_ids=eos_ids, sampler=sampler,
+                              logits_processors=logits_processors)
+        tokens: list[list[int]] = [[] for _ in prompts]
         eos = set(eos_ids)
         for n, (rows, chosen) in enumerate(steps):
             now = time.perf_counter()
@@ -189,4 +178,6 @@ class Captioner:
 
 
 def _name(image: ImageInput) -> str:
+    if isinstance(image, Pixels):
+        return image.source
     return str(image) if isinstance(image, (str, Path)) else "<PIL image>"

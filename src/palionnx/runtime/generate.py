@@ -9,12 +9,24 @@ own classes on the same logits).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 Sampler = Callable[[np.ndarray], np.ndarray]  # logits [b, vocab] -> token ids [b]
 LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (history [b, t], logits) -> logits
+
+
+class Greedy:
+    """The highest-scoring token of each row. The decoder graph computes the same argmax itself
+    (`next_token`), so a loop with this sampler and no logits processors never reads the logits."""
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        return logits.argmax(axis=-1).astype(np.int64)
+
+
+greedy = Greedy()
 
 
 def make_sampler(
@@ -41,11 +53,6 @@ def make_sampler(
         return np.minimum((cdf < u).sum(axis=-1), probs.shape[1] - 1).astype(np.int64)
 
     return sample
-
-
-def greedy(logits: np.ndarray) -> np.ndarray:
-    """The highest-scoring token of each row."""
-    return logits.argmax(axis=-1).astype(np.int64)
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:
@@ -118,55 +125,78 @@ def _no_repeat_ngram(n: int) -> LogitsProcessor:
     return process
 
 
-class StepOutput(Protocol):
-    """What one decoder call gives back (see `palionnx.runtime.model.StepOutput`)."""
+def reads_logits(sampler: Sampler, logits_processors: Sequence[LogitsProcessor]) -> bool:
+    """Whether the decode loop must fetch the logits from the decoder.
+
+    It need not when the sampler is a `Greedy` (the graph's own `next_token` is the same argmax) and no
+    processor rewrites the logits: then each step reads back 8 bytes per sequence instead of the vocabulary.
+    """
+    return not isinstance(sampler, Greedy) or bool(logits_processors)
+
+
+@dataclass
+class PromptBatch:
+    """Prefill inputs of one batch: ids and embeddings left-padded to a common length."""
+
+    ids: np.ndarray  # [b, s] int64, image tokens included: what the logits processors see as history
+    inputs_embeds: np.ndarray  # [b, s, hidden], image features in the image-token slots
+    attention_mask: np.ndarray  # [b, s], 0 on the left padding
+    position_ids: np.ndarray  # [b, s], 1-indexed over real tokens
+
+
+class DecoderOutput(Protocol):
+    """What one decoder call gives back (implemented by `palionnx.runtime.model.StepOutput`)."""
 
     def logits(self) -> np.ndarray: ...
 
     def next_token(self) -> np.ndarray: ...
 
 
-class DecoderState(Protocol):
-    """One batch's decoder with its KV cache (see `palionnx.runtime.model.DecoderState`)."""
+class KVDecoder(Protocol):
+    """One batch's decoder with its KV cache (implemented by `palionnx.runtime.model.DecoderState`)."""
 
-    def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
-                position_ids: np.ndarray) -> StepOutput: ...
+    def prefill(self, prompt: PromptBatch) -> DecoderOutput: ...
 
-    def step(self, token_ids: np.ndarray) -> StepOutput: ...
+    def step(self, token_ids: np.ndarray) -> DecoderOutput: ...
 
     def keep(self, rows: np.ndarray) -> None: ...
 
 
 def generate_step(
-    decoder: DecoderState,
-    inputs_embeds: np.ndarray,
-    attention_mask: np.ndarray,
-    position_ids: np.ndarray,
-    history: np.ndarray,
-    sampler: Sampler,
-    logits_processors: Sequence[LogitsProcessor],
-    eos_ids: Sequence[int],
+    decoder: KVDecoder,
+    prompt: PromptBatch,
+    *,
     max_new_tokens: int,
+    eos_ids: Sequence[int] = (),
+    sampler: Sampler = greedy,
+    logits_processors: Sequence[LogitsProcessor] = (),
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Prefill once, then feed one token per step; yield (rows, tokens) for the sequences still running.
 
-    `rows` index the original batch. A row that yields an eos id, or reaches `max_new_tokens`, is
-    dropped from the batch (its KV cache rows too), so finished sequences cost nothing more.
-    `history` is the prompt ids [b, prompt_len] the logits processors see, as transformers' input_ids.
-    Plain greedy decoding reads back only the graph's argmax, never the logits.
+    - `decoder`: a fresh KV cache with room for the prompt and `max_new_tokens` more slots.
+    - `prompt`: the batch's left-padded prompt; its `ids` start the history the processors see.
+    - `max_new_tokens`: at most this many tokens per sequence (required; at least 1).
+    - `eos_ids`: token ids that end a sequence (default none: always `max_new_tokens`). The eos token is
+      yielded, then the row leaves the batch.
+    - `sampler`: picks one token per row from the processed logits (default `greedy`).
+    - `logits_processors`: applied in order to the logits before sampling (default none).
+
+    `rows` index the original batch. A finished row is dropped from the batch (its KV cache rows too),
+    so finished sequences cost nothing more. See `reads_logits` for when the logits are never fetched.
     """
-    rows = np.arange(inputs_embeds.shape[0])
+    rows = np.arange(prompt.ids.shape[0])
+    history = prompt.ids
     eos = np.asarray(list(eos_ids), dtype=np.int64)
-    argmax_only = sampler is greedy and not logits_processors
-    output = decoder.prefill(inputs_embeds, attention_mask, position_ids)
+    fetch_logits = reads_logits(sampler, logits_processors)
+    output = decoder.prefill(prompt)
     for step in range(max_new_tokens):
-        if argmax_only:
-            tokens = output.next_token()
-        else:
+        if fetch_logits:
             logits = output.logits()
             for process in logits_processors:
                 logits = process(history, logits)
             tokens = sampler(logits)
+        else:
+            tokens = output.next_token()
         yield rows, tokens
         running = ~np.isin(tokens, eos)
         if step + 1 == max_new_tokens or not running.any():

@@ -1,21 +1,25 @@
-"""`palionnx.json`: everything the runtime needs to know about an exported model folder."""
+"""`palionnx.json`: everything the runtime needs to know about an exported model folder, typed and checked."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2  # 2: decoder over a preallocated KV cache (past_length input)
-MANIFEST_NAME = "palionnx.json"
-TOKENIZER_NAME = "tokenizer.json"
+from .contract import GRAPH_FILES, MANIFEST_NAME, SCHEMA_VERSION, TOKENIZER_NAME
+from .preprocess import ImageSpec
+
 QUANT_LEVELS = ("fp32", "fp16", "int8", "int4")
+KV_DTYPES = ("float32", "float16")
 
 
 class ModelFolderError(Exception):
-    """The model folder is missing, incomplete or from an incompatible palionnx version."""
+    """The model folder is missing, incomplete, damaged or from an incompatible palionnx version."""
 
 
 @dataclass
@@ -28,62 +32,157 @@ class GraphInfo:
 
 
 @dataclass
+class QuantInfo:
+    """How the weights were stored. Fields that do not apply to a level are None (and left out of the file)."""
+
+    level: str  # one of QUANT_LEVELS
+    bits: int | None = None  # int8/int4: 8 or 4
+    block_size: int | None = None  # int8/int4: weights per quantization block along K
+    symmetric: bool | None = None  # int8/int4: no zero points
+    accuracy_level: int | None = None  # int8/int4: MatMulNBits accuracy_level (4 = int8 activations on CPU)
+    method: str | None = None  # int8/int4: the operators used, e.g. "MatMulNBits + GatherBlockQuantized"
+    fp32_kept: list[str] | None = None  # fp16: the parts of the network kept in float32
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
 class Manifest:
     """The contents of `palionnx.json`."""
 
-    family: str  # "pg1" (Gemma) or "pg2" (Gemma 2)
-    image_size: int
-    image_mean: list[float]
+    family: str  # "pg1" (Gemma decoder) or "pg2" (Gemma 2 decoder)
+    image_size: int  # square input side in pixels
+    image_mean: list[float]  # per-channel normalisation after rescaling
     image_std: list[float]
     resample: str  # Pillow resampling filter name, e.g. "bicubic"
-    rescale_factor: float
-    image_seq_length: int
+    rescale_factor: float  # pixel values are multiplied by this (1/255) before normalising
+    image_seq_length: int  # image tokens per image
     image_token_id: int
     bos_token_id: int
-    eos_token_ids: list[int]
+    eos_token_ids: list[int]  # any of these ends a caption
     pad_token_id: int
-    prompt_template: str  # "{image}{bos}{prompt}\n": {image} is image_seq_length image tokens
-    layers: int
-    heads: int
-    kv_heads: int
+    prompt_template: str  # how a prompt becomes ids: {image} image tokens, {bos}, {prompt}, literal text
+    layers: int  # decoder layers
+    heads: int  # query heads
+    kv_heads: int  # key/value heads
     head_dim: int
     hidden: int
     vocab_size: int
-    sliding_window: int | None
-    quant: dict[str, Any]  # level, and for int8/int4: bits, block_size, accuracy_level, symmetric
-    kv_dtype: str  # "float32" or "float16"
-    graphs: dict[str, GraphInfo]  # roles: "vision_encoder", "embed_tokens", "decoder"
-    opset: int
-    source: dict[str, Any] = field(default_factory=dict)  # id, revision
-    palionnx_version: str = ""
+    sliding_window: int | None  # Gemma 2: window of the sliding layers; None for Gemma
+    quant: QuantInfo
+    kv_dtype: str  # one of KV_DTYPES: the KV cache's element type
+    graphs: dict[str, GraphInfo]  # by role (see contract.GRAPH_FILES)
+    opset: int  # ONNX opset of the graphs
+    source: dict[str, Any] = field(default_factory=dict)  # id and revision of the exported checkpoint
+    palionnx_version: str = ""  # the palionnx that exported the folder
     schema_version: int = SCHEMA_VERSION
+
+    @property
+    def image_spec(self) -> ImageSpec:
+        """How images become this model's pixel values."""
+        return ImageSpec(self.image_size, self.image_mean, self.image_std, self.rescale_factor, self.resample)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["quant"] = self.quant.to_json()
+        return data
 
     def save(self, folder: str | Path) -> None:
         """Write the manifest atomically (it is the last file an export writes)."""
         path = Path(folder) / MANIFEST_NAME
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, folder: str | Path) -> Manifest:
-        """Read and check `palionnx.json` in `folder`."""
+        """Read and check `palionnx.json` in `folder`; ModelFolderError names what is wrong."""
         path = Path(folder) / MANIFEST_NAME
         if not path.is_file():
             raise ModelFolderError(
                 f"{folder} is not a palionnx model folder (no {MANIFEST_NAME}); create one with `palionnx export`"
             )
-        data = json.loads(path.read_text())
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise ModelFolderError(
-                f"{path} has schema version {data.get('schema_version')}, this palionnx reads {SCHEMA_VERSION}: "
-                "export the model again"
-            )
-        data["graphs"] = {role: GraphInfo(**info) for role, info in data["graphs"].items()}
-        manifest = cls(**data)
-        for role, graph in manifest.graphs.items():
-            if not (Path(folder) / graph.file).is_file():
-                raise ModelFolderError(f"{folder}: the {role} graph {graph.file} is missing")
-        if not (Path(folder) / TOKENIZER_NAME).is_file():
-            raise ModelFolderError(f"{folder}: {TOKENIZER_NAME} is missing")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelFolderError(f"{path} is not valid JSON ({exc}): export the model again") from None
+        if not isinstance(data, dict):
+            raise ModelFolderError(f"{path} must hold a JSON object: export the model again")
+        _check_schema(path, data.get("schema_version"))
+        manifest = _build(cls, data, str(path))
+        manifest._check(Path(folder))
         return manifest
+
+    def _check(self, folder: Path) -> None:
+        where = f"{folder / MANIFEST_NAME}"
+        if self.quant.level not in QUANT_LEVELS:
+            raise ModelFolderError(f"{where}: quant.level {self.quant.level!r} is not one of {', '.join(QUANT_LEVELS)}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ModelFolderError(f"{where}: kv_dtype {self.kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+        missing = sorted(set(GRAPH_FILES) - set(self.graphs))
+        if missing:
+            raise ModelFolderError(f"{where}: graphs lacks {', '.join(missing)}: export the model again")
+        for role, graph in self.graphs.items():
+            if not (folder / graph.file).is_file():
+                raise ModelFolderError(f"{folder}: the {role} graph {graph.file} is missing")
+        if not (folder / TOKENIZER_NAME).is_file():
+            raise ModelFolderError(f"{folder}: {TOKENIZER_NAME} is missing")
+
+
+def _check_schema(path: Path, version: object) -> None:
+    if version == SCHEMA_VERSION:
+        return
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise ModelFolderError(
+            f"{path} was written by a newer palionnx (schema {version}; this one reads {SCHEMA_VERSION}): "
+            "upgrade palionnx"
+        )
+    raise ModelFolderError(
+        f"{path} has schema version {version}, this palionnx reads {SCHEMA_VERSION}: export the model again"
+    )
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Construct dataclass `cls` from JSON `data`, checking names and types; errors name the field."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ModelFolderError(f"{where}: unknown field {unknown[0]!r}")
+    values = {}
+    for name, spec in fields.items():
+        if name not in data:
+            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+                raise ModelFolderError(f"{where}: field {name!r} is missing")
+            continue
+        values[name] = _convert(hints[name], data[name], f"{where}: {name}")
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ModelFolderError(f"{where} must be an object")
+        return _build(hint, value, where)  # type: ignore[arg-type]
+    if origin is list:
+        if not isinstance(value, list):
+            raise ModelFolderError(f"{where} must be a list")
+        return [_convert(args[0], item, where) for item in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ModelFolderError(f"{where} must be an object")
+        return {key: _convert(args[1], item, f"{where}.{key}") for key, item in value.items()}
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ModelFolderError(f"{where} must be {hint.__name__}, not {type(value).__name__}")
+    return value

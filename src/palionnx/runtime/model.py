@@ -7,32 +7,36 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .contract import DECODER, EMBED_TOKENS, VISION_ENCODER, graph_io
+from .generate import PromptBatch
 from .manifest import Manifest
-from .sessions import open_session
+from .sessions import open_sessions
 
 _NUMPY_DTYPE = {"float32": np.float32, "float16": np.float16}
 
 
 class OnnxPaliGemma:
-    """Sessions for vision_encoder, embed_tokens and decoder of an exported folder."""
+    """Sessions for vision_encoder, embed_tokens and decoder of an exported folder, all on one device."""
 
     def __init__(self, folder: str | Path, manifest: Manifest, device: str = "auto", threads: int | None = None):
         folder = Path(folder)
         self.manifest = manifest
-        graphs = manifest.graphs
-        self.vision = open_session(folder / graphs["vision_encoder"].file, device, threads)
-        self.embed = open_session(folder / graphs["embed_tokens"].file, device, threads)
-        self.decoder = open_session(folder / graphs["decoder"].file, device, threads)
+        paths = {role: folder / graph.file for role, graph in manifest.graphs.items()}
+        sessions, self.device = open_sessions(paths, device, threads)  # "cuda" or "cpu", decided once
+        self.vision, self.embed, self.decoder = sessions[VISION_ENCODER], sessions[EMBED_TOKENS], sessions[DECODER]
         self.providers = self.decoder.get_providers()
         self.kv_dtype = _NUMPY_DTYPE[manifest.kv_dtype]
+        self.io = {role: graph_io(role, manifest.layers) for role in sessions}
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         """[n, 3, H, W] -> image features [n, image_seq_length, hidden]."""
-        return self.vision.run(None, {"pixel_values": pixel_values})[0]
+        (name,) = self.io[VISION_ENCODER].inputs
+        return self.vision.run(None, {name: pixel_values})[0]
 
     def embed_tokens(self, input_ids: np.ndarray) -> np.ndarray:
         """[b, s] int64 -> inputs_embeds [b, s, hidden] (scaled by sqrt(hidden))."""
-        return self.embed.run(None, {"input_ids": input_ids})[0]
+        (name,) = self.io[EMBED_TOKENS].inputs
+        return self.embed.run(None, {name: input_ids})[0]
 
     def new_state(self, max_len: int) -> DecoderState:
         """A fresh KV cache of `max_len` slots (prompt + generated tokens) for one batch."""
@@ -66,10 +70,11 @@ class DecoderState:
     def __init__(self, model: OnnxPaliGemma, max_len: int):
         self.model = model
         self.max_len = max_len
-        self.device = "cuda" if model.providers[0] == "CUDAExecutionProvider" else "cpu"
-        m = model.manifest
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(m.layers) for kv in ("key", "value")]
-        self.present_names = [f"present.{i}.{kv}" for i in range(m.layers) for kv in ("key", "value")]
+        self.device = model.device
+        io = model.io[DECODER]
+        self.inputs = io.inputs[:4]  # inputs_embeds, attention_mask, position_ids, past_length
+        self.outputs = io.outputs[:2]  # logits, next_token
+        self.past_names, self.present_names = io.inputs[4:], io.outputs[2:]
         self.reading: list[ort.OrtValue] = []
         self.writing: list[ort.OrtValue] = []
         self.attention_mask = np.zeros((0, max_len), dtype=np.int64)
@@ -90,14 +95,15 @@ class DecoderState:
 
     def _run(self, inputs_embeds: ort.OrtValue, position_ids: np.ndarray, new: int) -> StepOutput:
         binding = self.model.decoder.io_binding()
-        binding.bind_ortvalue_input("inputs_embeds", inputs_embeds)
-        binding.bind_cpu_input("attention_mask", self.attention_mask)
-        binding.bind_cpu_input("position_ids", position_ids)
-        binding.bind_cpu_input("past_length", np.array(self.filled, dtype=np.int64))
+        embeds_name, mask_name, positions_name, past_length_name = self.inputs
+        binding.bind_ortvalue_input(embeds_name, inputs_embeds)
+        binding.bind_cpu_input(mask_name, self.attention_mask)
+        binding.bind_cpu_input(positions_name, position_ids)
+        binding.bind_cpu_input(past_length_name, np.array(self.filled, dtype=np.int64))
         for name, value in zip(self.past_names, self.reading):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", self.device)  # outputs come back in binding order
-        binding.bind_output("next_token", self.device)
+        for name in self.outputs:  # logits, next_token: outputs come back in binding order
+            binding.bind_output(name, self.device)
         for name, value in zip(self.present_names, self.writing):
             binding.bind_ortvalue_output(name, value)
         self.model.decoder.run_with_iobinding(binding)
@@ -106,8 +112,9 @@ class DecoderState:
         self.filled += new
         return StepOutput(logits, next_token)
 
-    def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> StepOutput:
+    def prefill(self, prompt: PromptBatch) -> StepOutput:
         """Run the whole left-padded prompt [b, s] into empty cache slots 0 .. s-1."""
+        inputs_embeds, attention_mask, position_ids = prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids
         batch, width = attention_mask.shape
         if width >= self.max_len:
             raise ValueError(f"the prompt ({width} tokens) does not fit a cache of {self.max_len}")
@@ -124,8 +131,9 @@ class DecoderState:
         if self.filled >= self.max_len:
             raise ValueError(f"the KV cache of {self.max_len} slots is full")
         binding = self.model.embed.io_binding()
-        binding.bind_cpu_input("input_ids", token_ids[:, None].astype(np.int64))
-        binding.bind_output("inputs_embeds", self.device)
+        (ids_name,), (embeds_name,) = self.model.io[EMBED_TOKENS].inputs, self.model.io[EMBED_TOKENS].outputs
+        binding.bind_cpu_input(ids_name, token_ids[:, None].astype(np.int64))
+        binding.bind_output(embeds_name, self.device)
         self.model.embed.run_with_iobinding(binding)
         self.attention_mask[:, self.filled] = 1
         position_ids = self.next_position

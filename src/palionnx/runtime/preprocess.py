@@ -6,12 +6,11 @@ the uint8 image, rescale by 1/255, normalise with the checkpoint's mean and std,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
-
-ImageInput = str | Path | Image.Image
 
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -23,11 +22,33 @@ RESAMPLE = {
 }
 
 
+@dataclass(frozen=True)
+class ImageSpec:
+    """How a model wants its pixels: square side, normalisation and resampling filter (from the manifest)."""
+
+    size: int
+    mean: list[float]
+    std: list[float]
+    rescale_factor: float = 1 / 255
+    resample: str = "bicubic"
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """An image already through `image_pixels` (in another process, say): values [3, size, size] float32."""
+
+    values: np.ndarray
+    source: str = "<pixels>"  # the name results carry
+
+
+ImageInput = str | Path | Image.Image | Pixels
+
+
 class ImageLoadError(Exception):
     """An input could not be read as an image; the message names the file and the reason."""
 
 
-def load_image(source: ImageInput) -> Image.Image:
+def load_image(source: str | Path | Image.Image) -> Image.Image:
     """Open `source` and return an RGB image with EXIF orientation applied.
 
     Transparency (RGBA, LA, palette with transparency) is composited on white; CMYK, 16-bit and grey
@@ -85,3 +106,12 @@ def pixel_values(
         array = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) * np.float32(rescale_factor)
         batch[i] = (array - mean_arr) / std_arr
     return batch
+
+
+def image_pixels(source: str | Path | Image.Image, spec: ImageSpec) -> np.ndarray:
+    """The whole CPU stage for one image: load, EXIF orientation, RGB, resize, normalise -> [3, size, size].
+
+    Raises ImageLoadError naming the file when it cannot be read.
+    """
+    image = load_image(source)
+    return pixel_values([image], spec.size, spec.mean, spec.std, spec.rescale_factor, spec.resample)[0]

@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions: provider choice and session options."""
+"""ONNX Runtime sessions: one device for all of a model's graphs, and the session options."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 DEVICES = ("auto", "cuda", "cpu")
+PROVIDERS = {"cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu": ["CPUExecutionProvider"]}
 
 
 class DeviceError(Exception):
@@ -36,33 +37,46 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
-def providers_for(device: str) -> list[str]:
-    """Execution providers for a device name ("auto", "cuda", "cpu")."""
+def requested_device(device: str) -> str:
+    """"auto" -> "cuda" when this onnxruntime offers CUDA, else "cpu"; "cuda" without it is a DeviceError."""
     if device not in DEVICES:
         raise DeviceError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
     if device == "cpu" or (device == "auto" and not cuda_available()):
-        return ["CPUExecutionProvider"]
+        return "cpu"
     if not cuda_available():
         raise DeviceError(
             "device='cuda' was asked for, but this onnxruntime has no CUDAExecutionProvider "
             f"(available: {', '.join(ort.get_available_providers())}). Install onnxruntime-gpu in place of "
             "onnxruntime (see the README's GPU section), or use device='cpu'."
         )
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return "cuda"
 
 
-def open_session(path: str | Path, device: str, threads: int | None = None) -> ort.InferenceSession:
-    """Create a session on `device`; asking for CUDA and silently getting CPU is an error."""
-    providers = providers_for(device)
-    if providers[0] == "CUDAExecutionProvider" and hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()  # finds CUDA / cuDNN installed as pip packages (nvidia-*-cu12)
-    session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
-    if providers[0] == "CUDAExecutionProvider" and "CUDAExecutionProvider" not in session.get_providers():
-        if device == "auto":
-            return ort.InferenceSession(str(path), sess_options=session_options(threads),
-                                        providers=["CPUExecutionProvider"])
-        raise DeviceError(
-            f"CUDA was asked for but onnxruntime could not start it for {Path(path).name} "
-            "(usually missing CUDA/cuDNN libraries: see onnxruntime's log with ORT_LOG_LEVEL=0)"
-        )
-    return session
+def open_sessions(
+    paths: dict[str, Path], device: str, threads: int | None = None
+) -> tuple[dict[str, ort.InferenceSession], str]:
+    """Open every graph in `paths` on one device and return the sessions with that device ("cuda" or "cpu").
+
+    The device is decided once for the whole model: under "auto", if CUDA does not start for any graph, all
+    graphs run on the CPU (never the vision encoder on one device and the decoder on another); an explicit
+    "cuda" that does not start is a DeviceError, never a silent CPU run.
+    """
+    resolved = requested_device(device)
+    if resolved == "cuda":
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # finds CUDA / cuDNN installed as pip packages (nvidia-*-cu12)
+        sessions = {role: _session(path, "cuda", threads) for role, path in paths.items()}
+        failed = [path.name for role, path in paths.items()
+                  if "CUDAExecutionProvider" not in sessions[role].get_providers()]
+        if not failed:
+            return sessions, "cuda"
+        if device != "auto":
+            raise DeviceError(
+                f"CUDA was asked for but onnxruntime could not start it for {failed[0]} "
+                "(usually missing CUDA/cuDNN libraries: see onnxruntime's log with ORT_LOG_LEVEL=0)"
+            )
+    return {role: _session(path, "cpu", threads) for role, path in paths.items()}, "cpu"
+
+
+def _session(path: Path, device: str, threads: int | None) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=PROVIDERS[device])

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from .manifest import TOKENIZER_NAME, Manifest
+from .contract import TOKENIZER_NAME
+from .manifest import Manifest
+
+_PLACEHOLDER = re.compile(r"(\{image\}|\{bos\})")
 
 
 class TextCodec:
@@ -17,12 +21,22 @@ class TextCodec:
         self.manifest = manifest
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        """`<image>` * image_seq_length + `<bos>` + prompt + newline, as PaliGemmaProcessor builds it."""
+        """The manifest's prompt_template with `prompt` in it, as ids.
+
+        `{image}` becomes image_seq_length image tokens and `{bos}` the bos token, wherever they stand;
+        the text between them (with `{prompt}` replaced) is tokenized without special tokens. PaliGemma's
+        template is "{image}{bos}{prompt}\\n", as PaliGemmaProcessor builds it.
+        """
         m = self.manifest
-        # The template is "{image}{bos}" followed by the text part, e.g. "{prompt}\n".
-        text_part = m.prompt_template.split("{bos}", 1)[1].replace("{prompt}", prompt)
-        text = self.tokenizer.encode(text_part, add_special_tokens=False).ids
-        return [m.image_token_id] * m.image_seq_length + [m.bos_token_id] + text
+        ids: list[int] = []
+        for part in _PLACEHOLDER.split(m.prompt_template):
+            if part == "{image}":
+                ids += [m.image_token_id] * m.image_seq_length
+            elif part == "{bos}":
+                ids.append(m.bos_token_id)
+            elif part:
+                ids += self.tokenizer.encode(part.replace("{prompt}", prompt), add_special_tokens=False).ids
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         """Generated ids -> text, special tokens skipped."""

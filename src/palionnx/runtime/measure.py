@@ -1,0 +1,112 @@
+"""Latency and memory of a model folder: what `palionnx bench` and `benchmarks/` report.
+
+Fixed generated length (eos ignored), a warm-up run excluded, the median of the repeats. `measure` runs in
+the process that reports; `measure_in_subprocess` gives each folder a fresh interpreter (its own peak RSS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .contract import folder_size
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM on Linux, which (unlike ru_maxrss) is not inherited
+    from the parent across fork + exec."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gpu_memory_mb() -> float | None:
+    """This process's GPU memory from nvidia-smi, if there is one."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        pid, used = (part.strip() for part in line.split(","))
+        if pid == str(os.getpid()):
+            return float(used)
+    return None
+
+
+def measure(folder: Path, *, images: int, max_new_tokens: int, batch_size: int, device: str,
+            repeats: int) -> dict[str, Any]:
+    """Load the folder and time captioning `images` synthetic images `repeats` times (after a warm-up).
+
+    Returns load s, vision ms per image, prefill ms, decode ms per token, tokens/s, images/s, peak RSS MB,
+    GPU MB (on CUDA) and size on disk, with the settings.
+    """
+    from ..samples import sample_images
+    from .captioner import Captioner
+
+    started = time.perf_counter()
+    captioner = Captioner.load(folder, device=device)
+    load_s = time.perf_counter() - started
+    inputs = sample_images(images, size=captioner.manifest.image_size)
+
+    def run() -> dict[str, float]:
+        started = time.perf_counter()
+        results = captioner.caption(inputs, max_new_tokens=max_new_tokens, batch_size=batch_size, ignore_eos=True)
+        wall = time.perf_counter() - started
+        batches = {id(r.timings): r.timings for r in results}.values()  # one Timings per batch
+        return {
+            "wall_s": wall,
+            "vision_ms_per_image": 1000 * sum(t.vision_s for t in batches) / len(inputs),
+            "prefill_ms": 1000 * statistics.mean(t.prefill_s for t in batches),
+            "decode_ms_per_token": statistics.mean(t.decode_ms_per_token for t in batches),
+        }
+
+    run()  # warm-up: first-run allocations and kernel selection
+    runs = [run() for _ in range(repeats)]
+    median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    decode_ms = median["decode_ms_per_token"]
+    return {
+        "model": str(folder),
+        "quant": captioner.manifest.quant.level,
+        "device": captioner.device,
+        "providers": captioner.providers,
+        "load_s": load_s,
+        "vision_ms_per_image": median["vision_ms_per_image"],
+        "prefill_ms": median["prefill_ms"],
+        "decode_ms_per_token": decode_ms,
+        "tokens_per_s": 1000 / decode_ms * min(batch_size, images) if decode_ms else 0.0,
+        "images_per_s": images / median["wall_s"],
+        "peak_rss_mb": peak_rss_mb(),
+        "gpu_memory_mb": gpu_memory_mb() if captioner.device == "cuda" else None,
+        "size_on_disk_mb": folder_size(folder) / 1e6,
+        "images": images, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "repeats": repeats,
+    }
+
+
+def measure_in_subprocess(folder: Path, **settings: Any) -> dict[str, Any]:
+    """`measure(folder, **settings)` in a fresh interpreter, so each folder's peak RSS is its own.
+
+    Raises RuntimeError with the child's last error line when it fails.
+    """
+    args = json.dumps([str(folder), settings])
+    out = subprocess.run([sys.executable, "-m", "palionnx.runtime.measure", args], capture_output=True, text=True)
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines()
+        raise RuntimeError(f"benchmark of {folder} failed: {lines[-1] if lines else f'exit {out.returncode}'}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    folder_arg, settings_arg = json.loads(sys.argv[1])
+    print(json.dumps(measure(Path(folder_arg), **settings_arg)))
