@@ -39,15 +39,13 @@ def exported(tmp_path_factory, checkpoints):
 @pytest.fixture(scope="session")
 def reference(checkpoints):
     """reference(family) -> (model, processor) from transformers, loaded once."""
-    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+    from palionnx.export.validate import load_reference
 
     cache: dict[str, tuple] = {}
 
     def get(family: str):
         if family not in cache:
-            folder = checkpoints[family]
-            model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype="float32").eval()
-            cache[family] = (model, AutoProcessor.from_pretrained(folder))
+            cache[family] = load_reference(checkpoints[family])
         return cache[family]
 
     return get

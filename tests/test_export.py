@@ -8,7 +8,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from palionnx import Captioner
-from palionnx.export.validate import reference_generate, validate
+from palionnx.export.validate import load_reference, reference_generate, validate
+from palionnx.runtime.generate import make_logits_processors
 from palionnx.runtime.manifest import Manifest
 from palionnx.samples import sample_images
 
@@ -101,7 +102,7 @@ def test_fp32_matches_generate_with_penalties(family, exported, reference):
         expected.append(row[: next((i for i, t in enumerate(row) if t in eos), len(row))])
     captioner = Captioner.load(exported(family, "fp32"), device="cpu")
     results = captioner.caption(images, prompt=PROMPTS, max_new_tokens=20, batch_size=4,
-                                repetition_penalty=1.15, no_repeat_ngram_size=2)
+                                logits_processors=make_logits_processors(1.15, 2))
     assert [r.tokens for r in results] == expected
 
 
@@ -145,7 +146,7 @@ def test_nbit_graphs_use_matmulnbits_and_quantized_embedding(quant, exported):
             "a MatMul with a weight was left unquantized"
     model, ops = _ops(folder / "embed_tokens.onnx")
     assert "Gather" not in ops and ops.count("GatherBlockQuantized") == 1
-    assert Manifest.load(folder).quant == {
+    assert Manifest.load(folder).quant.to_json() == {
         "level": quant, "bits": bits, "block_size": 32, "symmetric": True, "accuracy_level": 4,
         "method": "MatMulNBits + GatherBlockQuantized",
     }
@@ -166,7 +167,6 @@ def test_pg2_fp16_survives_activations_beyond_fp16_range(tmp_path):
     the residual stream in fp32 and must stay finite and close to the fp32 export."""
     import torch
     from safetensors.torch import load_file, save_file
-    from transformers import PaliGemmaForConditionalGeneration
 
     from palionnx.export.convert import export
     from palionnx.export.synth import write_checkpoint
@@ -178,7 +178,7 @@ def test_pg2_fp16_survives_activations_beyond_fp16_range(tmp_path):
             weights[name] = torch.full_like(weights[name], 4.0e4)
     save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
 
-    naive = PaliGemmaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float16).eval()
+    naive, _ = load_reference(checkpoint, dtype="float16")
     ids = torch.tensor([[2, 500, 501, 108]])
     with torch.no_grad():
         hidden = naive.model.language_model(input_ids=ids, output_hidden_states=True).hidden_states
@@ -208,7 +208,7 @@ def test_legacy_checkpoint_layout(tmp_path):
     import random
 
     import sentencepiece as spm
-    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+    from transformers import PaliGemmaForConditionalGeneration
 
     from palionnx.export.convert import export
     from palionnx.export.synth import GEOMETRIES, _randomise, make_config
@@ -245,9 +245,8 @@ def test_legacy_checkpoint_layout(tmp_path):
     model.save_pretrained(folder)
     assert not (folder / "tokenizer.json").exists() and not (folder / "processor_config.json").exists()
 
-    processor = AutoProcessor.from_pretrained(folder)
+    reference, processor = load_reference(folder)
     assert processor.image_token_id == 401
-    reference = PaliGemmaForConditionalGeneration.from_pretrained(folder).eval()
     images = sample_images(2)
     expected, _ = reference_generate(reference, processor, images, ["caption en", "describe the photo"], 16)
     assert len(set(expected[0])) > 4

@@ -182,8 +182,37 @@ def test_sampler_is_seeded_and_stays_in_the_nucleus():
 def test_sampled_captions_are_reproducible(exported):
     captioner = Captioner.load(exported("tiny-pg1", "fp32"), device="cpu")
     image = _photo()
-    kwargs = dict(max_new_tokens=12, temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.15,
-                  no_repeat_ngram_size=2)
-    first = captioner.caption([image], seed=3, **kwargs)[0].tokens
-    assert captioner.caption([image], seed=3, **kwargs)[0].tokens == first
-    assert any(captioner.caption([image], seed=s, **kwargs)[0].tokens != first for s in range(4, 8))
+    def sampled(seed):
+        return captioner.caption([image], max_new_tokens=12, sampler=generate.make_sampler(0.7, 50, 0.9, seed),
+                                 logits_processors=generate.make_logits_processors(1.15, 2))[0].tokens
+
+    first = sampled(3)
+    assert sampled(3) == first
+    assert any(sampled(s) != first for s in range(4, 8))
+
+
+def test_device_is_decided_once_for_all_graphs(monkeypatch, tmp_path):
+    """Under auto, a CUDA provider that fails to start for any one graph puts every graph on the CPU;
+    an explicit cuda request fails instead."""
+    import onnxruntime as ort
+
+    from palionnx.runtime import sessions
+
+    class FakeSession:
+        def __init__(self, path, sess_options=None, providers=()):
+            cuda_starts = "decoder" not in str(path)  # CUDA starts for the vision graph only
+            self.providers = [p for p in providers if p != "CUDAExecutionProvider" or cuda_starts]
+
+        def get_providers(self):
+            return self.providers
+
+    monkeypatch.setattr(sessions, "cuda_available", lambda: True)
+    monkeypatch.setattr(ort, "InferenceSession", FakeSession)
+    paths = {"vision_encoder": tmp_path / "vision.onnx", "decoder": tmp_path / "decoder.onnx"}
+    opened, device = sessions.open_sessions(paths, "auto")
+    assert device == "cpu"
+    assert all(s.get_providers() == ["CPUExecutionProvider"] for s in opened.values())
+    with pytest.raises(sessions.DeviceError, match="decoder.onnx"):
+        sessions.open_sessions(paths, "cuda")
+    opened, device = sessions.open_sessions({"vision_encoder": paths["vision_encoder"]}, "auto")
+    assert device == "cuda" and opened["vision_encoder"].get_providers()[0] == "CUDAExecutionProvider"

@@ -1,0 +1,85 @@
+"""The model-folder contract: every exported graph has the names the contract gives, and the manifest is
+typed and checked on load."""
+
+import json
+import shutil
+
+import onnx
+import pytest
+
+from palionnx.runtime import contract
+from palionnx.runtime.manifest import Manifest, ModelFolderError, QuantInfo
+from palionnx.runtime.text import TextCodec
+
+
+@pytest.mark.parametrize("family", ["tiny-pg1", "tiny-pg2"])
+@pytest.mark.parametrize("quant", ["fp32", "fp16", "int8", "int4"])
+def test_exported_graphs_follow_the_contract(family, quant, exported):
+    folder = exported(family, quant)
+    manifest = Manifest.load(folder)
+    assert set(manifest.graphs) == set(contract.GRAPH_FILES)
+    for role, file in contract.GRAPH_FILES.items():
+        graph_path, data_path = contract.graph_files(folder, role)
+        assert graph_path.name == file == manifest.graphs[role].file and data_path.is_file()
+        graph = onnx.load(str(graph_path), load_external_data=False).graph
+        expected = contract.graph_io(role, manifest.layers)
+        assert [i.name for i in graph.input] == expected.inputs == manifest.graphs[role].inputs
+        assert [o.name for o in graph.output] == expected.outputs == manifest.graphs[role].outputs
+    assert isinstance(manifest.quant, QuantInfo) and manifest.quant.level == quant
+    assert manifest.schema_version == contract.SCHEMA_VERSION
+
+
+class Raw(str):
+    """A change that replaces the whole file with this text."""
+
+
+def _broken_copy(tmp_path, exported, change):
+    folder = tmp_path / "model"
+    shutil.copytree(exported("tiny-pg1", "fp32"), folder)
+    path = folder / contract.MANIFEST_NAME
+    data = json.loads(path.read_text())
+    text = change(data)
+    path.write_text(text if isinstance(text, Raw) else json.dumps(data))
+    return folder
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda d: d.update(schema_version=contract.SCHEMA_VERSION + 1), "upgrade palionnx"),
+    (lambda d: d.update(schema_version=2), "export the model again"),
+    (lambda d: d.pop("layers"), "field 'layers' is missing"),
+    (lambda d: d.update(colour="blue"), "unknown field 'colour'"),
+    (lambda d: d.update(layers="two"), "layers must be int"),
+    (lambda d: d.update(kv_dtype="int3"), "kv_dtype 'int3'"),
+    (lambda d: d["quant"].update(level="int2"), "quant.level 'int2'"),
+    (lambda d: d["quant"].update(bits="8"), "quant: bits must be int"),
+    (lambda d: d["graphs"].pop("decoder"), "graphs lacks decoder"),
+    (lambda d: d["graphs"]["decoder"].pop("file"), "field 'file' is missing"),
+    (lambda d: Raw("{not json"), "not valid JSON"),
+    (lambda d: Raw("[1, 2]"), "must hold a JSON object"),
+])
+def test_manifest_errors_name_the_problem(tmp_path, exported, change, message):
+    folder = _broken_copy(tmp_path, exported, change)
+    with pytest.raises(ModelFolderError, match=message.replace("(", r"\(")):
+        Manifest.load(folder)
+
+
+def test_manifest_round_trips(tmp_path, exported):
+    folder = exported("tiny-pg2", "int4")
+    manifest = Manifest.load(folder)
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    manifest.save(copy)
+    assert Manifest.load(copy) == manifest
+
+
+def test_prompt_template_is_applied_as_written(exported):
+    folder = exported("tiny-pg1", "fp32")
+    manifest = Manifest.load(folder)
+    codec = TextCodec(folder, manifest)
+    text_ids = codec.tokenizer.encode("caption en\n", add_special_tokens=False).ids
+    image = [manifest.image_token_id] * manifest.image_seq_length
+    assert codec.prompt_ids("caption en") == image + [manifest.bos_token_id] + text_ids
+
+    manifest.prompt_template = "{bos}{prompt}\n{image}"
+    moved = TextCodec(folder, manifest).prompt_ids("caption en")
+    assert moved == [manifest.bos_token_id] + text_ids + image
