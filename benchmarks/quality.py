@@ -29,7 +29,7 @@ def teacher_forced_logits(folder: Path, images, tokens: np.ndarray | None, steps
     captioner = Captioner.load(folder, device="cpu")
     pixels = np.stack([image_pixels(image, captioner.image_spec) for image in images])
     batch = captioner.prompt_batch(pixels, [DEFAULT_PROMPT] * len(images))
-    state = captioner.model.new_state(max_len=batch.ids.shape[1] + steps)
+    state = captioner.model.new_state(len(images), batch.input_ids.shape[1] + steps)
     output = state.prefill(batch)
     logits, chosen = [], []
     for step in range(steps):

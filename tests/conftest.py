@@ -20,18 +20,21 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, checkpoints):
-    """exported(family, quant) -> model folder, exported on first use and reused."""
+    """exported(family, quant, device) -> model folder, exported on first use and reused.
+
+    device "auto" is what the level implies (fp32: cpu, fp16: cuda) and cpu for int8/int4 on these
+    machines; pass "cuda" for int8/int4 folders built for CUDA (float16 compute), which run on the CPU too."""
     from palionnx.export.convert import export
 
     root = tmp_path_factory.mktemp("exports")
-    cache: dict[tuple[str, str], Path] = {}
+    cache: dict[tuple[str, str, str], Path] = {}
 
-    def get(family: str, quant: str = "fp32") -> Path:
-        if (family, quant) not in cache:
-            folder = root / f"{family}-{quant}"
-            export(checkpoints[family], folder, quant=quant)
-            cache[family, quant] = folder
-        return cache[family, quant]
+    def get(family: str, quant: str = "fp32", device: str = "auto") -> Path:
+        if (family, quant, device) not in cache:
+            folder = root / f"{family}-{quant}-{device}"
+            export(checkpoints[family], folder, quant=quant, device=device)
+            cache[family, quant, device] = folder
+        return cache[family, quant, device]
 
     return get
 

@@ -190,7 +190,7 @@ def test_synth_export_info_and_bench(tmp_path):
     folder = tmp_path / "int8"
     export = palionnx("export", checkpoint, "-o", folder, "--quant", "int8", "--validate")
     assert export.returncode == 0, export.stderr
-    assert "exporting decoder" in export.stderr and "greedy sequences identical" in export.stdout
+    assert "writing the decoder" in export.stderr and "greedy sequences identical" in export.stdout
     info = palionnx("info", folder)
     assert info.returncode == 0 and "level=int8" in info.stdout and "CPUExecutionProvider" in info.stdout
     report = tmp_path / "bench.json"

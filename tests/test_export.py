@@ -26,8 +26,9 @@ def _ops(path):
 def test_folder_layout_and_manifest(family, exported, checkpoints):
     folder = exported(family, "fp32")
     names = {p.name for p in folder.iterdir()}
-    for graph in ("vision_encoder", "embed_tokens", "decoder_model_merged"):
+    for graph in ("vision_encoder", "decoder"):
         assert {f"{graph}.onnx", f"{graph}.onnx.data"} <= names
+    assert ("decoder_windowed.onnx" in names) == (family == "tiny-pg2")  # shares decoder.onnx.data
     assert {"tokenizer.json", "palionnx.json"} <= names
     assert not (folder / ".staging").exists()
 
@@ -43,15 +44,16 @@ def test_folder_layout_and_manifest(family, exported, checkpoints):
     assert manifest.eos_token_ids == ([1, 107] if family == "tiny-pg2" else [1])
     assert manifest.sliding_window == (6 if family == "tiny-pg2" else None)
     decoder = manifest.graphs["decoder"]
-    assert decoder.inputs[:5] == [
-        "inputs_embeds", "attention_mask", "position_ids", "past_length", "past_key_values.0.key"
+    assert decoder.inputs[:6] == [
+        "input_ids", "image_features", "seqlens_k", "total_sequence_length", "last_index", "past_key_values.0.key"
     ]
     assert decoder.outputs[:4] == ["logits", "next_token", "present.0.key", "present.0.value"]
+    assert manifest.device == "cpu" and manifest.max_positions == config["text_config"]["max_position_embeddings"]
     assert manifest.source["id"] == str(checkpoints[family])
 
 
 def test_logits_only_for_last_position(exported):
-    model, _ = _ops(exported("tiny-pg1", "fp32") / "decoder_model_merged.onnx")
+    model, _ = _ops(exported("tiny-pg1", "fp32") / "decoder.onnx")
     logits = next(o for o in model.graph.output if o.name == "logits")
     assert len(logits.type.tensor_type.shape.dim) == 2  # [batch, vocab]: no per-position logits
 
@@ -136,16 +138,23 @@ def test_quantized_exports_run_and_agree(family, quant, exported):
 def test_nbit_graphs_use_matmulnbits_and_quantized_embedding(quant, exported):
     folder = exported("tiny-pg1", quant)
     bits = 8 if quant == "int8" else 4
-    for graph in ("decoder_model_merged", "vision_encoder"):
+    for graph in ("decoder", "vision_encoder"):
         model, ops = _ops(folder / f"{graph}.onnx")
         nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
         assert nbits and all(next(a.i for a in n.attribute if a.name == "bits") == bits for n in nbits)
         assert "MatMulInteger" not in ops and "DynamicQuantizeLinear" not in ops
         inits = {i.name for i in model.graph.initializer}
-        assert not [n for n in model.graph.node if n.op_type == "MatMul" and set(n.input) & inits], \
+        assert not [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & inits], \
             "a MatMul with a weight was left unquantized"
-    model, ops = _ops(folder / "embed_tokens.onnx")
-    assert "Gather" not in ops and ops.count("GatherBlockQuantized") == 1
+    model, ops = _ops(folder / "decoder.onnx")
+    inits = {i.name for i in model.graph.initializer}
+    assert not [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits], "float embedding left"
+    assert ops.count("GatherBlockQuantized") == 1
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    lm_head = next(n for n in model.graph.node if n.name == "head/lm_head")
+    assert lm_head.op_type == "MatMulNBits" and lm_head.input[1] in {i for n in model.graph.node for i in n.input
+                                                                      if n.output[0] == gather.input[0]}, \
+        "the embedding and the tied lm_head share one quantized table"
     assert Manifest.load(folder).quant.to_json() == {
         "level": quant, "bits": bits, "block_size": 32, "symmetric": True, "accuracy_level": 4,
         "method": "MatMulNBits + GatherBlockQuantized",
@@ -154,7 +163,7 @@ def test_nbit_graphs_use_matmulnbits_and_quantized_embedding(quant, exported):
 
 def test_fp16_graphs_store_half_weights(exported):
     folder = exported("tiny-pg2", "fp16")
-    model = onnx.load(str(folder / "decoder_model_merged.onnx"), load_external_data=False)
+    model = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
     big = [i for i in model.graph.initializer if np.prod(i.dims) >= 64 * 64]
     assert big and all(i.data_type == onnx.TensorProto.FLOAT16 for i in big)
     assert Manifest.load(folder).kv_dtype == "float16"
@@ -258,3 +267,65 @@ def test_legacy_checkpoint_layout(tmp_path):
                                                          max_new_tokens=16)
     assert [r.tokens for r in results] == expected
     assert [r.text for r in results] == [processor.decode(e, skip_special_tokens=True) for e in expected]
+
+
+def _nodes_per_layer(path) -> dict[int, int]:
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[int, int] = {}
+    for node in model.graph.node:
+        if node.name.startswith("layers."):
+            layer = int(node.name.split("/")[0].split(".")[1])
+            counts[layer] = counts.get(layer, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("quant", "device"), [("fp32", "auto"), ("fp16", "auto"), ("int4", "cpu"), ("int4", "cuda")])
+def test_decoder_layers_are_fused(family, quant, device, exported):
+    """At most 15 nodes per decoder layer (a decode step launches few kernels): one packed QKV MatMul, one
+    GroupQueryAttention with the cache in place, fused residual + RMSNorm, no attention pieces left over."""
+    folder = exported(family, quant, device)
+    for graph in ["decoder.onnx"] + (["decoder_windowed.onnx"] if family == "tiny-pg2" else []):
+        counts = _nodes_per_layer(folder / graph)
+        assert len(counts) == Manifest.load(folder).layers and max(counts.values()) <= 15, counts
+        ops = {n.op_type for n in onnx.load(str(folder / graph), load_external_data=False).graph.node}
+        assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
+        assert not ops & {"Softmax", "ScatterElements", "Transpose", "ReduceMean", "Concat"}
+
+
+def test_int4_for_cuda_computes_in_float16_and_runs_anywhere(exported):
+    folder = exported("tiny-pg2", "int4", "cuda")
+    manifest = Manifest.load(folder)
+    assert manifest.device == "cuda" and manifest.kv_dtype == "float16" and manifest.quant.accuracy_level == 0
+    model = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
+    scales = {i.name: i.data_type for i in model.graph.initializer if i.name.endswith(".scales")}
+    assert scales and set(scales.values()) == {onnx.TensorProto.FLOAT16}
+    images = sample_images(4)
+    reference = Captioner.load(exported("tiny-pg2", "int4", "cpu"), device="cpu")
+    captioner = Captioner.load(folder)  # auto: no CUDA here, so the CPU runs the float16 graph
+    assert captioner.device == "cpu"
+    ref, got = (c.prefill_logits(images, ["caption en"] * 4) for c in (reference, captioner))
+    assert np.isfinite(got).all()
+    cosine = (ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
+    assert cosine.min() > 0.95  # the same int4 weights, float16 against float32 activations
+
+
+def test_pg2_window_that_never_binds_uses_the_main_graph(tmp_path):
+    """With prompt + caption inside the sliding window, decode runs on `decoder` alone (no second graph
+    loaded) and still matches generate() token for token."""
+    import dataclasses
+
+    from palionnx.export.convert import export
+    from palionnx.export.synth import GEOMETRIES, write_checkpoint
+
+    geometry = dataclasses.replace(GEOMETRIES["tiny-pg2"], sliding_window=128)
+    checkpoint = write_checkpoint(geometry, tmp_path / "wide", seed=5)
+    export(checkpoint, tmp_path / "out", quant="fp32")
+    model, processor = load_reference(checkpoint)
+    images = sample_images(4)
+    expected, _ = reference_generate(model, processor, images, PROMPTS, 24)
+    captioner = Captioner.load(tmp_path / "out", device="cpu")
+    assert [r.tokens for r in captioner.caption(images, prompt=PROMPTS, max_new_tokens=24)] == expected
+    assert captioner.model.windowed is None
+    long = captioner.caption(images[:1], max_new_tokens=120)  # 16 prompt tokens + 120 > 128: windowed
+    assert long[0].ok and captioner.model.windowed is not None

@@ -82,12 +82,12 @@ class FakeOutput:
 
 
 class FakeDecoder:
-    """A numpy 'model' whose next token depends on the whole cached sequence of its row (padding excluded),
-    so a wrong row kept after a sequence ends, or padding counted, changes what comes next."""
+    """A numpy 'model' with a per-row KV 'cache': the next token depends on the row's whole cached sequence
+    (padding excluded), so rows mixed up, or padding counted, change what comes next."""
 
     def __init__(self) -> None:
         self.cache: list[list[int]] = []
-        self.calls = {"logits": 0, "next_token": 0, "keep": 0}
+        self.calls = {"logits": 0, "next_token": 0, "steps": 0}
 
     def _output(self) -> FakeOutput:
         logits = np.zeros((len(self.cache), VOCAB), dtype=np.float32)
@@ -96,18 +96,15 @@ class FakeDecoder:
         return FakeOutput(logits, self.calls)
 
     def prefill(self, prompt: PromptBatch) -> FakeOutput:
-        self.cache = [ids[mask == 1].tolist() for ids, mask in zip(prompt.ids, prompt.attention_mask)]
+        self.cache = [ids[:n].tolist() for ids, n in zip(prompt.input_ids, prompt.lengths)]
         return self._output()
 
     def step(self, token_ids: np.ndarray) -> FakeOutput:
-        assert len(token_ids) == len(self.cache)
+        assert len(token_ids) == len(self.cache), "every row stays in the batch"
+        self.calls["steps"] += 1
         for tokens, token in zip(self.cache, token_ids.tolist()):
             tokens.append(token)
         return self._output()
-
-    def keep(self, rows: np.ndarray) -> None:
-        self.calls["keep"] += 1
-        self.cache = [self.cache[row] for row in rows.tolist()]
 
 
 def next_token(tokens: list[int]) -> int:
@@ -126,20 +123,22 @@ def alone(prompt: list[int], max_new_tokens: int, eos: int) -> list[int]:
     return out
 
 
-def left_padded(prompts: list[list[int]]) -> PromptBatch:
+def prompt_batch(prompts: list[list[int]]) -> PromptBatch:
+    """Left-padded history (as transformers sees it) and right-padded decoder ids."""
     width = max(map(len, prompts))
-    ids = np.zeros((len(prompts), width), dtype=np.int64)
-    mask = np.zeros_like(ids)
+    history = np.zeros((len(prompts), width), dtype=np.int64)
+    right = np.zeros_like(history)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):], mask[row, width - len(prompt):] = prompt, 1
-    positions = np.maximum(mask.cumsum(-1), 1)
-    return PromptBatch(ids, np.zeros((*ids.shape, 4), dtype=np.float32), mask, positions)
+        history[row, width - len(prompt):] = prompt
+        right[row, : len(prompt)] = prompt
+    lengths = np.array([len(p) for p in prompts])
+    return PromptBatch(history, right, np.zeros((*right.shape, 4), dtype=np.float32), lengths)
 
 
 def run(prompts: list[list[int]], max_new_tokens: int, eos: int, **kwargs) -> tuple[list[list[int]], FakeDecoder]:
     decoder = FakeDecoder()
     generated: list[list[int]] = [[] for _ in prompts]
-    for rows, tokens in generate_step(decoder, left_padded(prompts), max_new_tokens=max_new_tokens,
+    for rows, tokens in generate_step(decoder, prompt_batch(prompts), max_new_tokens=max_new_tokens,
                                       eos_ids=[eos], **kwargs):
         assert len(rows) == len(tokens)
         for row, token in zip(rows.tolist(), tokens.tolist()):
@@ -157,14 +156,14 @@ def test_batch_of_different_lengths_equals_each_sequence_alone(eos):
     assert generated == expected
     lengths = {len(e) for e in expected}
     assert len(lengths) > 1, "the test should make rows finish at different steps"
-    assert decoder.calls["keep"] >= 1  # finished rows left the batch
+    assert decoder.calls["steps"] == max(lengths) - 1  # the batch ran until its longest row ended
 
 
 def test_rows_leave_the_batch_at_eos():
     eos = 5
     expected = [alone(p, 12, eos) for p in PROMPTS]
     decoder = FakeDecoder()
-    seen_rows = [rows.tolist() for rows, _ in generate_step(decoder, left_padded(PROMPTS), max_new_tokens=12,
+    seen_rows = [rows.tolist() for rows, _ in generate_step(decoder, prompt_batch(PROMPTS), max_new_tokens=12,
                                                             eos_ids=[eos])]
     for step, rows in enumerate(seen_rows):
         assert rows == [r for r, e in enumerate(expected) if len(e) > step]
@@ -182,7 +181,7 @@ def test_greedy_reads_only_next_token_and_processors_read_logits():
     generated, decoder = run(PROMPTS, max_new_tokens=6, eos=99, logits_processors=[spy])
     assert decoder.calls["next_token"] == 0 and decoder.calls["logits"] == 6
     assert generated == [alone(p, 6, 99) for p in PROMPTS]
-    np.testing.assert_array_equal(history[0], left_padded(PROMPTS).ids)  # processors see the padded prompt
+    np.testing.assert_array_equal(history[0], prompt_batch(PROMPTS).ids)  # processors see the left-padded prompt
     assert history[1].shape == (4, history[0].shape[1] + 1)
     assert history[1][:, -1].tolist() == [g[0] for g in generated]
 

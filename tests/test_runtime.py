@@ -115,8 +115,17 @@ def test_cuda_request_without_cuda_is_an_error(exported):
     if cuda_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(DeviceError, match="CUDAExecutionProvider"):
+        Captioner.load(exported("tiny-pg1", "fp16"), device="cuda")
+    assert Captioner.load(exported("tiny-pg1", "fp16"), device="auto").providers == ["CPUExecutionProvider"]
+
+
+def test_folder_built_for_the_cpu_refuses_cuda(exported):
+    """fp32 computes in float32, which onnxruntime's CUDA attention lacks: say how to export for CUDA."""
+    from palionnx.runtime.sessions import DeviceError
+
+    with pytest.raises(DeviceError, match="--quant fp16"):
         Captioner.load(exported("tiny-pg1", "fp32"), device="cuda")
-    assert Captioner.load(exported("tiny-pg1", "fp32"), device="auto").providers == ["CPUExecutionProvider"]
+    assert Captioner.load(exported("tiny-pg1", "fp32"), device="auto").device == "cpu"
 
 
 # --- generation controls against transformers' own processors on the same logits ---

@@ -42,7 +42,8 @@ Inputs = Annotated[list[str], typer.Argument(
     metavar="INPUT...", help="Image files, folders (searched recursively) or quoted globs.", show_default=False)]
 ModelOpt = Annotated[str, typer.Option(help="Exported model folder, or a hub id exported on first use into the "
                                             "cache (~/.cache/palionnx, or $PALIONNX_CACHE).")]
-QuantOpt = Annotated[str, typer.Option(help="Precision when --model is a hub id exported on first use.")]
+QuantOpt = Annotated[str, typer.Option(help="Precision when --model is a hub id exported on first use: auto "
+                                            "(fp16 on CUDA, int4 on the CPU), fp32, fp16, int8 or int4.")]
 ExtOpt = Annotated[str, typer.Option(help="Caption file extension: .txt or .caption.")]
 OutputDirOpt = Annotated[Path | None, typer.Option(help="Write captions here, mirroring the input folders, "
                                                         "instead of beside the images.")]
@@ -79,7 +80,7 @@ CpusOpt = Annotated[float, typer.Option(min=0.0, help="With --ray: CPUs Ray rese
 
 @app.command()
 def caption(
-    inputs: Inputs, model: ModelOpt = DEFAULT_MODEL, quant: QuantOpt = "int4", ext: ExtOpt = ".txt",
+    inputs: Inputs, model: ModelOpt = DEFAULT_MODEL, quant: QuantOpt = "auto", ext: ExtOpt = ".txt",
     output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False, jsonl: JsonlOpt = None,
     prefix: PrefixOpt = "", suffix: SuffixOpt = "", prompt: PromptOpt = DEFAULT_PROMPT,
     max_new_tokens: MaxTokensOpt = DEFAULT_MAX_NEW_TOKENS, batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
@@ -157,7 +158,7 @@ def _open_model(model: str, quant: str, device: str, ray: str | None) -> tuple[P
     from .models import ModelResolveError, resolve_model
 
     try:
-        folder = resolve_model(model, quant, progress=_err)
+        folder = resolve_model(model, quant, device, progress=_err)
         if ray:
             from .ray_pipeline import require_ray
 
@@ -173,7 +174,12 @@ def _open_model(model: str, quant: str, device: str, ray: str | None) -> tuple[P
 def export(
     source: Annotated[str, typer.Argument(help="Checkpoint folder, or a hub id such as google/paligemma-3b-pt-224.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Model folder to write.")],
-    quant: Annotated[str, typer.Option(help="Precision: fp32, fp16, int8 or int4.")] = "int4",
+    quant: Annotated[str, typer.Option(help="Precision: auto (fp16 for CUDA, int4 for the CPU), fp32, fp16, int8 "
+                                            "or int4.")] = "auto",
+    device: Annotated[str, typer.Option(help="What the folder is built for: auto (CUDA if this machine's "
+                                             "onnxruntime has it, else CPU), cpu or cuda. fp32 is CPU-only, fp16 "
+                                             "CUDA-only; int8/int4 compute in float32 for the CPU, float16 for "
+                                             "CUDA.")] = "auto",
     block_size: Annotated[int, typer.Option(help="Block size of int8/int4 weight quantization.")] = DEFAULT_BLOCK_SIZE,
     validate: Annotated[
         bool, typer.Option("--validate", help="Afterwards, compare the folder with transformers on a few images.")
@@ -181,16 +187,18 @@ def export(
 ) -> None:
     """Export a PaliGemma / PaliGemma 2 checkpoint to an ONNX model folder.
 
-    Example: palionnx export ./paligemma-longprompt -o models/longprompt-int4 --quant int4
+    Example: palionnx export ./paligemma-longprompt -o models/longprompt-int4 --quant int4 --device cpu
     """
     _need_export_extra()
     from ..export.checkpoint import CheckpointError
     from ..export.convert import ExportError
     from ..export.convert import export as run_export
+    from ..runtime.levels import LevelError, resolve_quant
 
     try:
-        manifest = run_export(source, output, quant=quant, block_size=block_size, progress=_err)
-    except (CheckpointError, ExportError) as exc:
+        quant = resolve_quant(quant, device)
+        manifest = run_export(source, output, quant=quant, block_size=block_size, device=device, progress=_err)
+    except (CheckpointError, ExportError, LevelError) as exc:
         _err(f"error: {exc}")
         raise typer.Exit(2) from None
     typer.echo(f"exported {manifest.family} at {quant} to {output} ({folder_size(output) / 1e9:.2f} GB)")
@@ -243,6 +251,7 @@ def info(model_dir: Annotated[Path, typer.Argument(help="An exported model folde
     typer.echo(f"family        {m.family} ({'Gemma 2' if m.family == 'pg2' else 'Gemma'} decoder), "
                f"exported by palionnx {m.palionnx_version}, opset {m.opset}")
     typer.echo(f"quant         {', '.join(f'{k}={v}' for k, v in m.quant.to_json().items() if k != 'fp32_kept')}")
+    typer.echo(f"built for     {m.device} ({m.kv_dtype} compute)")
     typer.echo(f"image         {m.image_size}px -> {m.image_seq_length} tokens, mean {m.image_mean}, "
                f"std {m.image_std}, {m.resample}")
     typer.echo(f"decoder       {m.layers} layers, hidden {m.hidden}, {m.heads} heads / {m.kv_heads} kv heads "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..hub import is_hub_id
 from ..runtime.contract import MANIFEST_NAME
+from ..runtime.levels import LevelError, resolve_quant, target_device
 
 DEFAULT_MODEL = "mnemic/paligemma-longprompt-v1-safetensors"
 ALTERNATIVE_MODEL = "gokaygokay/paligemma-rich-captions"
@@ -30,8 +31,9 @@ def cached_folder(hub_id: str, quant: str) -> Path:
     return cache_root() / "models" / hub_id.replace("/", "--") / quant
 
 
-def resolve_model(model: str, quant: str, progress: Callable[[str], None]) -> Path:
-    """Return a model folder for `model`, exporting a hub checkpoint into the cache the first time."""
+def resolve_model(model: str, quant: str, device: str, progress: Callable[[str], None]) -> Path:
+    """Return a model folder for `model`, exporting a hub checkpoint into the cache the first time, at `quant`
+    ("auto": fp16 where CUDA runs, else int4) built for `device`."""
     path = Path(model).expanduser()
     if (path / MANIFEST_NAME).is_file():
         return path
@@ -45,7 +47,12 @@ def resolve_model(model: str, quant: str, progress: Callable[[str], None]) -> Pa
     if not is_hub_id(model):
         raise ModelResolveError(f"{model}: no such model folder (give an exported folder or a hub id)")
 
-    folder = cached_folder(model, quant)
+    try:
+        quant = resolve_quant(quant, device)
+        target = target_device(quant, device)
+    except LevelError as exc:
+        raise ModelResolveError(str(exc)) from None
+    folder = cached_folder(model, quant if target == "cpu" or quant == "fp16" else f"{quant}-{target}")
     if (folder / MANIFEST_NAME).is_file():
         return folder
     try:
@@ -58,7 +65,7 @@ def resolve_model(model: str, quant: str, progress: Callable[[str], None]) -> Pa
         ) from None
     progress(f"exporting {model} at {quant} into {folder} (first use only)")
     try:
-        export(model, folder, quant=quant, progress=progress)
+        export(model, folder, quant=quant, device=target, progress=progress)
     except (CheckpointError, ExportError) as exc:
         raise ModelResolveError(
             f"{exc}\nNothing is cached for {model}: pass --model with a model folder made by "

@@ -1,9 +1,10 @@
 """Export a PaliGemma / PaliGemma 2 checkpoint to a self-describing ONNX model folder.
 
-    export(source, outdir, quant="int4")
+    export(source, outdir, quant="int4", device="cpu")
 
-writes `vision_encoder.onnx`, `embed_tokens.onnx`, `decoder_model_merged.onnx` (each with its
-`.onnx.data`), `tokenizer.json` and, last, `palionnx.json`. A folder without the manifest is incomplete.
+writes `vision_encoder.onnx` (torch export of SigLIP + projector), `decoder.onnx` (the fused decoder written
+node by node, export/decoder.py; Gemma 2 adds `decoder_windowed.onnx` over the same weights), their `.data`
+files, `tokenizer.json` and, last, `palionnx.json`. A folder without the manifest is incomplete.
 """
 
 from __future__ import annotations
@@ -20,21 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..runtime.contract import (
-    DECODER,
-    EMBED_TOKENS,
-    GRAPH_FILES,
-    MANIFEST_NAME,
-    TOKENIZER_NAME,
-    VISION_ENCODER,
-    graph_io,
-)
+from ..runtime.contract import GRAPH_FILES, MANIFEST_NAME, TOKENIZER_NAME, VISION_ENCODER, graph_io
 from ..runtime.defaults import DEFAULT_BLOCK_SIZE
-from ..runtime.manifest import QUANT_LEVELS, GraphInfo, Manifest, QuantInfo
+from ..runtime.levels import LevelError, target_device
+from ..runtime.manifest import GraphInfo, Manifest, QuantInfo
 from . import quantize
 from .checkpoint import Checkpoint, open_checkpoint
-
-OPSET = 21
+from .decoder import DecoderConfig, Precision, build_decoder
+from .weights import CheckpointWeights
 
 Progress = Callable[[str], None]
 
@@ -48,13 +42,17 @@ def export(
     outdir: str | Path,
     quant: str = "fp32",
     block_size: int = DEFAULT_BLOCK_SIZE,
+    device: str = "auto",
     progress: Progress | None = None,
 ) -> Manifest:
-    """Export `source` (a local checkpoint folder or a hub id) to `outdir` at `quant` precision."""
-    if quant not in QUANT_LEVELS:
-        raise ExportError(f"unknown quant level {quant!r}: use one of {', '.join(QUANT_LEVELS)}")
+    """Export `source` (a local checkpoint folder or a hub id) to `outdir` at `quant` precision, built for
+    `device` (see `target_device`)."""
     if block_size < 16 or block_size & (block_size - 1):
         raise ExportError(f"--block-size must be a power of two >= 16, got {block_size}")
+    try:
+        target = target_device(quant, device)
+    except LevelError as exc:
+        raise ExportError(str(exc)) from None
     started = time.monotonic()
     say = _timed(progress, started)
     outdir = Path(outdir)
@@ -63,34 +61,41 @@ def export(
 
     say(f"reading checkpoint {source}")
     checkpoint = open_checkpoint(source, load_model=False)
+    config = DecoderConfig.from_text_config(checkpoint.config.text_config)
+    if quant in quantize.BITS and config.hidden % block_size:
+        raise ExportError(f"--block-size {block_size} does not divide the hidden size {config.hidden}")
     checkpoint.tokenizer.backend_tokenizer.save(str(outdir / TOKENIZER_NAME))
+    precision = Precision.for_level(quant, target, config.gemma2, block_size)
 
-    staging = outdir / ".staging" if quant in quantize.BITS else outdir
+    staging = outdir / ".staging"
     staging.mkdir(exist_ok=True)
     try:
-        graphs = _export_in_child(checkpoint.folder, staging, quant == "fp16", progress, started)
+        vision = _export_in_child(checkpoint.folder, staging, quant == "fp16", progress, started)
         if quant in quantize.BITS:
-            for role, info in graphs.items():
-                say(f"quantizing {role} to {quant} (MatMulNBits, block {block_size})")
-                quantize.quantize_graph(staging / info.file, outdir / info.file, quant, block_size,
-                                        gather=role == EMBED_TOKENS)
+            say(f"quantizing the vision encoder to {quant} (MatMulNBits, block {block_size})")
+            quantize.quantize_graph(staging / vision.file, outdir / vision.file, quant, block_size,
+                                    precision.accuracy_level)
+        else:
+            for path in staging.iterdir():
+                shutil.move(str(path), outdir / path.name)
     finally:
-        if staging != outdir:
-            shutil.rmtree(staging, ignore_errors=True)
-
-    manifest = _manifest(checkpoint, graphs, quant, block_size)
+        shutil.rmtree(staging, ignore_errors=True)
+    say(f"writing the decoder ({quant}, {precision.compute_dtype} compute, for {target})")
+    weights = CheckpointWeights(checkpoint.folder, checkpoint.config.text_config,
+                                "float16" if quant == "fp16" else "float32")
+    graphs = {VISION_ENCODER: vision, **build_decoder(outdir, config, precision, weights)}
+    manifest = _manifest(checkpoint, graphs, precision, target)
     manifest.save(outdir)
     say(f"done: {outdir}")
     return manifest
 
 
-def _export_in_child(
-    folder: Path, staging: Path, fp16: bool, progress: Progress | None, started: float
-) -> dict[str, GraphInfo]:
-    """Run the torch export in a child process and wait for its graphs.
+def _export_in_child(folder: Path, staging: Path, fp16: bool, progress: Progress | None,
+                     started: float) -> GraphInfo:
+    """Run the torch export of the vision encoder in a child process and wait for it.
 
-    The transformers model and the exporter's copies of the weights (together ~20 GB for a 3B model)
-    all go back to the OS when the child exits, so quantization starts from a small process.
+    The transformers model and the exporter's copies of the weights go back to the OS when the child
+    exits, so the decoder build and quantization start from a small process.
     """
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
@@ -114,79 +119,56 @@ def _export_in_child(
 
 
 def _export_worker(folder: str, staging: str, fp16: bool, messages: Any, started: float) -> None:
-    """Child process: load the model and export its three graphs, reporting through `messages`."""
+    """Child process: load the model and export the vision encoder, reporting through `messages`."""
     try:
         _quiet_exporters()
         say = _timed(lambda text: messages.put(("progress", text)), started)
         say("loading the model for export")
         # fp16 loads the weights as fp16 directly: converting a loaded fp32 model would hold both copies.
         checkpoint = open_checkpoint(folder, dtype="float16" if fp16 else "float32")
-        messages.put(("done", _export_graphs(checkpoint, Path(staging), fp16, say)))
+        say(f"exporting the vision encoder ({'fp16' if fp16 else 'fp32'})")
+        messages.put(("done", _export_vision(checkpoint, Path(staging))))
     except Exception as exc:  # everything goes back to the parent as a message
         messages.put(("error", f"exporting failed: {type(exc).__name__}: {exc}"))
 
 
-def _export_graphs(checkpoint: Checkpoint, folder: Path, fp16: bool, say: Progress) -> dict[str, GraphInfo]:
+def _export_vision(checkpoint: Checkpoint, folder: Path) -> GraphInfo:
     import torch
 
-    from .graphs import Decoder, TokenEmbedder, VisionEncoder
+    from .vision import VisionEncoder
 
     model = checkpoint.model
-    cfg = model.config.text_config
-    vcfg = model.config.vision_config
-    batch, seq, max_len = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("max_len")
-    kv_dtype = torch.float16 if fp16 else torch.float32
-    layers = cfg.num_hidden_layers
-    # Example sizes of at least 2 everywhere: torch.export specialises dimensions of size 0 or 1.
-    jobs = {
-        VISION_ENCODER: (
-            VisionEncoder(model), (torch.zeros(2, 3, vcfg.image_size, vcfg.image_size),), ({0: batch},),
-        ),
-        EMBED_TOKENS: (TokenEmbedder(model), (torch.zeros(2, 3, dtype=torch.int64),), ({0: batch, 1: seq},)),
-        DECODER: (
-            Decoder(model),
-            (
-                torch.zeros(2, 3, cfg.hidden_size), torch.ones(2, 5, dtype=torch.int64),
-                torch.ones(2, 3, dtype=torch.int64), torch.tensor(2, dtype=torch.int64),
-                *(torch.zeros(2, cfg.num_key_value_heads, 5, cfg.head_dim, dtype=kv_dtype) for _ in range(2 * layers)),
-            ),
-            (
-                {0: batch, 1: seq}, {0: batch, 1: max_len}, {0: batch, 1: seq}, None,
-                tuple({0: batch, 2: max_len} for _ in range(2 * layers)),
-            ),
-        ),
-    }
-    graphs = {}
-    for role, (module, args, dynamic) in jobs.items():
-        say(f"exporting {role} ({'fp16' if fp16 else 'fp32'})")
-        io = graph_io(role, layers)
-        path = folder / GRAPH_FILES[role]
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                module.eval(), args, dynamo=True, input_names=io.inputs, output_names=io.outputs,
-                dynamic_shapes=dynamic, opset_version=OPSET, external_data=True, verbose=False,
-            )
-        assert program is not None
-        program.save(str(path), external_data=True)
-        del program
-        gc.collect()
-        graphs[role] = GraphInfo(file=path.name, inputs=io.inputs, outputs=io.outputs)
-    return graphs
+    size = model.config.vision_config.image_size
+    io = graph_io(VISION_ENCODER, 0)
+    path = folder / GRAPH_FILES[VISION_ENCODER]
+    # An example batch of 2: torch.export specialises dimensions of size 0 or 1.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            VisionEncoder(model).eval(), (torch.zeros(2, 3, size, size),), dynamo=True, input_names=io.inputs,
+            output_names=io.outputs, dynamic_shapes=({0: torch.export.Dim("batch")},),
+            opset_version=quantize.OPSET, external_data=True, verbose=False,
+        )
+    assert program is not None
+    program.save(str(path), external_data=True)
+    del program
+    gc.collect()
+    return GraphInfo(file=path.name, inputs=io.inputs, outputs=io.outputs)
 
 
-def _manifest(checkpoint: Checkpoint, graphs: dict[str, GraphInfo], quant: str, block_size: int) -> Manifest:
+def _manifest(checkpoint: Checkpoint, graphs: dict[str, GraphInfo], precision: Precision, device: str) -> Manifest:
     cfg = checkpoint.config
     text = cfg.text_config
     is_pg2 = text.model_type == "gemma2"
+    quant = precision.weights
     quant_info = QuantInfo(level=quant)
     if quant in quantize.BITS:
-        quant_info = QuantInfo(level=quant, bits=quantize.BITS[quant], block_size=block_size, symmetric=True,
-                               accuracy_level=quantize.ACCURACY_LEVEL, method="MatMulNBits + GatherBlockQuantized")
+        quant_info = QuantInfo(level=quant, bits=quantize.BITS[quant], block_size=precision.block_size,
+                               symmetric=True, accuracy_level=precision.accuracy_level,
+                               method="MatMulNBits + GatherBlockQuantized")
     elif quant == "fp16":
-        quant_info = QuantInfo(level=quant, fp32_kept=["residual stream", "RMSNorm",
-                                                       "attention softmax and soft-capping",
-                                                       "MLP gate*up product (clamped)", "logits"])
+        kept = ["residual stream and RMSNorm (Gemma 2)"] if is_pg2 else []
+        quant_info = QuantInfo(level=quant, fp32_kept=kept + ["attention softmax (inside the kernel)", "logits"])
     return Manifest(
         family="pg2" if is_pg2 else "pg1",
         image_size=checkpoint.image_size,
@@ -206,11 +188,13 @@ def _manifest(checkpoint: Checkpoint, graphs: dict[str, GraphInfo], quant: str, 
         head_dim=text.head_dim,
         hidden=text.hidden_size,
         vocab_size=text.vocab_size,
+        max_positions=text.max_position_embeddings,
         sliding_window=text.sliding_window if is_pg2 else None,
         quant=quant_info,
-        kv_dtype="float16" if quant == "fp16" else "float32",
+        device=device,
+        kv_dtype=precision.compute_dtype,
         graphs=graphs,
-        opset=OPSET,
+        opset=quantize.OPSET,
         source={"id": checkpoint.source_id, "revision": checkpoint.revision},
         palionnx_version=__version__,
     )

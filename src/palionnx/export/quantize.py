@@ -1,9 +1,9 @@
-"""Weight-only quantization of exported graphs with onnxruntime's tools.
+"""Weight-only block quantization (MatMulNBits), with onnxruntime's own blockwise quantizer.
 
-- MatMul weights -> `MatMulNBits` (4 or 8 bits, blockwise along K), onnxruntime's MatMulNBitsQuantizer.
-  Unlike `quantize_dynamic` (MatMulInteger), MatMulNBits runs on the CUDA provider too.
-- The embedding table -> `GatherBlockQuantized`: 4 bits by the same quantizer; 8 bits, which that
-  quantizer does not do for Gather, by `_gather_int8` below (symmetric blocks, zero point 128).
+`quantize_blocks` turns one [N, K] weight into MatMulNBits' blob and scales (symmetric, along K); the
+decoder builder calls it per weight, and `quantize_graph` applies it to every MatMul of an exported graph
+(the vision encoder). Unlike `quantize_dynamic` (MatMulInteger), MatMulNBits runs on the CUDA provider too.
+The same blob serves GatherBlockQuantized, so the decoder's tied embedding is stored once.
 """
 
 from __future__ import annotations
@@ -15,10 +15,31 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
+OPSET = 21
 BITS = {"int8": 8, "int4": 4}
-# accuracy_level 4: MatMulNBits may compute with int8 activations (VNNI / AVX-512 on CPU), which is the
-# fast path on x86; the CUDA kernels ignore the attribute.
-ACCURACY_LEVEL = 4
+# accuracy_level 4: MatMulNBits may compute with int8 activations (VNNI / AVX-512 on CPU), the fast path on
+# x86; the CUDA kernels ignore the attribute (0 is written for CUDA-targeted folders).
+CPU_ACCURACY_LEVEL = 4
+
+
+def quantize_blocks(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """[N, K] float weight -> (blob uint8 [N, K/block, block*bits/8], scales float32 [N, K/block]).
+
+    Symmetric (the zero point is the default 2^(bits-1)); K is zero-padded to whole blocks. Computed by
+    onnxruntime's C++ quantizer, the one its MatMulNBits tooling uses.
+    """
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    n, k = weight.shape
+    blocks = -(-k // block_size)
+    columns = np.zeros((blocks * block_size, n), dtype=np.float32)  # the quantizer reads [K, N]
+    columns[:k] = weight.T
+    packed = np.zeros((n, blocks, block_size * bits // 8), dtype=np.uint8)
+    scales = np.zeros((n, blocks), dtype=np.float32)
+    zero_points = np.zeros((n, -(-blocks * bits // 8)), dtype=np.uint8)  # unused when symmetric
+    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    quantize(packed, columns, scales, zero_points, block_size, n, blocks * block_size, True)
+    return packed, scales
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
@@ -30,48 +51,36 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
                     location=data, size_threshold=1024)
 
 
-def quantize_graph(src: Path, dst: Path, level: str, block_size: int, gather: bool) -> None:
-    """Write `dst`: `src` with its MatMul weights (and with `gather`, its embedding table) quantized.
+def quantize_graph(src: Path, dst: Path, level: str, block_size: int, accuracy_level: int) -> None:
+    """Write `dst`: `src` with every MatMul by a constant weight as MatMulNBits.
 
-    Weights are streamed: the graph is read without its external data, and each weight is loaded,
-    quantized by onnxruntime's DefaultWeightOnlyQuantizer in a scratch graph, and dropped, so memory holds
-    one float weight at a time plus the quantized result (not the whole float model).
+    Weights are streamed: the graph is read without its external data and each weight is loaded,
+    quantized and dropped, so memory holds one float weight at a time plus the quantized results.
     """
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        DefaultWeightOnlyQuantizer,
-    )
-
-    bits = BITS[level]
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    config = DefaultWeightOnlyQuantConfig(
-        block_size=block_size, is_symmetric=True, accuracy_level=ACCURACY_LEVEL, bits=bits,
-        op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)),
-    )
-    quantizer = DefaultWeightOnlyQuantizer(config)
+    bits = BITS[level]
     model = onnx.load(str(src), load_external_data=False)
     graph, base = model.graph, str(src.parent)
     weights = {init.name: init for init in graph.initializer}
     nodes: list[onnx.NodeProto] = []
     added: list[onnx.TensorProto] = []
     for node in graph.node:
-        name = {"MatMul": node.input[-1], "Gather": node.input[0] if gather else None}.get(node.op_type)
-        if name not in weights:
+        name = node.input[-1]
+        if node.op_type != "MatMul" or name not in weights or len(weights[name].dims) != 2:
             nodes.append(node)
             continue
-        weight = onnx.TensorProto()
-        weight.CopyFrom(weights[name])
-        external_data_helper.load_external_data_for_tensor(weight, base)
-        scratch = helper.make_graph([], "scratch", [], [], initializer=[weight])
-        if node.op_type == "Gather" and bits == 8:
-            replacement = [_gather_int8(node, weight, block_size, scratch)]
-        else:
-            replacement = quantizer.quantize(node, [graph, scratch])
-        nodes.extend(replacement)
-        for tensor in scratch.initializer:  # copied out, so the scratch graph and its float weight are freed
-            if tensor.name != name:
-                added.append(onnx.TensorProto())
-                added[-1].CopyFrom(tensor)
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(weights[name])
+        external_data_helper.load_external_data_for_tensor(tensor, base)
+        weight = numpy_helper.to_array(tensor)  # [K, N]
+        packed, scales = quantize_blocks(weight.T.astype(np.float32), bits, block_size)
+        added += [numpy_helper.from_array(packed, name + "_Q"),
+                  numpy_helper.from_array(scales.astype(weight.dtype), name + "_scales")]
+        nodes.append(helper.make_node(
+            "MatMulNBits", [node.input[0], name + "_Q", name + "_scales"], list(node.output),
+            name=(node.name or name) + "_Q", domain="com.microsoft", K=weight.shape[0], N=weight.shape[1],
+            bits=bits, block_size=block_size, accuracy_level=accuracy_level,
+        ))
 
     used = {name for node in nodes for name in node.input}
     kept = [init for init in graph.initializer if init.name in used]
@@ -87,30 +96,3 @@ def quantize_graph(src: Path, dst: Path, level: str, block_size: int, gather: bo
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     save_model(model, dst)
-
-
-def _gather_int8(node: onnx.NodeProto, weight: onnx.TensorProto, block_size: int,
-                 scratch: onnx.GraphProto) -> onnx.NodeProto:
-    """An 8-bit GatherBlockQuantized for a Gather over `weight` (symmetric blocks, zero point 128).
-
-    onnxruntime's quantizer does Gather at 4 bits only; the layout here is the kernel's 8-bit one.
-    """
-    table = numpy_helper.to_array(weight)
-    rows, cols = table.shape
-    if cols % block_size:
-        return node
-    blocks = table.astype(np.float32).reshape(rows, cols // block_size, block_size)
-    scales = np.abs(blocks).max(axis=-1) / 127.0
-    scales[scales == 0] = 1.0
-    q = (np.clip(np.rint(blocks / scales[..., None]), -127, 127) + 128).astype(np.uint8)
-    name = weight.name
-    scratch.initializer.extend([
-        numpy_helper.from_array(q.reshape(rows, cols), name + "_Q8"),
-        numpy_helper.from_array(scales.astype(table.dtype), name + "_scales"),
-    ])
-    gather_axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-    return helper.make_node(
-        "GatherBlockQuantized", [name + "_Q8", node.input[1], name + "_scales"], list(node.output),
-        name=(node.name or "gather") + "_Q8", domain="com.microsoft",
-        gather_axis=gather_axis, quantize_axis=1, block_size=block_size, bits=8,
-    )

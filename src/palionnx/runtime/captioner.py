@@ -57,10 +57,15 @@ class Captioner:
         self.image_spec = manifest.image_spec
 
     @classmethod
-    def load(cls, folder: str | Path, device: str = "auto", threads: int | None = None) -> Captioner:
-        """Open an exported model folder on "auto" (CUDA when it works, else CPU), "cuda" or "cpu"."""
+    def load(cls, folder: str | Path, device: str = "auto", threads: int | None = None,
+             cuda_graph: bool = True) -> Captioner:
+        """Open an exported model folder on "auto", "cuda" or "cpu".
+
+        "auto" runs a folder built for CUDA on CUDA when it works (else on the CPU) and a folder built for
+        the CPU on the CPU. `cuda_graph=False` turns off capturing the decode step as a CUDA graph.
+        """
         manifest = Manifest.load(folder)
-        return cls(folder, manifest, OnnxPaliGemma(folder, manifest, device, threads))
+        return cls(folder, manifest, OnnxPaliGemma(folder, manifest, device, threads, cuda_graph))
 
     @property
     def device(self) -> str:
@@ -116,19 +121,30 @@ class Captioner:
         return results
 
     def prompt_batch(self, pixels: np.ndarray, prompts: list[str]) -> PromptBatch:
-        """Encode pixel values [n, 3, H, W] and build the left-padded prefill inputs of one batch."""
+        """Encode pixel values [n, 3, H, W] and lay out one batch's prompts for the decoder."""
         m = self.manifest
+        sequences = [self.text.prompt_ids(p) for p in prompts]
+        lengths = np.array([len(s) for s in sequences])
+        width = int(lengths.max())
         features = self.model.encode_images(pixels)
-        ids, attention_mask = self._left_padded([self.text.prompt_ids(p) for p in prompts])
-        position_ids = np.where(attention_mask == 0, 1, attention_mask.cumsum(-1) - 1) + 1  # 1-indexed
-        embeds = self.model.embed_tokens(np.where(ids == m.image_token_id, m.pad_token_id, ids))
-        embeds[ids == m.image_token_id] = features.reshape(-1, features.shape[-1]).astype(embeds.dtype)
-        return PromptBatch(ids, embeds, attention_mask, position_ids)
+        history = np.full((len(sequences), width), m.pad_token_id, dtype=np.int64)  # left-padded
+        input_ids = np.full((len(sequences), width), m.pad_token_id, dtype=np.int64)  # right-padded
+        image_features = np.zeros((len(sequences), width, m.hidden), dtype=features.dtype)
+        for row, ids in enumerate(sequences):
+            history[row, width - len(ids):] = ids
+            input_ids[row, : len(ids)] = ids
+            slots = np.flatnonzero(input_ids[row] == m.image_token_id)
+            if len(slots) != features.shape[1]:
+                raise ValueError(f"the prompt template gives {len(slots)} image tokens; the model has "
+                                 f"{features.shape[1]} image features per image")
+            image_features[row, slots] = features[row]
+            input_ids[row, slots] = -1
+        return PromptBatch(history, input_ids, image_features, lengths)
 
     def prefill_logits(self, images: Sequence[ImageInput], prompts: list[str]) -> np.ndarray:
         """Next-token logits [b, vocab] after the prompt: what validation compares with transformers."""
         batch = self.prompt_batch(np.stack([self._pixels(image) for image in images]), prompts)
-        state = self.model.new_state(max_len=batch.ids.shape[1] + 1)
+        state = self.model.new_state(len(prompts), batch.input_ids.shape[1] + 1)
         return state.prefill(batch).logits()
 
     def _pixels(self, image: ImageInput) -> np.ndarray:
@@ -149,7 +165,7 @@ class Captioner:
         batch = self.prompt_batch(pixels, prompts)
         timings.vision_s = time.perf_counter() - started  # image encoding and prompt embedding
         started = time.perf_counter()
-        state = self.model.new_state(max_len=batch.ids.shape[1] + max_new_tokens)
+        state = self.model.new_state(len(prompts), batch.input_ids.shape[1] + max_new_tokens)
         steps = generate_step(state, batch, max_new_tokens=max_new_tokens, eos_ids=eos_ids, sampler=sampler,
                               logits_processors=logits_processors)
         tokens: list[list[int]] = [[] for _ in prompts]
@@ -166,15 +182,6 @@ class Captioner:
                     tokens[row].append(token)
             started = time.perf_counter()
         return [(t, timings) for t in tokens]
-
-    def _left_padded(self, sequences: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        width = max(len(s) for s in sequences)
-        ids = np.full((len(sequences), width), self.manifest.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(sequences), width), dtype=np.int64)
-        for row, seq in enumerate(sequences):
-            ids[row, width - len(seq) :] = seq
-            mask[row, width - len(seq) :] = 1
-        return ids, mask
 
 
 def _name(image: ImageInput) -> str:

@@ -13,14 +13,16 @@ from pathlib import Path
 MANIFEST_NAME = "palionnx.json"
 TOKENIZER_NAME = "tokenizer.json"
 # 3: typed quant settings, prompt_template applied as written ({image}, {bos}, {prompt} anywhere).
-SCHEMA_VERSION = 3
+# 4: fused decoder (GroupQueryAttention, in-place KV cache, embedding inside), no embed_tokens graph.
+SCHEMA_VERSION = 4
 
-VISION_ENCODER, EMBED_TOKENS, DECODER = "vision_encoder", "embed_tokens", "decoder"
+VISION_ENCODER, DECODER, DECODER_WINDOWED = "vision_encoder", "decoder", "decoder_windowed"
 GRAPH_FILES = {
     VISION_ENCODER: "vision_encoder.onnx",
-    EMBED_TOKENS: "embed_tokens.onnx",
-    DECODER: "decoder_model_merged.onnx",
+    DECODER: "decoder.onnx",
+    DECODER_WINDOWED: "decoder_windowed.onnx",  # Gemma 2 only: decode steps once the sliding window can bind
 }
+REQUIRED_GRAPHS = (VISION_ENCODER, DECODER)
 
 
 @dataclass(frozen=True)
@@ -44,27 +46,34 @@ def present_names(layers: int) -> list[str]:
 def graph_io(role: str, layers: int) -> GraphIO:
     """What each graph takes and gives.
 
-    - vision_encoder: pixel_values [b, 3, H, W] -> image_features [b, image_seq_length, hidden].
-    - embed_tokens: input_ids [b, s] -> inputs_embeds [b, s, hidden] (scaled by sqrt(hidden)).
-    - decoder: inputs_embeds [b, s, hidden], attention_mask [b, max_len], position_ids [b, s] (1-indexed),
-      past_length [] and the cache [b, kv_heads, max_len, head_dim] per layer -> logits [b, vocab] of the
-      last position, next_token [b] (its argmax) and the updated cache.
+    - vision_encoder: pixel_values [b, 3, H, W] float32 -> image_features [b, image_seq_length, hidden] float32
+      (not scaled).
+    - decoder (and decoder_windowed, the same contract): one call feeds `s` new tokens per row into a KV
+      cache that rows fill from slot 0 (prompts are right-padded):
+      input_ids [b, s] int64 (negative where an image feature goes), image_features [b, s, hidden] (used where
+      input_ids < 0; the residual type), seqlens_k [b] int32 (tokens of the row in the cache after this
+      call, minus 1), total_sequence_length [] int32 (s for the prompt; the cache's max_len for a decode
+      step), last_index [b] int64 (flat index into b x s of each row's token whose logits are returned),
+      and per layer past_key_values.N.key / .value [b, kv_heads, max_len, head_dim] ->
+      logits [b, vocab] float32, next_token [b] int64 (their argmax) and present.N.key / .value: the same
+      buffers as the past ones (bind one buffer to both; the call writes its keys at slots
+      seqlens_k - s + 1 .. seqlens_k of each row). The first call of a sequence feeds its whole prompt
+      (bidirectional attention); later calls feed one token each.
     """
     if role == VISION_ENCODER:
         return GraphIO(["pixel_values"], ["image_features"])
-    if role == EMBED_TOKENS:
-        return GraphIO(["input_ids"], ["inputs_embeds"])
-    if role == DECODER:
+    if role in (DECODER, DECODER_WINDOWED):
         return GraphIO(
-            ["inputs_embeds", "attention_mask", "position_ids", "past_length", *past_names(layers)],
+            ["input_ids", "image_features", "seqlens_k", "total_sequence_length", "last_index",
+             *past_names(layers)],
             ["logits", "next_token", *present_names(layers)],
         )
     raise KeyError(f"unknown graph role {role!r}")
 
 
 def data_file(graph_file: str) -> str:
-    """The external-data file holding a graph's weights."""
-    return graph_file + ".data"
+    """The external-data file holding a graph's weights (the windowed decoder shares the decoder's)."""
+    return GRAPH_FILES[DECODER] + ".data" if graph_file == GRAPH_FILES[DECODER_WINDOWED] else graph_file + ".data"
 
 
 def graph_files(folder: str | Path, role: str) -> list[Path]:

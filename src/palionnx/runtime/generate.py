@@ -136,12 +136,12 @@ def reads_logits(sampler: Sampler, logits_processors: Sequence[LogitsProcessor])
 
 @dataclass
 class PromptBatch:
-    """Prefill inputs of one batch: ids and embeddings left-padded to a common length."""
+    """Prefill inputs of one batch of prompts of different lengths."""
 
-    ids: np.ndarray  # [b, s] int64, image tokens included: what the logits processors see as history
-    inputs_embeds: np.ndarray  # [b, s, hidden], image features in the image-token slots
-    attention_mask: np.ndarray  # [b, s], 0 on the left padding
-    position_ids: np.ndarray  # [b, s], 1-indexed over real tokens
+    ids: np.ndarray  # [b, s] int64 left-padded with pad ids, image tokens included: the processors' history
+    input_ids: np.ndarray  # [b, s] int64 right-padded (the decoder's layout), -1 where an image feature goes
+    image_features: np.ndarray  # [b, s, hidden], right-padded like input_ids; zero outside the image tokens
+    lengths: np.ndarray  # [b] real tokens per row
 
 
 class DecoderOutput(Protocol):
@@ -159,8 +159,6 @@ class KVDecoder(Protocol):
 
     def step(self, token_ids: np.ndarray) -> DecoderOutput: ...
 
-    def keep(self, rows: np.ndarray) -> None: ...
-
 
 def generate_step(
     decoder: KVDecoder,
@@ -171,22 +169,24 @@ def generate_step(
     sampler: Sampler = greedy,
     logits_processors: Sequence[LogitsProcessor] = (),
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Prefill once, then feed one token per step; yield (rows, tokens) for the sequences still running.
+    """Prefill once, then feed one token per row per step; yield (rows, tokens) for the sequences still running.
 
-    - `decoder`: a fresh KV cache with room for the prompt and `max_new_tokens` more slots.
-    - `prompt`: the batch's left-padded prompt; its `ids` start the history the processors see.
+    - `decoder`: a fresh KV cache with room for the prompt and `max_new_tokens` more slots per row.
+    - `prompt`: the batch's prompts; its `ids` start the history the processors see.
     - `max_new_tokens`: at most this many tokens per sequence (required; at least 1).
     - `eos_ids`: token ids that end a sequence (default none: always `max_new_tokens`). The eos token is
-      yielded, then the row leaves the batch.
+      yielded, then the row is done.
     - `sampler`: picks one token per row from the processed logits (default `greedy`).
     - `logits_processors`: applied in order to the logits before sampling (default none).
 
-    `rows` index the original batch. A finished row is dropped from the batch (its KV cache rows too),
-    so finished sequences cost nothing more. See `reads_logits` for when the logits are never fetched.
+    `rows` index the batch. A finished row stays in the decoder's batch until the batch ends (its tokens
+    are no longer yielded): the batch keeps one shape, which a captured CUDA graph needs, and a decode step
+    reads the weights once whatever the number of rows. See `reads_logits` for when the logits are never
+    fetched.
     """
-    rows = np.arange(prompt.ids.shape[0])
     history = prompt.ids
     eos = np.asarray(list(eos_ids), dtype=np.int64)
+    running = np.ones(len(history), dtype=bool)
     fetch_logits = reads_logits(sampler, logits_processors)
     output = decoder.prefill(prompt)
     for step in range(max_new_tokens):
@@ -197,12 +197,10 @@ def generate_step(
             tokens = sampler(logits)
         else:
             tokens = output.next_token()
-        yield rows, tokens
-        running = ~np.isin(tokens, eos)
+        rows = np.flatnonzero(running)
+        yield rows, tokens[rows]
+        running &= ~np.isin(tokens, eos)
         if step + 1 == max_new_tokens or not running.any():
             return
         history = np.concatenate([history, tokens[:, None]], axis=1)
-        if not running.all():
-            rows, tokens, history = rows[running], tokens[running], history[running]
-            decoder.keep(np.flatnonzero(running))
         output = decoder.step(tokens)

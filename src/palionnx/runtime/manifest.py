@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .contract import GRAPH_FILES, MANIFEST_NAME, SCHEMA_VERSION, TOKENIZER_NAME
+from .contract import MANIFEST_NAME, REQUIRED_GRAPHS, SCHEMA_VERSION, TOKENIZER_NAME
+from .levels import QUANT_LEVELS
 from .preprocess import ImageSpec
 
-QUANT_LEVELS = ("fp32", "fp16", "int8", "int4")
 KV_DTYPES = ("float32", "float16")
+BUILT_FOR = ("cpu", "cuda")
 
 
 class ModelFolderError(Exception):
@@ -69,10 +70,12 @@ class Manifest:
     head_dim: int
     hidden: int
     vocab_size: int
+    max_positions: int  # the longest sequence (prompt + caption) the model has positions for
     sliding_window: int | None  # Gemma 2: window of the sliding layers; None for Gemma
     quant: QuantInfo
-    kv_dtype: str  # one of KV_DTYPES: the KV cache's element type
-    graphs: dict[str, GraphInfo]  # by role (see contract.GRAPH_FILES)
+    device: str  # one of BUILT_FOR: what the graphs are built for (float32 compute on cpu, float16 on cuda)
+    kv_dtype: str  # one of KV_DTYPES: the KV cache's (and the decoder's compute) element type
+    graphs: dict[str, GraphInfo]  # by role (see contract.GRAPH_FILES); decoder_windowed for Gemma 2 only
     opset: int  # ONNX opset of the graphs
     source: dict[str, Any] = field(default_factory=dict)  # id and revision of the exported checkpoint
     palionnx_version: str = ""  # the palionnx that exported the folder
@@ -120,7 +123,9 @@ class Manifest:
             raise ModelFolderError(f"{where}: quant.level {self.quant.level!r} is not one of {', '.join(QUANT_LEVELS)}")
         if self.kv_dtype not in KV_DTYPES:
             raise ModelFolderError(f"{where}: kv_dtype {self.kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
-        missing = sorted(set(GRAPH_FILES) - set(self.graphs))
+        if self.device not in BUILT_FOR:
+            raise ModelFolderError(f"{where}: device {self.device!r} is not one of {', '.join(BUILT_FOR)}")
+        missing = sorted(set(REQUIRED_GRAPHS) - set(self.graphs))
         if missing:
             raise ModelFolderError(f"{where}: graphs lacks {', '.join(missing)}: export the model again")
         for role, graph in self.graphs.items():

@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .captioner import Captioner
 from .contract import folder_size
+from .preprocess import image_pixels
 
 
 def peak_rss_mb() -> float:
@@ -53,7 +55,6 @@ def measure(folder: Path, *, images: int, max_new_tokens: int, batch_size: int, 
     GPU MB (on CUDA) and size on disk, with the settings.
     """
     from ..samples import sample_images
-    from .captioner import Captioner
 
     started = time.perf_counter()
     captioner = Captioner.load(folder, device=device)
@@ -92,6 +93,26 @@ def measure(folder: Path, *, images: int, max_new_tokens: int, batch_size: int, 
         "size_on_disk_mb": folder_size(folder) / 1e6,
         "images": images, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "repeats": repeats,
     }
+
+
+def decode_step_ms(captioner: Captioner, allocated: int, steps: int = 64) -> float:
+    """ms per decode step for the first `steps` tokens of one caption whose cache has room for `allocated`
+    new tokens: with attention over the filled length only, it does not depend on `allocated`."""
+    from ..samples import sample_images
+    from .defaults import DEFAULT_PROMPT
+
+    image = sample_images(1, size=captioner.manifest.image_size)[0]
+    batch = captioner.prompt_batch(image_pixels(image, captioner.image_spec)[None], [DEFAULT_PROMPT])
+    state = captioner.model.new_state(1, batch.input_ids.shape[1] + allocated)
+    tokens = state.prefill(batch).next_token()
+    for _ in range(3):  # warm-up (and, on CUDA, the graph capture)
+        tokens = state.step(tokens).next_token()
+    state = captioner.model.new_state(1, batch.input_ids.shape[1] + allocated)  # the same buffers, reset
+    tokens = state.prefill(batch).next_token()
+    started = time.perf_counter()
+    for _ in range(steps):
+        tokens = state.step(tokens).next_token()
+    return 1000 * (time.perf_counter() - started) / steps
 
 
 def measure_in_subprocess(folder: Path, **settings: Any) -> dict[str, Any]:

@@ -1,4 +1,11 @@
-"""The three ONNX graphs of a model folder, and the decoder's KV-cache state for one batch."""
+"""The graphs of a model folder, and the decoder's KV cache for one batch.
+
+The decoder's KV cache is one preallocated buffer per layer and per key/value, bound as both the graph's
+past and present (GroupQueryAttention writes each new key in place). Rows fill the cache from slot 0:
+prompts are right-padded and every row keeps its own length, so attention costs what each row has
+filled, not the buffer's size. Every decode-step input and output lives at a fixed address, so on CUDA
+the step is captured once as a CUDA graph and replayed.
+"""
 
 from __future__ import annotations
 
@@ -7,142 +14,199 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .contract import DECODER, EMBED_TOKENS, VISION_ENCODER, graph_io
+from .contract import DECODER, DECODER_WINDOWED, VISION_ENCODER, graph_io
 from .generate import PromptBatch
 from .manifest import Manifest
-from .sessions import open_sessions
+from .sessions import DeviceError, open_sessions, requested_device
 
-_NUMPY_DTYPE = {"float32": np.float32, "float16": np.float16}
+_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def model_device(manifest: Manifest, device: str) -> str:
+    """The device to run a folder on: "auto" follows the folder (a CPU-built folder stays on the CPU even
+    where CUDA exists); "cuda" for a CPU-built folder is a DeviceError saying how to export for CUDA."""
+    if device == "auto" and manifest.device == "cpu":
+        return "cpu"
+    if device == "cuda" and manifest.device == "cpu":
+        raise DeviceError(
+            f"this folder is built for the CPU ({manifest.quant.level}, float32 compute, which onnxruntime's CUDA "
+            "attention lacks): export it for CUDA with `palionnx export ... --quant fp16` (or int8/int4 with "
+            "--device cuda)"
+        )
+    return device
 
 
 class OnnxPaliGemma:
-    """Sessions for vision_encoder, embed_tokens and decoder of an exported folder, all on one device."""
+    """The vision encoder and decoder sessions of an exported folder, all on one device."""
 
-    def __init__(self, folder: str | Path, manifest: Manifest, device: str = "auto", threads: int | None = None):
-        folder = Path(folder)
-        self.manifest = manifest
-        paths = {role: folder / graph.file for role, graph in manifest.graphs.items()}
-        sessions, self.device = open_sessions(paths, device, threads)  # "cuda" or "cpu", decided once
-        self.vision, self.embed, self.decoder = sessions[VISION_ENCODER], sessions[EMBED_TOKENS], sessions[DECODER]
+    def __init__(self, folder: str | Path, manifest: Manifest, device: str = "auto", threads: int | None = None,
+                 cuda_graph: bool = True):
+        self.folder, self.manifest, self.threads = Path(folder), manifest, threads
+        roles = (VISION_ENCODER, DECODER)
+        paths = {role: self.folder / manifest.graphs[role].file for role in roles}
+        wanted = model_device(manifest, device)
+        self.cuda_graph = cuda_graph and requested_device(wanted) == "cuda"
+        sessions, self.device = open_sessions(paths, wanted, threads, self._graph_roles())
+        self.cuda_graph = self.cuda_graph and self.device == "cuda"
+        self.vision, self.decoder = sessions[VISION_ENCODER], sessions[DECODER]
+        self.windowed: ort.InferenceSession | None = None  # Gemma 2, opened when first needed
         self.providers = self.decoder.get_providers()
-        self.kv_dtype = _NUMPY_DTYPE[manifest.kv_dtype]
-        self.io = {role: graph_io(role, manifest.layers) for role in sessions}
+        self.io = graph_io(DECODER, manifest.layers)
+        types = {i.name: i.type for i in self.decoder.get_inputs()}
+        self.residual_dtype = _NUMPY[types[self.io.inputs[1]]]
+        self.kv_dtype = _NUMPY[types[self.io.inputs[5]]]
+        self._states: dict[tuple[int, int], DecoderState] = {}
+        self._graph_ids = 0
+
+    def _graph_roles(self) -> set[str]:
+        return {DECODER, DECODER_WINDOWED} if self.cuda_graph else set()
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
-        """[n, 3, H, W] -> image features [n, image_seq_length, hidden]."""
-        (name,) = self.io[VISION_ENCODER].inputs
-        return self.vision.run(None, {name: pixel_values})[0]
+        """[n, 3, H, W] -> image features [n, image_seq_length, hidden] in the decoder's residual type."""
+        (name,) = graph_io(VISION_ENCODER, 0).inputs
+        return self.vision.run(None, {name: pixel_values})[0].astype(self.residual_dtype, copy=False)
 
-    def embed_tokens(self, input_ids: np.ndarray) -> np.ndarray:
-        """[b, s] int64 -> inputs_embeds [b, s, hidden] (scaled by sqrt(hidden))."""
-        (name,) = self.io[EMBED_TOKENS].inputs
-        return self.embed.run(None, {name: input_ids})[0]
+    def decode_session(self, max_len: int) -> ort.InferenceSession:
+        """The decoder for decode steps: Gemma 2's windowed graph once a row can outgrow the sliding window."""
+        window = self.manifest.sliding_window
+        if not window or max_len <= window or DECODER_WINDOWED not in self.manifest.graphs:
+            return self.decoder
+        if self.windowed is None:
+            path = self.folder / self.manifest.graphs[DECODER_WINDOWED].file
+            sessions, _ = open_sessions({DECODER_WINDOWED: path}, self.device, self.threads, self._graph_roles())
+            self.windowed = sessions[DECODER_WINDOWED]
+        return self.windowed
 
-    def new_state(self, max_len: int) -> DecoderState:
-        """A fresh KV cache of `max_len` slots (prompt + generated tokens) for one batch."""
-        return DecoderState(self, max_len)
+    def new_state(self, batch: int, max_len: int) -> DecoderState:
+        """A KV cache for `batch` rows of up to `max_len` tokens. The last two shapes are kept and reused, so
+        batch after batch runs on the same buffers (and the same captured CUDA graph)."""
+        if max_len > self.manifest.max_positions:
+            raise ValueError(f"prompt + new tokens ({max_len}) exceed the model's {self.manifest.max_positions} "
+                             "positions")
+        key = (batch, max_len)
+        state = self._states.pop(key, None) or DecoderState(self, batch, max_len, self._next_graph_id())
+        self._states[key] = state
+        while len(self._states) > 2:
+            self._states.pop(next(iter(self._states)))
+        return state
+
+    def _next_graph_id(self) -> int:
+        self._graph_ids += 1
+        return self._graph_ids
+
+    def drop_cuda_graph(self) -> None:
+        """Reopen the decoders without CUDA graph capture (when capture fails)."""
+        self.cuda_graph = False
+        paths = {DECODER: self.folder / self.manifest.graphs[DECODER].file}
+        self.decoder = open_sessions(paths, self.device, self.threads)[0][DECODER]
+        self.windowed = None
 
 
 class StepOutput:
-    """The decoder's outputs for one call, fetched to the host only when asked for."""
+    """The decoder's outputs for one call, copied to the host only when asked for."""
 
     def __init__(self, logits: ort.OrtValue, next_token: ort.OrtValue):
-        self._logits = logits
-        self._next_token = next_token
+        self._logits, self._next_token = logits, next_token
 
     def logits(self) -> np.ndarray:
         """[b, vocab] float32 scores of the next token."""
-        return self._logits.numpy()
+        return np.array(self._logits.numpy())
 
     def next_token(self) -> np.ndarray:
         """[b] int64 argmax of the logits: all a greedy loop needs to read back."""
-        return self._next_token.numpy()
+        return np.array(self._next_token.numpy())
 
 
 class DecoderState:
-    """One batch's decoder with its KV cache in two preallocated buffer sets.
+    """A batch's rows in the KV cache, with the decode step's inputs and outputs at fixed addresses."""
 
-    Each call reads the cache from one set and writes the updated cache into the other (IO binding),
-    then the two swap roles: no allocation or copy of the cache between steps, and on CUDA the cache
-    never leaves the GPU. Only the new token's embedding, mask and position go in each step.
-    """
+    def __init__(self, model: OnnxPaliGemma, batch: int, max_len: int, graph_id: int):
+        self.model, self.batch, self.max_len, self.graph_id = model, batch, max_len, graph_id
+        m, device = model.manifest, model.device
+        shape = (batch, m.kv_heads, max_len, m.head_dim)
 
-    def __init__(self, model: OnnxPaliGemma, max_len: int):
-        self.model = model
-        self.max_len = max_len
-        self.device = model.device
-        io = model.io[DECODER]
-        self.inputs = io.inputs[:4]  # inputs_embeds, attention_mask, position_ids, past_length
-        self.outputs = io.outputs[:2]  # logits, next_token
-        self.past_names, self.present_names = io.inputs[4:], io.outputs[2:]
-        self.reading: list[ort.OrtValue] = []
-        self.writing: list[ort.OrtValue] = []
-        self.attention_mask = np.zeros((0, max_len), dtype=np.int64)
-        self.filled = 0  # cache slots written so far (the same for every row: prompts are left-padded)
-        self.next_position = np.zeros((0, 1), dtype=np.int64)
+        def on_device(array: np.ndarray) -> ort.OrtValue:
+            return ort.OrtValue.ortvalue_from_numpy(array, device, 0)
 
-    def _allocate(self, batch: int, initial: list[np.ndarray] | None = None) -> None:
-        m = self.model.manifest
-        shape = (batch, m.kv_heads, self.max_len, m.head_dim)
-        if initial is None:  # free slots must hold finite values: masked scores still multiply them
-            initial = [np.zeros(shape, dtype=self.model.kv_dtype) for _ in self.past_names]
-        # On CPU these wrap the numpy arrays without a copy; on CUDA they are copied to the GPU once.
-        self.reading = [ort.OrtValue.ortvalue_from_numpy(array, self.device, 0) for array in initial]
-        self.writing = [
-            ort.OrtValue.ortvalue_from_shape_and_type(shape, self.model.kv_dtype, self.device, 0)
-            for _ in self.past_names
-        ]
-
-    def _run(self, inputs_embeds: ort.OrtValue, position_ids: np.ndarray, new: int) -> StepOutput:
-        binding = self.model.decoder.io_binding()
-        embeds_name, mask_name, positions_name, past_length_name = self.inputs
-        binding.bind_ortvalue_input(embeds_name, inputs_embeds)
-        binding.bind_cpu_input(mask_name, self.attention_mask)
-        binding.bind_cpu_input(positions_name, position_ids)
-        binding.bind_cpu_input(past_length_name, np.array(self.filled, dtype=np.int64))
-        for name, value in zip(self.past_names, self.reading):
-            binding.bind_ortvalue_input(name, value)
-        for name in self.outputs:  # logits, next_token: outputs come back in binding order
-            binding.bind_output(name, self.device)
-        for name, value in zip(self.present_names, self.writing):
-            binding.bind_ortvalue_output(name, value)
-        self.model.decoder.run_with_iobinding(binding)
-        logits, next_token = binding.get_outputs()[:2]
-        self.reading, self.writing = self.writing, self.reading
-        self.filled += new
-        return StepOutput(logits, next_token)
+        # Zero-filled once; GroupQueryAttention only reads the slots a row has filled.
+        self.cache = [on_device(np.zeros(shape, dtype=model.kv_dtype)) for _ in model.io.inputs[5:]]
+        self.token_ids = on_device(np.zeros((batch, 1), dtype=np.int64))
+        self.no_features = on_device(np.zeros((batch, 1, m.hidden), dtype=model.residual_dtype))
+        self.seqlens = on_device(np.zeros(batch, dtype=np.int32))
+        self.last_index = on_device(np.arange(batch, dtype=np.int64))
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, m.vocab_size), np.float32, device, 0)
+        self.next_token = ort.OrtValue.ortvalue_from_shape_and_type((batch,), np.int64, device, 0)
+        # total_sequence_length of a decode step: on CUDA the cache size (a CUDA graph bakes this host value in),
+        # on the CPU the longest row's length (the CPU kernel's work follows it).
+        self.total = np.array(max_len, dtype=np.int32)
+        self.lengths = np.zeros(batch, dtype=np.int32)  # tokens of each row in the cache
+        self._bindings: dict[int, ort.IOBinding] = {}
 
     def prefill(self, prompt: PromptBatch) -> StepOutput:
-        """Run the whole left-padded prompt [b, s] into empty cache slots 0 .. s-1."""
-        inputs_embeds, attention_mask, position_ids = prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids
-        batch, width = attention_mask.shape
-        if width >= self.max_len:
-            raise ValueError(f"the prompt ({width} tokens) does not fit a cache of {self.max_len}")
-        self._allocate(batch)
-        self.filled = 0
-        self.attention_mask = np.zeros((batch, self.max_len), dtype=np.int64)
-        self.attention_mask[:, :width] = attention_mask
-        self.next_position = position_ids[:, -1:].astype(np.int64) + 1
-        embeds = ort.OrtValue.ortvalue_from_numpy(inputs_embeds.astype(np.float32), self.device, 0)
-        return self._run(embeds, position_ids.astype(np.int64), width)
+        """Run each row's whole prompt (right-padded [b, s]) into its empty cache slots 0 .. len - 1."""
+        batch, width = prompt.input_ids.shape
+        if batch != self.batch or width >= self.max_len:
+            raise ValueError(f"a prompt batch of {batch} x {width} does not fit this cache "
+                             f"({self.batch} x {self.max_len})")
+        session = self.model.decoder
+        binding = session.io_binding()
+        inputs = self.model.io.inputs
+        arrays = [prompt.input_ids, prompt.image_features, (prompt.lengths - 1).astype(np.int32),
+                  np.array(width, dtype=np.int32), np.arange(batch) * width + prompt.lengths - 1]
+        for name, array in zip(inputs[:5], arrays):
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        self._bind_cache_and_outputs(binding)
+        session.run_with_iobinding(binding, self._run_options(capture=False))
+        self.lengths = prompt.lengths.astype(np.int32)
+        return StepOutput(self.logits, self.next_token)
 
     def step(self, token_ids: np.ndarray) -> StepOutput:
-        """Feed one new token per sequence into the next free slot."""
-        if self.filled >= self.max_len:
+        """Feed one token per row into the next free slot of each row."""
+        if self.lengths.max() >= self.max_len:
             raise ValueError(f"the KV cache of {self.max_len} slots is full")
-        binding = self.model.embed.io_binding()
-        (ids_name,), (embeds_name,) = self.model.io[EMBED_TOKENS].inputs, self.model.io[EMBED_TOKENS].outputs
-        binding.bind_cpu_input(ids_name, token_ids[:, None].astype(np.int64))
-        binding.bind_output(embeds_name, self.device)
-        self.model.embed.run_with_iobinding(binding)
-        self.attention_mask[:, self.filled] = 1
-        position_ids = self.next_position
-        self.next_position = position_ids + 1
-        return self._run(binding.get_outputs()[0], position_ids, 1)
+        self.token_ids.update_inplace(np.ascontiguousarray(token_ids.reshape(-1, 1), dtype=np.int64))
+        self.seqlens.update_inplace(self.lengths)  # the new token goes to slot `length`: seqlens_k = length
+        try:
+            self._run_step()
+        except Exception:
+            if not self.model.cuda_graph:
+                raise
+            self.model.drop_cuda_graph()  # capture is not possible here: run the step plainly from now on
+            self._bindings.clear()
+            self._run_step()
+        self.lengths += 1
+        return StepOutput(self.logits, self.next_token)
 
-    def keep(self, rows: np.ndarray) -> None:
-        """Drop finished sequences: keep only `rows` of the batch (copies the cache once)."""
-        kept = [value.numpy()[rows] for value in self.reading]
-        self._allocate(len(rows), kept)
-        self.attention_mask = self.attention_mask[rows]
-        self.next_position = self.next_position[rows]
+    def _run_step(self) -> None:
+        session = self.model.decode_session(self.max_len)
+        binding = self._bindings.get(id(session))
+        if binding is None:
+            binding = session.io_binding()
+            for name, value in zip(self.model.io.inputs[:5],
+                                   [self.token_ids, self.no_features, self.seqlens, None, self.last_index]):
+                if value is None:
+                    binding.bind_cpu_input(name, self.total)
+                else:
+                    binding.bind_ortvalue_input(name, value)
+            self._bind_cache_and_outputs(binding)
+            self._bindings[id(session)] = binding
+        if self.model.device == "cpu":
+            self.total = np.array(self.lengths.max() + 1, dtype=np.int32)
+            binding.bind_cpu_input(self.model.io.inputs[3], self.total)
+        session.run_with_iobinding(binding, self._run_options(capture=True))
+
+    def _bind_cache_and_outputs(self, binding: ort.IOBinding) -> None:
+        io = self.model.io
+        for past, present, value in zip(io.inputs[5:], io.outputs[2:], self.cache):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)  # the same buffer: the cache is updated in place
+        binding.bind_ortvalue_output(io.outputs[0], self.logits)
+        binding.bind_ortvalue_output(io.outputs[1], self.next_token)
+
+    def _run_options(self, capture: bool) -> ort.RunOptions | None:
+        """CUDA graphs: prefill is never captured (-1); each state's decode step has its own graph id."""
+        if not self.model.cuda_graph:
+            return None
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", str(self.graph_id if capture else -1))
+        return options

@@ -53,19 +53,21 @@ def requested_device(device: str) -> str:
 
 
 def open_sessions(
-    paths: dict[str, Path], device: str, threads: int | None = None
+    paths: dict[str, Path], device: str, threads: int | None = None, cuda_graph: set[str] | None = None
 ) -> tuple[dict[str, ort.InferenceSession], str]:
     """Open every graph in `paths` on one device and return the sessions with that device ("cuda" or "cpu").
 
     The device is decided once for the whole model: under "auto", if CUDA does not start for any graph, all
     graphs run on the CPU (never the vision encoder on one device and the decoder on another); an explicit
-    "cuda" that does not start is a DeviceError, never a silent CPU run.
+    "cuda" that does not start is a DeviceError, never a silent CPU run. On CUDA, the roles in `cuda_graph`
+    get CUDA graph capture enabled (runs then choose per call with the `gpu_graph_id` run option).
     """
     resolved = requested_device(device)
     if resolved == "cuda":
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # finds CUDA / cuDNN installed as pip packages (nvidia-*-cu12)
-        sessions = {role: _session(path, "cuda", threads) for role, path in paths.items()}
+        sessions = {role: _session(path, "cuda", threads, role in (cuda_graph or set()))
+                    for role, path in paths.items()}
         failed = [path.name for role, path in paths.items()
                   if "CUDAExecutionProvider" not in sessions[role].get_providers()]
         if not failed:
@@ -78,5 +80,8 @@ def open_sessions(
     return {role: _session(path, "cpu", threads) for role, path in paths.items()}, "cpu"
 
 
-def _session(path: Path, device: str, threads: int | None) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=PROVIDERS[device])
+def _session(path: Path, device: str, threads: int | None, cuda_graph: bool = False) -> ort.InferenceSession:
+    providers: list = list(PROVIDERS[device])
+    if cuda_graph:
+        providers[0] = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"})
+    return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)

@@ -1,0 +1,324 @@
+"""PaliGemma's Gemma / Gemma 2 decoder as one fused ONNX graph, written node by node from the weights.
+
+Per layer (Gemma): SkipSimplifiedLayerNormalization (residual add + RMSNorm), one packed QKV MatMul,
+GroupQueryAttention (rotary inside, the KV cache updated in place in one preallocated buffer, attention
+over each row's filled length only), the o_proj MatMul, SkipSimplifiedLayerNormalization, gate and up
+MatMuls, Gelu (tanh), Mul, down MatMul: 10 nodes; Gemma 2 adds its two post-sublayer norms. onnxruntime-genai's
+model builder assembles Gemma the same way; this module follows PaliGemma's semantics on top of it:
+
+- the prompt (image tokens + `<bos>` + prompt + `\\n`) attends bidirectionally: GroupQueryAttention with
+  `causal=0`. A decode step feeds one token, for which causal and bidirectional are the same;
+- positions are 1-indexed: the rotary tables are shifted by one (slot i holds position i + 1);
+- text embeddings are scaled by sqrt(hidden); image features (from the vision graph) replace the embeddings
+  where `input_ids` is negative and are not scaled;
+- Gemma 2: attention soft-capping, final-logit soft-capping and sliding-window layers. `causal=0` cannot
+  be combined with a window in GroupQueryAttention, so Gemma 2 folders carry a second graph,
+  `decoder_windowed`, sharing the same weights file, whose sliding layers are causal with
+  `local_window_size`: the runtime uses it for decode steps whenever a sequence can outgrow the window.
+
+Precision: fp32 and CPU-targeted int8/int4 compute in float32. Half precision (fp16, and CUDA-targeted
+int8/int4) computes matmuls, attention and the KV cache in float16; Gemma 2 keeps its residual stream and
+norms in float32, because it overflows float16 there (the tests provoke it); Gemma keeps everything in
+float16 (its fused norms accumulate in float32 internally).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..runtime.contract import DECODER, DECODER_WINDOWED, GRAPH_FILES, data_file, graph_io
+from ..runtime.manifest import GraphInfo
+from . import quantize
+from .onnx_builder import GraphBuilder, Weights
+
+F32, F16 = np.float32, np.float16
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The decoder's shapes and Gemma / Gemma 2 settings."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    scale: float  # attention score scale
+    max_positions: int
+    attn_softcap: float = 0.0  # Gemma 2: scores -> softcap * tanh(scores / softcap)
+    final_softcap: float = 0.0  # Gemma 2: the same on the logits
+    sliding: tuple[bool, ...] = ()  # Gemma 2: which layers use the sliding window
+    window: int = 0
+
+    @property
+    def gemma2(self) -> bool:
+        return any(self.sliding)
+
+    def linear_shape(self, part: str) -> tuple[int, int]:
+        """(out, in) of a linear layer: q, k, v, o, gate, up or down."""
+        attention, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"q": (attention, self.hidden), "k": (kv, self.hidden), "v": (kv, self.hidden),
+                "o": (self.hidden, attention), "gate": (self.intermediate, self.hidden),
+                "up": (self.intermediate, self.hidden), "down": (self.hidden, self.intermediate)}[part]
+
+    @classmethod
+    def from_text_config(cls, text: Any) -> DecoderConfig:
+        """From a transformers GemmaConfig / Gemma2Config."""
+        shapes = dict(layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size,
+                      heads=text.num_attention_heads,
+                      kv_heads=text.num_key_value_heads, head_dim=text.head_dim, vocab=text.vocab_size,
+                      eps=text.rms_norm_eps, max_positions=text.max_position_embeddings)
+        if text.model_type != "gemma2":
+            return cls(scale=text.head_dim**-0.5, **shapes)
+        return cls(scale=text.query_pre_attn_scalar**-0.5, attn_softcap=text.attn_logit_softcapping or 0.0,
+                   final_softcap=text.final_logit_softcapping or 0.0,
+                   sliding=tuple(t == "sliding_attention" for t in text.layer_types), window=text.sliding_window,
+                   **shapes)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the graph stores weights and computes."""
+
+    weights: str  # "fp32", "fp16", "int8" or "int4"
+    compute: Any  # F32 or F16: matmuls, attention, KV cache
+    residual: Any  # F32 or F16: the residual stream and the norms' outputs feeding it
+    block_size: int = 32  # int8/int4
+    accuracy_level: int = 0  # int8/int4: 4 lets CPU kernels use int8 activations
+
+    @property
+    def compute_dtype(self) -> str:
+        """"float32" or "float16": the KV cache's and the matmuls' element type."""
+        return np.dtype(self.compute).name
+
+    @classmethod
+    def for_level(cls, level: str, device: str, gemma2: bool, block_size: int) -> Precision:
+        half = level == "fp16" or (level in quantize.BITS and device == "cuda")
+        compute = F16 if half else F32
+        residual = F32 if (compute == F32 or gemma2) else F16
+        accuracy = quantize.CPU_ACCURACY_LEVEL if device == "cpu" else 0
+        return cls(level, compute, residual, block_size, accuracy)
+
+
+class DecoderWeights(Protocol):
+    """Where the builder reads weights: float arrays in transformers' layouts."""
+
+    def embedding(self) -> np.ndarray:
+        """[vocab, hidden], also the tied lm_head."""
+
+    def linear(self, layer: int, name: str) -> np.ndarray:
+        """[out, in] of q, k, v, o, gate, up or down."""
+
+    def norm(self, layer: int | None, name: str) -> np.ndarray:
+        """The raw Gemma norm weight w (the gain is 1 + w); layer None for the final norm."""
+
+    def rotary(self, positions: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin [positions, head_dim / 2] float32 for positions 1 .. positions."""
+
+
+def build_decoder(folder: Path, config: DecoderConfig, precision: Precision,
+                  source: DecoderWeights) -> dict[str, GraphInfo]:
+    """Write the decoder graph (and, for Gemma 2, the windowed one) with their shared weights file."""
+    weights = Weights(folder / data_file(GRAPH_FILES[DECODER]))
+    roles = [DECODER, DECODER_WINDOWED] if config.gemma2 else [DECODER]
+    graphs = {}
+    try:
+        for role in roles:
+            builder = GraphBuilder(weights)
+            _DecoderGraph(builder, config, precision, source, windowed=role == DECODER_WINDOWED).build()
+            builder.save(folder / GRAPH_FILES[role], quantize.OPSET)
+            io = graph_io(role, config.layers)
+            graphs[role] = GraphInfo(file=GRAPH_FILES[role], inputs=io.inputs, outputs=io.outputs)
+    finally:
+        weights.close()
+    return graphs
+
+
+class _DecoderGraph:
+    """Builds one decoder graph into a GraphBuilder (see the module docstring for its structure)."""
+
+    def __init__(self, g: GraphBuilder, config: DecoderConfig, precision: Precision, source: DecoderWeights,
+                 windowed: bool):
+        self.g, self.c, self.p, self.src, self.windowed = g, config, precision, source, windowed
+
+    def build(self) -> None:
+        c, p, g = self.c, self.p, self.g
+        io = graph_io(DECODER, c.layers)
+        ids, features, seqlens, total, last = io.inputs[:5]
+        g.input(ids, np.int64, ["batch", "sequence"])
+        g.input(features, p.residual, ["batch", "sequence", c.hidden])
+        g.input(seqlens, np.int32, ["batch"])
+        g.input(total, np.int32, [])
+        g.input(last, np.int64, ["batch"])
+        cache = ["batch", c.kv_heads, "max_len", c.head_dim]
+        for name in io.inputs[5:]:
+            g.input(name, p.compute, cache)
+        g.output(io.outputs[0], F32, ["batch", c.vocab])
+        g.output(io.outputs[1], np.int64, ["batch"])
+        for name in io.outputs[2:]:
+            g.output(name, p.compute, cache)
+
+        cos, sin = self._rotary_tables()
+        hidden, skip = self._embed(ids, features), None
+        for i in range(c.layers):
+            caches = io.inputs[5 + 2 * i : 7 + 2 * i], io.outputs[2 + 2 * i : 4 + 2 * i]
+            hidden, skip = self._layer(i, hidden, skip, seqlens, total, cos, sin, caches)
+        assert skip is not None
+        self._head(hidden, skip, last, io.outputs[:2])
+
+    # --- pieces -------------------------------------------------------------------------------------
+
+    def _embed(self, ids: str, features: str) -> str:
+        """Text embeddings (x sqrt(hidden)) with the image features where ids < 0."""
+        g, p = self.g, self.p
+        safe = g.op("Max", [ids, g.constant("embed/zero", 0, np.int64)], "embed/ids")[0]
+        if p.weights in quantize.BITS:
+            table, scales = self._quantized_embedding()
+            flat = g.op("Reshape", [table, g.constant("embed/rows", [self.c.vocab, -1], np.int64)], "embed/table")[0]
+            text = g.op("GatherBlockQuantized", [flat, safe, scales], "embed/gather", domain="com.microsoft",
+                        gather_axis=0, quantize_axis=1, block_size=p.block_size, bits=quantize.BITS[p.weights])[0]
+        else:
+            text = g.op("Gather", [self._embedding(), safe], "embed/gather")[0]
+        text = g.op("Mul", [text, g.constant("embed/scale", self.c.hidden**0.5, p.compute)], "embed/scale")[0]
+        text = self._cast(text, p.compute, p.residual, "embed/cast")
+        is_image = g.op("Less", [ids, g.constant("embed/zero", 0, np.int64)], "embed/is_image")[0]
+        is_image = g.op("Unsqueeze", [is_image, g.constant("embed/last_axis", [-1], np.int64)], "embed/mask")[0]
+        return g.op("Where", [is_image, features, text], "embed/merge")[0]
+
+    def _layer(self, i: int, hidden: str, skip: str | None, seqlens: str, total: str, cos: str, sin: str,
+               caches: tuple[list[str], list[str]]) -> tuple[str, str]:
+        c, p, g = self.c, self.p, self.g
+        name = f"layers.{i}"
+        if skip is None:
+            x = self._norm(hidden, self._gain(i, "input_layernorm", p.compute), f"{name}/input_norm")
+        else:
+            x, hidden = self._skip_norm(hidden, skip, self._gain(i, "input_layernorm", p.residual),
+                                        f"{name}/input_norm")
+            x = self._cast(x, p.residual, p.compute, f"{name}/input_norm_cast")
+        qkv = self._linear(x, i, ("q", "k", "v"), f"{name}/qkv")
+        sliding_here = self.windowed and c.sliding and c.sliding[i]
+        (past_k, past_v), (present_k, present_v) = caches
+        attn = g.op("GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens, total, cos, sin], f"{name}/attn",
+                    outputs=[f"{name}/attn/0", present_k, present_v], domain="com.microsoft",
+                    num_heads=c.heads, kv_num_heads=c.kv_heads, scale=c.scale, softcap=c.attn_softcap,
+                    do_rotary=1, rotary_interleaved=0, causal=int(bool(sliding_here)),
+                    local_window_size=c.window if sliding_here else -1)[0]
+        out = self._linear(attn, i, ("o",), f"{name}/o_proj")
+        pre_mlp = "post_attention_layernorm"
+        if c.gemma2:
+            out = self._norm(out, self._gain(i, "post_attention_layernorm", p.residual), f"{name}/post_attention_norm")
+            pre_mlp = "pre_feedforward_layernorm"
+        x, hidden = self._skip_norm(hidden, out, self._gain(i, pre_mlp, p.residual), f"{name}/pre_mlp_norm")
+        x = self._cast(x, p.residual, p.compute, f"{name}/pre_mlp_norm_cast")
+        gate = self._linear(x, i, ("gate",), f"{name}/gate_proj")
+        up = self._linear(x, i, ("up",), f"{name}/up_proj")
+        gate = g.op("Gelu", [gate], f"{name}/gelu", approximate="tanh")[0]
+        mlp = self._linear(g.op("Mul", [gate, up], f"{name}/gate_up")[0], i, ("down",), f"{name}/down_proj")
+        if c.gemma2:
+            mlp = self._norm(mlp, self._gain(i, "post_feedforward_layernorm", p.residual),
+                             f"{name}/post_feedforward_norm")
+        return hidden, mlp
+
+    def _head(self, hidden: str, skip: str, last: str, outputs: list[str]) -> None:
+        """Final norm, the last real position of each row, the tied lm_head, soft-capping, argmax."""
+        c, p, g = self.c, self.p, self.g
+        normed, _ = self._skip_norm(hidden, skip, self._gain(None, "norm", p.residual), "head/norm")
+        rows = g.op("Reshape", [normed, g.constant("head/rows", [-1, c.hidden], np.int64)], "head/rows")[0]
+        x = g.op("Gather", [rows, last], "head/last")[0]
+        x = self._cast(x, p.residual, p.compute, "head/cast_in")
+        if p.weights in quantize.BITS:
+            table, scales = self._quantized_embedding()
+            logits = g.op("MatMulNBits", [x, table, scales], "head/lm_head", domain="com.microsoft", K=c.hidden,
+                          N=c.vocab, bits=quantize.BITS[p.weights], block_size=p.block_size,
+                          accuracy_level=p.accuracy_level)[0]
+        else:
+            logits = g.op("Gemm", [x, self._embedding()], "head/lm_head", transB=1)[0]
+        if c.final_softcap:
+            cap = g.constant("head/softcap", c.final_softcap, p.compute)
+            logits = g.op("Div", [logits, cap], "head/softcap_div")[0]
+            logits = g.op("Tanh", [logits], "head/softcap_tanh")[0]
+            logits = g.op("Mul", [logits, cap], "head/softcap_mul")[0]
+        if p.compute != F32:
+            g.op("Cast", [logits], "head/logits", outputs=[outputs[0]], to=1)
+        else:
+            g.op("Identity", [logits], "head/logits", outputs=[outputs[0]])
+        g.op("ArgMax", [outputs[0]], "head/argmax", outputs=[outputs[1]], axis=-1, keepdims=0)
+
+    # --- building blocks ---------------------------------------------------------------------------
+
+    def _norm(self, x: str, gain: str, name: str) -> str:
+        """RMSNorm; its output takes the gain's type (input and output types may differ)."""
+        return self.g.op("SimplifiedLayerNormalization", [x, gain], name, axis=-1, epsilon=self.c.eps,
+                         stash_type=1)[0]
+
+    def _skip_norm(self, hidden: str, skip: str, gain: str, name: str) -> tuple[str, str]:
+        """(RMSNorm(hidden + skip), hidden + skip), all in the residual type."""
+        normed, _, _, total = self.g.op("SkipSimplifiedLayerNormalization", [hidden, skip, gain], name,
+                                        outputs=[f"{name}/0", "", "", f"{name}/3"], domain="com.microsoft",
+                                        epsilon=self.c.eps)
+        return normed, total
+
+    def _cast(self, x: str, have: Any, want: Any, name: str) -> str:
+        if have == want:
+            return x
+        return self.g.op("Cast", [x], name, to=1 if want == F32 else 10)[0]
+
+    def _gain(self, layer: int | None, norm: str, dtype: Any) -> str:
+        """Gemma's RMSNorm gain 1 + w, computed in float32 as transformers does, stored in `dtype`."""
+        key = "norm" if layer is None else f"layers.{layer}.{norm}"
+        return self.g.weight(f"{key}.gain_{np.dtype(dtype).name}",
+                             lambda: (1.0 + self.src.norm(layer, norm).astype(F32)).astype(dtype))
+
+    def _linear(self, x: str, layer: int, parts: tuple[str, ...], name: str) -> str:
+        """x @ W.T for the named linear layers of `layer`, concatenated along the output (packed QKV)."""
+        p, g = self.p, self.g
+
+        def weight() -> np.ndarray:
+            return np.concatenate([self.src.linear(layer, part) for part in parts], axis=0)
+
+        key = f"layers.{layer}.{'_'.join(parts)}"
+        if p.weights not in quantize.BITS:
+            w = g.weight(f"{key}.weight", lambda: weight().T.astype(p.compute))
+            return g.op("MatMul", [x, w], name)[0]
+        n, k = sum(self.c.linear_shape(part)[0] for part in parts), self.c.linear_shape(parts[0])[1]
+        packed, scales = self._quantized(key, weight)
+        return g.op("MatMulNBits", [x, packed, scales], name, domain="com.microsoft", K=k, N=n,
+                    bits=quantize.BITS[p.weights], block_size=p.block_size, accuracy_level=p.accuracy_level)[0]
+
+    def _quantized(self, key: str, weight: Any) -> tuple[str, str]:
+        """The MatMulNBits blob and scales of a [N, K] weight (quantized once, shared by both graphs)."""
+        p, g = self.p, self.g
+        blobs: dict[str, np.ndarray] = {}
+
+        def quantized(part: str) -> np.ndarray:
+            if not blobs:
+                blobs["packed"], scales = quantize.quantize_blocks(weight(), quantize.BITS[p.weights], p.block_size)
+                blobs["scales"] = scales.astype(p.compute)
+            return blobs[part]
+
+        packed = g.weight(f"{key}.q{quantize.BITS[p.weights]}", lambda: quantized("packed"))
+        return packed, g.weight(f"{key}.scales", lambda: quantized("scales"))
+
+    def _quantized_embedding(self) -> tuple[str, str]:
+        """One quantized table for the embedding (GatherBlockQuantized) and the tied lm_head (MatMulNBits)."""
+        return self._quantized("embed_tokens", self.src.embedding)
+
+    def _embedding(self) -> str:
+        return self.g.weight("embed_tokens.weight", lambda: self.src.embedding().astype(self.p.compute))
+
+    def _rotary_tables(self) -> tuple[str, str]:
+        tables: dict[str, np.ndarray] = {}
+
+        def table(which: str) -> np.ndarray:
+            if not tables:
+                tables["cos"], tables["sin"] = self.src.rotary(self.c.max_positions)
+            return tables[which].astype(self.p.compute)
+
+        return (self.g.weight("rotary.cos", lambda: table("cos")), self.g.weight("rotary.sin", lambda: table("sin")))
