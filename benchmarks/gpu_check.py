@@ -20,6 +20,7 @@ import collections
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,14 +42,17 @@ def parity(work: Path, device: str) -> list[dict[str, Any]]:
     images = sample_images(4)
     for name in ("tiny-pg1-fp16", "tiny-pg1-int4", "tiny-pg2-fp16", "tiny-pg2-int4"):
         folder = work / name
-        runs = {}
+        runs, logits = {}, {}
         for label, kwargs in (("cpu", dict(device="cpu")), ("graph", dict(device=device)),
                               ("plain", dict(device=device, cuda_graph=False))):
             captioner = Captioner.load(folder, **kwargs)
+            logits[label] = captioner.prefill_logits(images, PROMPTS)
             batch4 = captioner.caption(images, prompt=PROMPTS, max_new_tokens=24, batch_size=4)
             batch1 = captioner.caption(images, prompt=PROMPTS, max_new_tokens=24, batch_size=1)
             runs[label] = [r.tokens for r in batch4] + [r.tokens for r in batch1]
         rows.append({"model": name, "sequences": len(runs["cpu"]),
+                     "prefill_logit_diff": float(np.abs(logits["graph"] - logits["cpu"]).max()),
+                     "logit_scale": float(np.abs(logits["cpu"]).max()),
                      "cuda_equals_cpu": sum(a == b for a, b in zip(runs["graph"], runs["cpu"])),
                      "graph_equals_plain": sum(a == b for a, b in zip(runs["graph"], runs["plain"]))})
         print(rows[-1], flush=True)
@@ -67,13 +71,17 @@ def placement(folder: Path, device: str) -> dict[str, Any]:
     captioner.caption(sample_images(1, size=captioner.manifest.image_size), max_new_tokens=4, ignore_eos=True)
     profile = Path(captioner.model.decoder.end_profiling())
     counts: collections.Counter = collections.Counter()
+    micros: collections.Counter = collections.Counter()
     for event in json.loads(profile.read_text()):
         args = event.get("args", {})
         if event.get("cat") == "Node" and "provider" in args and event["name"].endswith("_kernel_time"):
             counts[(args["op_name"], args["provider"])] += 1
+            micros[args["op_name"]] += event.get("dur", 0)
     on_cpu = sorted({op for (op, provider) in counts if provider == "CPUExecutionProvider"})
+    total = sum(micros.values()) or 1
     result = {"model": folder.name, "providers": dict(collections.Counter(p for (_, p) in counts.elements())),
-              "ops_on_cpu": on_cpu}
+              "ops_on_cpu": on_cpu,
+              "time_share": {op: round(us / total, 3) for op, us in micros.most_common(8)}}
     print(result, flush=True)
     return result
 
@@ -120,6 +128,14 @@ def bench(folder: Path, device: str, batches: list[int]) -> dict[str, Any]:
     return row
 
 
+def in_subprocess(folder: Path, device: str, batches: list[int]) -> dict[str, Any]:
+    """`bench` in a fresh process, so the GPU memory it reports is this folder's alone."""
+    out = subprocess.run([sys.executable, __file__, "--bench-one", str(folder), "--device", device, "--batches",
+                          *map(str, batches), "--work", str(folder.parent)], capture_output=True, text=True)
+    print(out.stdout, out.stderr[-2000:] if out.returncode else "", flush=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"{report['gpu']}, onnxruntime {report['onnxruntime']}. `pg1-3b-224` random weights, 260-token prompt, "
              "64 new tokens (eos ignored), decode batch 1 unless stated.", "",
@@ -142,7 +158,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu-out")))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batches", type=int, nargs="*", default=[8, 16, 32, 64])
+    parser.add_argument("--bench-one", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bench_one:
+        print(json.dumps(bench(args.bench_one, args.device, args.batches)))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                          text=True).stdout.strip() if args.device == "cuda" else "CPU"
@@ -150,7 +170,7 @@ def main() -> None:
     report["parity"] = parity(args.work, args.device)
     big = [args.work / name for name in ("pg1-3b-224-fp16", "pg1-3b-224-int4") if (args.work / name).is_dir()]
     report["placement"] = [placement(folder, args.device) for folder in big or [args.work / "tiny-pg1-int4"]]
-    report["bench"] = [bench(folder, args.device, args.batches) for folder in big]
+    report["bench"] = [in_subprocess(folder, args.device, args.batches) for folder in big]
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
     (args.out / "gpu_check.md").write_text(table)

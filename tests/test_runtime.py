@@ -225,3 +225,15 @@ def test_device_is_decided_once_for_all_graphs(monkeypatch, tmp_path):
         sessions.open_sessions(paths, "cuda")
     opened, device = sessions.open_sessions({"vision_encoder": paths["vision_encoder"]}, "auto")
     assert device == "cuda" and opened["vision_encoder"].get_providers()[0] == "CUDAExecutionProvider"
+
+
+def test_rows_prefilled_one_at_a_time_equal_the_batched_prefill(exported):
+    """Each row fills its own cache rows: prefilling rows separately (as CUDA does for Gemma 2 batches of
+    different prompt lengths) gives the batched result."""
+    prompts = ["caption en", "describe this picture in great detail", "caption en", "x"]
+    captioner = Captioner.load(exported("tiny-pg2", "fp32"), device="cpu")
+    images = [_photo(seed=i) for i in range(4)]
+    batched = captioner.caption(images, prompt=prompts, max_new_tokens=16, batch_size=4)
+    captioner.model.prefill_rows_alone = True
+    alone = captioner.caption(images, prompt=prompts, max_new_tokens=16, batch_size=4)
+    assert [r.tokens for r in alone] == [r.tokens for r in batched] and all(r.tokens for r in alone)

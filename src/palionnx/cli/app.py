@@ -10,7 +10,7 @@ import typer
 
 from ..runtime.captioner import Captioner
 from ..runtime.contract import MANIFEST_NAME, folder_size
-from ..runtime.defaults import DEFAULT_BATCH_SIZE, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
+from ..runtime.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from .files import ImageJob
 from .models import DEFAULT_MODEL
 
@@ -55,7 +55,8 @@ PrefixOpt = Annotated[str, typer.Option(help='Text put before every caption, e.g
 SuffixOpt = Annotated[str, typer.Option(help="Text put after every caption.")]
 PromptOpt = Annotated[str, typer.Option(help="Prompt given to the model.")]
 MaxTokensOpt = Annotated[int, typer.Option(min=1, help="Longest caption, in tokens.")]
-BatchOpt = Annotated[int, typer.Option(min=1, help="Images captioned together.")]
+BatchOpt = Annotated[int | None, typer.Option(min=1, help="Images captioned together (default 64 on CUDA, 4 on "
+                                                           "the CPU).", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if it works, else CPU), cuda or cpu.")]
 RecursiveOpt = Annotated[bool, typer.Option("--recursive/--no-recursive", help="Search folders recursively.")]
 CleanOpt = Annotated[bool, typer.Option("--clean", help="Post-process raw captions: drop bracketed text, cut back "
@@ -83,7 +84,7 @@ def caption(
     inputs: Inputs, model: ModelOpt = DEFAULT_MODEL, quant: QuantOpt = "auto", ext: ExtOpt = ".txt",
     output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False, jsonl: JsonlOpt = None,
     prefix: PrefixOpt = "", suffix: SuffixOpt = "", prompt: PromptOpt = DEFAULT_PROMPT,
-    max_new_tokens: MaxTokensOpt = DEFAULT_MAX_NEW_TOKENS, batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
+    max_new_tokens: MaxTokensOpt = DEFAULT_MAX_NEW_TOKENS, batch_size: BatchOpt = None,
     device: DeviceOpt = "auto", recursive: RecursiveOpt = True, clean: CleanOpt = False,
     temperature: TemperatureOpt = 0.0, top_k: TopKOpt = 0, top_p: TopPOpt = 1.0, seed: SeedOpt = None,
     repetition_penalty: RepetitionOpt = 1.0, no_repeat_ngram_size: NgramOpt = 0, quiet: QuietOpt = False,

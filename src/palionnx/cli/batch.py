@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import IO
 
 from ..runtime.captioner import Captioner, CaptionResult
-from ..runtime.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
+from ..runtime.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from ..runtime.generate import LogitsProcessor, Sampler, greedy
 from .files import ImageJob, caption_path, clean_caption, remove_stale_temp_files, write_atomic
 
@@ -31,7 +31,7 @@ class BatchOptions:
     clean: bool = False
     prompt: str = DEFAULT_PROMPT
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int | None = None  # None: the device's default (Captioner.default_batch_size)
     sampler: Sampler = greedy  # from make_sampler
     logits_processors: list[LogitsProcessor] = field(default_factory=list)  # from make_logits_processors
 
@@ -206,11 +206,12 @@ def caption_files(captioner: Captioner, jobs: list[ImageJob], options: BatchOpti
     started = time.perf_counter()
     plan = plan_run(jobs, options, quiet)
     with recording(plan, options, started) as recorder:
-        for first in range(0, len(plan.todo), options.batch_size):
-            batch = plan.todo[first : first + options.batch_size]
+        batch_size = options.batch_size or captioner.default_batch_size
+        for first in range(0, len(plan.todo), batch_size):
+            batch = plan.todo[first : first + batch_size]
             results = captioner.caption(
                 [job.image for job in batch], prompt=options.prompt, max_new_tokens=options.max_new_tokens,
-                batch_size=options.batch_size, sampler=options.sampler, logits_processors=options.logits_processors,
+                batch_size=batch_size, sampler=options.sampler, logits_processors=options.logits_processors,
             )
             for job, result in zip(batch, results):
                 recorder.add(publish(result, plan.targets[job], options))

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.defaults import DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE
 from ..runtime.manifest import Manifest
 from ..runtime.preprocess import ImageSpec
 from .batch import BatchOptions, Plan, Record, Summary, plan_run, publish, recording
@@ -99,7 +100,8 @@ def caption_with_ray(jobs: list[ImageJob], folder: Path, options: BatchOptions, 
                 partial(load_row, spec=spec), num_cpus=0.5
             ).map_batches(
                 CaptionActor, fn_constructor_args=(str(folder), device, options, threads),
-                batch_size=options.batch_size, concurrency=workers, num_gpus=gpus_per_worker,
+                batch_size=options.batch_size or (DEFAULT_CUDA_BATCH_SIZE if gpus_per_worker else DEFAULT_BATCH_SIZE),
+                concurrency=workers, num_gpus=gpus_per_worker,
                 num_cpus=cpus_per_worker,
                 max_restarts=-1, max_task_retries=-1,  # a killed worker is restarted and its batch retried
             )

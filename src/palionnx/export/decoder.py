@@ -9,8 +9,8 @@ model builder assembles Gemma the same way; this module follows PaliGemma's sema
 - the prompt (image tokens + `<bos>` + prompt + `\\n`) attends bidirectionally: GroupQueryAttention with
   `causal=0`. A decode step feeds one token, for which causal and bidirectional are the same;
 - positions are 1-indexed: the rotary tables are shifted by one (slot i holds position i + 1);
-- text embeddings are scaled by sqrt(hidden); image features (from the vision graph) replace the embeddings
-  where `input_ids` is negative and are not scaled;
+- text embeddings are scaled by sqrt(hidden); image features (the vision graph's output, bound as is)
+  replace the embeddings where `input_ids` is negative (-1 - id is the feature row) and are not scaled;
 - Gemma 2: attention soft-capping, final-logit soft-capping and sliding-window layers. `causal=0` cannot
   be combined with a window in GroupQueryAttention, so Gemma 2 folders carry a second graph,
   `decoder_windowed`, sharing the same weights file, whose sliding layers are causal with
@@ -153,7 +153,7 @@ class _DecoderGraph:
         io = graph_io(DECODER, c.layers)
         ids, features, seqlens, total, last = io.inputs[:5]
         g.input(ids, np.int64, ["batch", "sequence"])
-        g.input(features, p.residual, ["batch", "sequence", c.hidden])
+        g.input(features, F32, ["images", "image_tokens", c.hidden])
         g.input(seqlens, np.int32, ["batch"])
         g.input(total, np.int32, [])
         g.input(last, np.int64, ["batch"])
@@ -176,21 +176,27 @@ class _DecoderGraph:
     # --- pieces -------------------------------------------------------------------------------------
 
     def _embed(self, ids: str, features: str) -> str:
-        """Text embeddings (x sqrt(hidden)) with the image features where ids < 0."""
-        g, p = self.g, self.p
-        safe = g.op("Max", [ids, g.constant("embed/zero", 0, np.int64)], "embed/ids")[0]
+        """Text embeddings (x sqrt(hidden)); where ids < 0, the image feature row -1 - id instead."""
+        g, p, c = self.g, self.p, self.c
+        zero = g.constant("embed/zero", 0, np.int64)
+        safe = g.op("Max", [ids, zero], "embed/ids")[0]
         if p.weights in quantize.BITS:
             table, scales = self._quantized_embedding()
-            flat = g.op("Reshape", [table, g.constant("embed/rows", [self.c.vocab, -1], np.int64)], "embed/table")[0]
+            flat = g.op("Reshape", [table, g.constant("embed/rows", [c.vocab, -1], np.int64)], "embed/table")[0]
             text = g.op("GatherBlockQuantized", [flat, safe, scales], "embed/gather", domain="com.microsoft",
                         gather_axis=0, quantize_axis=1, block_size=p.block_size, bits=quantize.BITS[p.weights])[0]
         else:
             text = g.op("Gather", [self._embedding(), safe], "embed/gather")[0]
-        text = g.op("Mul", [text, g.constant("embed/scale", self.c.hidden**0.5, p.compute)], "embed/scale")[0]
+        text = g.op("Mul", [text, g.constant("embed/scale", c.hidden**0.5, p.compute)], "embed/scale")[0]
         text = self._cast(text, p.compute, p.residual, "embed/cast")
-        is_image = g.op("Less", [ids, g.constant("embed/zero", 0, np.int64)], "embed/is_image")[0]
+        rows = g.op("Reshape", [features, g.constant("image/rows", [-1, c.hidden], np.int64)], "image/rows")[0]
+        index = g.op("Sub", [g.constant("image/minus_one", -1, np.int64), ids], "image/index")[0]
+        index = g.op("Max", [index, zero], "image/safe_index")[0]
+        image = g.op("Gather", [rows, index], "image/gather")[0]
+        image = self._cast(image, F32, p.residual, "image/cast")
+        is_image = g.op("Less", [ids, zero], "embed/is_image")[0]
         is_image = g.op("Unsqueeze", [is_image, g.constant("embed/last_axis", [-1], np.int64)], "embed/mask")[0]
-        return g.op("Where", [is_image, features, text], "embed/merge")[0]
+        return g.op("Where", [is_image, image, text], "embed/merge")[0]
 
     def _layer(self, i: int, hidden: str, skip: str | None, seqlens: str, total: str, cos: str, sin: str,
                caches: tuple[list[str], list[str]]) -> tuple[str, str]:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .defaults import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
+from .defaults import DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from .generate import LogitsProcessor, PromptBatch, Sampler, generate_step, greedy
 from .manifest import Manifest
 from .model import OnnxPaliGemma
@@ -55,6 +57,7 @@ class Captioner:
         self.model = model
         self.text = TextCodec(folder, manifest)
         self.image_spec = manifest.image_spec
+        self._pool: ThreadPoolExecutor | None = None  # image decoding threads, made on first use
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "auto", threads: int | None = None,
@@ -76,48 +79,56 @@ class Captioner:
     def providers(self) -> list[str]:
         return list(self.model.providers)
 
+    @property
+    def default_batch_size(self) -> int:
+        """Images per batch when none is given: 64 on CUDA, 4 on the CPU (see runtime/defaults.py)."""
+        return DEFAULT_CUDA_BATCH_SIZE if self.device == "cuda" else DEFAULT_BATCH_SIZE
+
     def caption(
         self,
         images: Sequence[ImageInput],
         *,
         prompt: str | Sequence[str] = DEFAULT_PROMPT,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | None = None,
         sampler: Sampler | None = None,
         logits_processors: Sequence[LogitsProcessor] | None = None,
         ignore_eos: bool = False,
     ) -> list[CaptionResult]:
         """Caption `images` (paths, PIL images or `Pixels`), one result per input in order.
 
-        `prompt` is one prompt for all images or one per image. `sampler` and `logits_processors` come from
+        `prompt` is one prompt for all images or one per image; `batch_size` defaults to the device's
+        (`default_batch_size`). `sampler` and `logits_processors` come from
         `make_sampler` / `make_logits_processors` (default: greedy, none). An unreadable input gets a
         result with `error` set; the other images are still captioned. `ignore_eos` always generates
-        `max_new_tokens` (for benchmarks with a fixed length). Images are loaded one batch at a time.
+        `max_new_tokens` (for benchmarks with a fixed length). Images are loaded one batch at a time (a batch
+        with unreadable images runs with the others only).
         """
         prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        batch_size = batch_size or self.default_batch_size
         if len(prompts) != len(images):
             raise ValueError(f"got {len(prompts)} prompts for {len(images)} images")
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be at least 1")
         results = [CaptionResult(source=_name(image)) for image in images]
-        pending: list[tuple[int, np.ndarray]] = []
-        for i, image in enumerate(images):
-            try:
-                pending.append((i, self._pixels(image)))
-            except ImageLoadError as exc:
-                results[i].error = str(exc)
-            if pending and (len(pending) == batch_size or i == len(images) - 1):
-                indices = [index for index, _ in pending]
-                batch = self._caption_batch(
-                    np.stack([pixels for _, pixels in pending]), [prompts[index] for index in indices],
-                    max_new_tokens=max_new_tokens, sampler=sampler or greedy,
-                    logits_processors=logits_processors or [],
-                    eos_ids=[] if ignore_eos else self.manifest.eos_token_ids,
-                )
-                for index, (tokens, timings) in zip(indices, batch):
-                    results[index].tokens, results[index].timings = tokens, timings
-                    results[index].text = self.text.decode(tokens)
-                pending.clear()
+        for first in range(0, len(images), batch_size):
+            indices, pixels = [], []
+            for index, loaded in enumerate(self._load(images[first : first + batch_size]), start=first):
+                if isinstance(loaded, ImageLoadError):
+                    results[index].error = str(loaded)
+                else:
+                    indices.append(index)
+                    pixels.append(loaded)
+            if not indices:
+                continue
+            batch = self._caption_batch(
+                np.stack(pixels), [prompts[index] for index in indices], max_new_tokens=max_new_tokens,
+                sampler=sampler or greedy, logits_processors=logits_processors or [],
+                eos_ids=[] if ignore_eos else self.manifest.eos_token_ids,
+            )
+            for index, (tokens, timings) in zip(indices, batch):
+                results[index].tokens, results[index].timings = tokens, timings
+                results[index].text = self.text.decode(tokens)
         return results
 
     def prompt_batch(self, pixels: np.ndarray, prompts: list[str]) -> PromptBatch:
@@ -126,20 +137,17 @@ class Captioner:
         sequences = [self.text.prompt_ids(p) for p in prompts]
         lengths = np.array([len(s) for s in sequences])
         width = int(lengths.max())
-        features = self.model.encode_images(pixels)
         history = np.full((len(sequences), width), m.pad_token_id, dtype=np.int64)  # left-padded
         input_ids = np.full((len(sequences), width), m.pad_token_id, dtype=np.int64)  # right-padded
-        image_features = np.zeros((len(sequences), width, m.hidden), dtype=features.dtype)
         for row, ids in enumerate(sequences):
             history[row, width - len(ids):] = ids
             input_ids[row, : len(ids)] = ids
             slots = np.flatnonzero(input_ids[row] == m.image_token_id)
-            if len(slots) != features.shape[1]:
+            if len(slots) != m.image_seq_length:
                 raise ValueError(f"the prompt template gives {len(slots)} image tokens; the model has "
-                                 f"{features.shape[1]} image features per image")
-            image_features[row, slots] = features[row]
-            input_ids[row, slots] = -1
-        return PromptBatch(history, input_ids, image_features, lengths)
+                                 f"{m.image_seq_length} image features per image")
+            input_ids[row, slots] = -1 - (row * m.image_seq_length + np.arange(len(slots)))  # feature rows
+        return PromptBatch(history, input_ids, self.model.encode_images(pixels), lengths)
 
     def prefill_logits(self, images: Sequence[ImageInput], prompts: list[str]) -> np.ndarray:
         """Next-token logits [b, vocab] after the prompt: what validation compares with transformers."""
@@ -149,6 +157,22 @@ class Captioner:
 
     def _pixels(self, image: ImageInput) -> np.ndarray:
         return image.values if isinstance(image, Pixels) else image_pixels(image, self.image_spec)
+
+    def _load(self, images: Sequence[ImageInput]) -> list[np.ndarray | ImageLoadError]:
+        """Pixels of one batch of images, decoded and resized on several threads (Pillow releases the GIL);
+        an unreadable image gives its ImageLoadError in its place."""
+
+        def load(image: ImageInput) -> np.ndarray | ImageLoadError:
+            try:
+                return self._pixels(image)
+            except ImageLoadError as exc:
+                return exc
+
+        if len(images) == 1:
+            return [load(images[0])]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+        return list(self._pool.map(load, images))
 
     def _caption_batch(
         self,

@@ -50,8 +50,9 @@ def graph_io(role: str, layers: int) -> GraphIO:
       (not scaled).
     - decoder (and decoder_windowed, the same contract): one call feeds `s` new tokens per row into a KV
       cache that rows fill from slot 0 (prompts are right-padded):
-      input_ids [b, s] int64 (negative where an image feature goes), image_features [b, s, hidden] (used where
-      input_ids < 0; the residual type), seqlens_k [b] int32 (tokens of the row in the cache after this
+      input_ids [b, s] int64 (negative where an image feature goes: -1 - id is its row in the flattened
+      image_features), image_features [n, tokens, hidden] float32 (the vision encoder's output as it is; a
+      decode step binds one zero row), seqlens_k [b] int32 (tokens of the row in the cache after this
       call, minus 1), total_sequence_length [] int32 (s for the prompt; the cache's max_len for a decode
       step), last_index [b] int64 (flat index into b x s of each row's token whose logits are returned),
       and per layer past_key_values.N.key / .value [b, kv_heads, max_len, head_dim] ->

@@ -2,5 +2,6 @@
 
 DEFAULT_PROMPT = "caption en"
 DEFAULT_MAX_NEW_TOKENS = 256  # the origin script's limit
-DEFAULT_BATCH_SIZE = 4  # images per decoder batch
+DEFAULT_BATCH_SIZE = 4  # images per decoder batch on the CPU (a CPU decode step costs the same at 1 and 4 rows)
+DEFAULT_CUDA_BATCH_SIZE = 64  # on CUDA: images/s grows up to 64 rows (benchmarks/gpu_check.py), then falls
 DEFAULT_BLOCK_SIZE = 32  # int8/int4 weights: values per quantization block along K

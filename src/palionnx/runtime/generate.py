@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -139,8 +139,8 @@ class PromptBatch:
     """Prefill inputs of one batch of prompts of different lengths."""
 
     ids: np.ndarray  # [b, s] int64 left-padded with pad ids, image tokens included: the processors' history
-    input_ids: np.ndarray  # [b, s] int64 right-padded (the decoder's layout), -1 where an image feature goes
-    image_features: np.ndarray  # [b, s, hidden], right-padded like input_ids; zero outside the image tokens
+    input_ids: np.ndarray  # [b, s] int64 right-padded (the decoder's layout); -1 - k where image feature row k goes
+    image_features: Any  # the vision encoder's output for the batch (an onnxruntime OrtValue, on the device)
     lengths: np.ndarray  # [b] real tokens per row
 
 

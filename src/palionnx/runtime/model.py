@@ -20,6 +20,7 @@ from .manifest import Manifest
 from .sessions import DeviceError, open_sessions, requested_device
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_ELEMENT = {**_NUMPY, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
 def model_device(manifest: Manifest, device: str) -> str:
@@ -52,19 +53,25 @@ class OnnxPaliGemma:
         self.windowed: ort.InferenceSession | None = None  # Gemma 2, opened when first needed
         self.providers = self.decoder.get_providers()
         self.io = graph_io(DECODER, manifest.layers)
-        types = {i.name: i.type for i in self.decoder.get_inputs()}
-        self.residual_dtype = _NUMPY[types[self.io.inputs[1]]]
-        self.kv_dtype = _NUMPY[types[self.io.inputs[5]]]
+        self.kv_dtype = _NUMPY[{i.name: i.type for i in self.decoder.get_inputs()}[self.io.inputs[5]]]
+        # onnxruntime-gpu 1.31's GroupQueryAttention ignores the padding of shorter rows when soft-capping
+        # (Gemma 2) is combined with bidirectional attention: prefill such batches one row at a time.
+        self.prefill_rows_alone = self.device == "cuda" and manifest.family == "pg2"
         self._states: dict[tuple[int, int], DecoderState] = {}
         self._graph_ids = 0
 
     def _graph_roles(self) -> set[str]:
         return {DECODER, DECODER_WINDOWED} if self.cuda_graph else set()
 
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
-        """[n, 3, H, W] -> image features [n, image_seq_length, hidden] in the decoder's residual type."""
-        (name,) = graph_io(VISION_ENCODER, 0).inputs
-        return self.vision.run(None, {name: pixel_values})[0].astype(self.residual_dtype, copy=False)
+    def encode_images(self, pixel_values: np.ndarray) -> ort.OrtValue:
+        """[n, 3, H, W] -> image features [n, image_seq_length, hidden] float32, left on the device for the
+        decoder to read as they are."""
+        io = graph_io(VISION_ENCODER, 0)
+        binding = self.vision.io_binding()
+        binding.bind_cpu_input(io.inputs[0], np.ascontiguousarray(pixel_values, dtype=np.float32))
+        binding.bind_output(io.outputs[0], self.device)
+        self.vision.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
 
     def decode_session(self, max_len: int) -> ort.InferenceSession:
         """The decoder for decode steps: Gemma 2's windowed graph once a row can outgrow the sliding window."""
@@ -131,7 +138,7 @@ class DecoderState:
         # Zero-filled once; GroupQueryAttention only reads the slots a row has filled.
         self.cache = [on_device(np.zeros(shape, dtype=model.kv_dtype)) for _ in model.io.inputs[5:]]
         self.token_ids = on_device(np.zeros((batch, 1), dtype=np.int64))
-        self.no_features = on_device(np.zeros((batch, 1, m.hidden), dtype=model.residual_dtype))
+        self.no_features = on_device(np.zeros((1, 1, m.hidden), dtype=np.float32))  # decode steps add no image
         self.seqlens = on_device(np.zeros(batch, dtype=np.int32))
         self.last_index = on_device(np.arange(batch, dtype=np.int64))
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, m.vocab_size), np.float32, device, 0)
@@ -148,17 +155,43 @@ class DecoderState:
         if batch != self.batch or width >= self.max_len:
             raise ValueError(f"a prompt batch of {batch} x {width} does not fit this cache "
                              f"({self.batch} x {self.max_len})")
-        session = self.model.decoder
-        binding = session.io_binding()
-        inputs = self.model.io.inputs
-        arrays = [prompt.input_ids, prompt.image_features, (prompt.lengths - 1).astype(np.int32),
-                  np.array(width, dtype=np.int32), np.arange(batch) * width + prompt.lengths - 1]
-        for name, array in zip(inputs[:5], arrays):
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        self._bind_cache_and_outputs(binding)
-        session.run_with_iobinding(binding, self._run_options(capture=False))
+        if self.model.prefill_rows_alone and len(set(prompt.lengths.tolist())) > 1:
+            for row in range(batch):
+                self.prefill_rows(prompt, row, row + 1)
+        else:
+            self.prefill_rows(prompt, 0, batch)
         self.lengths = prompt.lengths.astype(np.int32)
         return StepOutput(self.logits, self.next_token)
+
+    def prefill_rows(self, prompt: PromptBatch, start: int, stop: int) -> None:
+        """Prefill rows start .. stop - 1 of the batch into the same rows of the cache (the others untouched)."""
+        lengths = prompt.lengths[start:stop]
+        width = int(lengths.max())
+        session = self.model.decoder
+        binding = session.io_binding()
+        inputs, outputs = self.model.io.inputs, self.model.io.outputs
+        arrays = [prompt.input_ids[start:stop, :width], None, (lengths - 1).astype(np.int32),
+                  np.array(width, dtype=np.int32), np.arange(stop - start) * width + lengths - 1]
+        for name, array in zip(inputs[:5], arrays):
+            if array is None:
+                binding.bind_ortvalue_input(name, prompt.image_features)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for past, present, value in zip(inputs[5:], outputs[2:], self.cache):
+            self._bind_rows(binding, past, value, start, stop, output=False)
+            self._bind_rows(binding, present, value, start, stop, output=True)
+        self._bind_rows(binding, outputs[0], self.logits, start, stop, output=True)
+        self._bind_rows(binding, outputs[1], self.next_token, start, stop, output=True)
+        session.run_with_iobinding(binding, self._run_options(capture=False))
+
+    def _bind_rows(self, binding: ort.IOBinding, name: str, value: ort.OrtValue, start: int, stop: int,
+                   output: bool) -> None:
+        """Bind rows start .. stop - 1 of a buffer by address (a view: nothing is copied)."""
+        shape = value.shape()
+        dtype = _ELEMENT[value.data_type()]
+        row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+        args = (name, self.model.device, 0, dtype, [stop - start, *shape[1:]], value.data_ptr() + start * row_bytes)
+        (binding.bind_output if output else binding.bind_input)(*args)
 
     def step(self, token_ids: np.ndarray) -> StepOutput:
         """Feed one token per row into the next free slot of each row."""
