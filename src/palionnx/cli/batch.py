@@ -14,6 +14,7 @@ from typing import IO
 from ..runtime.captioner import Captioner, CaptionResult
 from ..runtime.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from ..runtime.generate import LogitsProcessor, Sampler, greedy
+from ..runtime.scheduler import CaptionStream
 from .files import ImageJob, caption_path, clean_caption, remove_stale_temp_files, write_atomic
 
 
@@ -43,12 +44,14 @@ class Summary:
     failed: int = 0
     elapsed_s: float = 0.0
     interrupted: bool = False
+    occupancy: float | None = None  # continuous batching: mean busy slots / slots
 
     def line(self) -> str:
         rate = self.captioned / self.elapsed_s if self.elapsed_s else 0.0
         state = "interrupted: " if self.interrupted else ""
+        busy = f", slots {self.occupancy:.0%} busy" if self.occupancy is not None else ""
         return (f"{state}{self.captioned} captioned, {self.skipped} skipped, {self.failed} failed "
-                f"in {self.elapsed_s:.1f}s ({rate:.2f} images/s)")
+                f"in {self.elapsed_s:.1f}s ({rate:.2f} images/s{busy})")
 
 
 class Progress:
@@ -202,17 +205,17 @@ def recording(plan: Plan, options: BatchOptions, started: float) -> Iterator[Rec
 
 
 def caption_files(captioner: Captioner, jobs: list[ImageJob], options: BatchOptions, quiet: bool = False) -> Summary:
-    """Caption `jobs` in this process, writing one caption file per image. Ctrl-C abandons the current batch."""
+    """Caption `jobs` in this process with continuous batching (`--batch-size` slots, each refilled when its
+    caption ends), writing each caption file as soon as it is done. Ctrl-C abandons the captions in flight."""
     started = time.perf_counter()
     plan = plan_run(jobs, options, quiet)
     with recording(plan, options, started) as recorder:
-        batch_size = options.batch_size or captioner.default_batch_size
-        for first in range(0, len(plan.todo), batch_size):
-            batch = plan.todo[first : first + batch_size]
-            results = captioner.caption(
-                [job.image for job in batch], prompt=options.prompt, max_new_tokens=options.max_new_tokens,
-                batch_size=batch_size, sampler=options.sampler, logits_processors=options.logits_processors,
-            )
-            for job, result in zip(batch, results):
-                recorder.add(publish(result, plan.targets[job], options))
+        stream = CaptionStream(
+            captioner, ((job, job.image) for job in plan.todo), slots=options.batch_size, prompt=options.prompt,
+            max_new_tokens=options.max_new_tokens, sampler=options.sampler,
+            logits_processors=options.logits_processors,
+        )
+        for job, result in stream:
+            recorder.add(publish(result, plan.targets[job], options))
+            plan.summary.occupancy = stream.occupancy
     return plan.summary

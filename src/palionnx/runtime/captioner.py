@@ -110,7 +110,7 @@ class Captioner:
             raise ValueError(f"got {len(prompts)} prompts for {len(images)} images")
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be at least 1")
-        results = [CaptionResult(source=_name(image)) for image in images]
+        results = [CaptionResult(source=source_name(image)) for image in images]
         for first in range(0, len(images), batch_size):
             indices, pixels = [], []
             for index, loaded in enumerate(self._load(images[first : first + batch_size]), start=first):
@@ -158,21 +158,25 @@ class Captioner:
     def _pixels(self, image: ImageInput) -> np.ndarray:
         return image.values if isinstance(image, Pixels) else image_pixels(image, self.image_spec)
 
-    def _load(self, images: Sequence[ImageInput]) -> list[np.ndarray | ImageLoadError]:
-        """Pixels of one batch of images, decoded and resized on several threads (Pillow releases the GIL);
-        an unreadable image gives its ImageLoadError in its place."""
+    def load_pixels(self, image: ImageInput) -> np.ndarray | ImageLoadError:
+        """The model's pixel values of one image, or the ImageLoadError saying why it cannot be read."""
+        try:
+            return self._pixels(image)
+        except ImageLoadError as exc:
+            return exc
 
-        def load(image: ImageInput) -> np.ndarray | ImageLoadError:
-            try:
-                return self._pixels(image)
-            except ImageLoadError as exc:
-                return exc
-
-        if len(images) == 1:
-            return [load(images[0])]
+    def image_threads(self) -> ThreadPoolExecutor:
+        """Threads that decode and resize images (Pillow releases the GIL), made on first use."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
-        return list(self._pool.map(load, images))
+        return self._pool
+
+    def _load(self, images: Sequence[ImageInput]) -> list[np.ndarray | ImageLoadError]:
+        """Pixels of one batch of images, decoded on several threads; an unreadable image gives its
+        ImageLoadError in its place."""
+        if len(images) == 1:
+            return [self.load_pixels(images[0])]
+        return list(self.image_threads().map(self.load_pixels, images))
 
     def _caption_batch(
         self,
@@ -208,7 +212,8 @@ class Captioner:
         return [(t, timings) for t in tokens]
 
 
-def _name(image: ImageInput) -> str:
+def source_name(image: ImageInput) -> str:
+    """What a result calls its input: the path, the Pixels' source, or "<PIL image>"."""
     if isinstance(image, Pixels):
         return image.source
     return str(image) if isinstance(image, (str, Path)) else "<PIL image>"

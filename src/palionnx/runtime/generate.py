@@ -202,5 +202,6 @@ def generate_step(
         running &= ~np.isin(tokens, eos)
         if step + 1 == max_new_tokens or not running.any():
             return
-        history = np.concatenate([history, tokens[:, None]], axis=1)
+        if logits_processors:  # only they read the history
+            history = np.concatenate([history, tokens[:, None]], axis=1)
         output = decoder.step(tokens)

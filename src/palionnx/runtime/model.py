@@ -148,6 +148,7 @@ class DecoderState:
         self.total = np.array(max_len, dtype=np.int32)
         self.lengths = np.zeros(batch, dtype=np.int32)  # tokens of each row in the cache
         self._bindings: dict[int, ort.IOBinding] = {}
+        self._options = {capture: self._make_run_options(capture) for capture in (False, True)}
 
     def prefill(self, prompt: PromptBatch) -> StepOutput:
         """Run each row's whole prompt (right-padded [b, s]) into its empty cache slots 0 .. len - 1."""
@@ -155,16 +156,21 @@ class DecoderState:
         if batch != self.batch or width >= self.max_len:
             raise ValueError(f"a prompt batch of {batch} x {width} does not fit this cache "
                              f"({self.batch} x {self.max_len})")
-        if self.model.prefill_rows_alone and len(set(prompt.lengths.tolist())) > 1:
-            for row in range(batch):
-                self.prefill_rows(prompt, row, row + 1)
+        return self.prefill_rows(prompt, 0, batch)
+
+    def prefill_rows(self, prompt: PromptBatch, start: int, stop: int, into: int | None = None) -> StepOutput:
+        """Prefill prompt rows start .. stop - 1 into cache rows `into` .. (default: the same rows); the other
+        rows of the cache, and their outputs, are untouched. Returns the outputs of every row."""
+        into = start if into is None else into
+        if self.model.prefill_rows_alone and len(set(prompt.lengths[start:stop].tolist())) > 1:
+            for row in range(start, stop):  # see OnnxPaliGemma.prefill_rows_alone
+                self._prefill(prompt, row, row + 1, into + row - start)
         else:
-            self.prefill_rows(prompt, 0, batch)
-        self.lengths = prompt.lengths.astype(np.int32)
+            self._prefill(prompt, start, stop, into)
+        self.lengths[into : into + stop - start] = prompt.lengths[start:stop]
         return StepOutput(self.logits, self.next_token)
 
-    def prefill_rows(self, prompt: PromptBatch, start: int, stop: int) -> None:
-        """Prefill rows start .. stop - 1 of the batch into the same rows of the cache (the others untouched)."""
+    def _prefill(self, prompt: PromptBatch, start: int, stop: int, into: int) -> None:
         lengths = prompt.lengths[start:stop]
         width = int(lengths.max())
         session = self.model.decoder
@@ -177,24 +183,31 @@ class DecoderState:
                 binding.bind_ortvalue_input(name, prompt.image_features)
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        rows = stop - start
         for past, present, value in zip(inputs[5:], outputs[2:], self.cache):
-            self._bind_rows(binding, past, value, start, stop, output=False)
-            self._bind_rows(binding, present, value, start, stop, output=True)
-        self._bind_rows(binding, outputs[0], self.logits, start, stop, output=True)
-        self._bind_rows(binding, outputs[1], self.next_token, start, stop, output=True)
+            self._bind_rows(binding, past, value, into, rows, output=False)
+            self._bind_rows(binding, present, value, into, rows, output=True)
+        self._bind_rows(binding, outputs[0], self.logits, into, rows, output=True)
+        self._bind_rows(binding, outputs[1], self.next_token, into, rows, output=True)
         session.run_with_iobinding(binding, self._run_options(capture=False))
 
-    def _bind_rows(self, binding: ort.IOBinding, name: str, value: ort.OrtValue, start: int, stop: int,
+    def _bind_rows(self, binding: ort.IOBinding, name: str, value: ort.OrtValue, first: int, rows: int,
                    output: bool) -> None:
-        """Bind rows start .. stop - 1 of a buffer by address (a view: nothing is copied)."""
+        """Bind `rows` rows of a buffer from row `first` by address (a view: nothing is copied)."""
         shape = value.shape()
         dtype = _ELEMENT[value.data_type()]
         row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
-        args = (name, self.model.device, 0, dtype, [stop - start, *shape[1:]], value.data_ptr() + start * row_bytes)
+        args = (name, self.model.device, 0, dtype, [rows, *shape[1:]], value.data_ptr() + first * row_bytes)
         (binding.bind_output if output else binding.bind_input)(*args)
 
-    def step(self, token_ids: np.ndarray) -> StepOutput:
-        """Feed one token per row into the next free slot of each row."""
+    def step(self, token_ids: np.ndarray, active: np.ndarray | None = None) -> StepOutput:
+        """Feed one token per row into the next free slot of each row.
+
+        `active` (default all) marks the rows in use; an idle row runs too (the step has a fixed shape) but
+        stays empty: its token goes to slot 0 and its length stays 0.
+        """
+        if active is not None:
+            self.lengths[~active] = 0
         if self.lengths.max() >= self.max_len:
             raise ValueError(f"the KV cache of {self.max_len} slots is full")
         self.token_ids.update_inplace(np.ascontiguousarray(token_ids.reshape(-1, 1), dtype=np.int64))
@@ -207,7 +220,7 @@ class DecoderState:
             self.model.drop_cuda_graph()  # capture is not possible here: run the step plainly from now on
             self._bindings.clear()
             self._run_step()
-        self.lengths += 1
+        self.lengths += 1 if active is None else active
         return StepOutput(self.logits, self.next_token)
 
     def _run_step(self) -> None:
@@ -237,6 +250,9 @@ class DecoderState:
         binding.bind_ortvalue_output(io.outputs[1], self.next_token)
 
     def _run_options(self, capture: bool) -> ort.RunOptions | None:
+        return self._options[capture] if self.model.cuda_graph else None
+
+    def _make_run_options(self, capture: bool) -> ort.RunOptions | None:
         """CUDA graphs: prefill is never captured (-1); each state's decode step has its own graph id."""
         if not self.model.cuda_graph:
             return None

@@ -1,0 +1,75 @@
+"""Continuous batching: every caption equals the image captioned alone, however the slots are shared."""
+
+import numpy as np
+import pytest
+
+from palionnx import Captioner
+from palionnx.runtime.generate import make_logits_processors, make_sampler
+from palionnx.runtime.preprocess import image_pixels
+from palionnx.runtime.scheduler import Request, Scheduler
+from palionnx.samples import sample_images
+
+PROMPTS = ["caption en", "describe this picture in great detail", "x", "caption en"]
+
+
+def _requests(captioner, count, lengths, processors=False, seeds=None):
+    images = sample_images(count, size=48)
+    requests = []
+    for i, image in enumerate(images):
+        requests.append(Request(
+            image_pixels(image, captioner.image_spec), prompt=PROMPTS[i % 4], max_new_tokens=lengths[i % len(lengths)],
+            logits_processors=make_logits_processors(1.15, 2) if processors and i % 2 else [],
+            sampler=make_sampler(0.8, top_k=20, seed=seeds[i]) if seeds else make_sampler(0.0), tag=i,
+        ))
+    return images, requests
+
+
+def _alone(captioner, image, request, seed=None):
+    sampler = make_sampler(0.8, top_k=20, seed=seed) if seed is not None else None
+    return captioner.caption([image], prompt=request.prompt, max_new_tokens=request.max_new_tokens,
+                             logits_processors=list(request.logits_processors), sampler=sampler)[0].tokens
+
+
+@pytest.mark.parametrize("family", ["tiny-pg1", "tiny-pg2"])
+def test_slots_give_each_image_its_caption_alone(family, exported):
+    captioner = Captioner.load(exported(family, "fp32"), device="cpu")
+    images, requests = _requests(captioner, 9, [30, 5, 18, 2, 24], processors=True)
+    # eos ids that end the greedy captions at very different lengths
+    free = [_alone(captioner, image, r) for image, r in zip(images, requests)]
+    captioner.manifest.eos_token_ids = [free[0][3], free[2][11], free[4][1]]
+    expected = [_alone(captioner, image, r) for image, r in zip(images, requests)]
+    assert len({len(e) for e in expected}) >= 4, [len(e) for e in expected]
+
+    scheduler = Scheduler(captioner, slots=3, max_len=96)
+    got = {c.request.tag: c.tokens for c in scheduler.run(iter(requests))}
+    assert [got[i] for i in range(len(requests))] == expected
+    assert 0.5 < scheduler.occupancy.ratio(3) <= 1.0 and scheduler.busy == 0
+
+
+def test_seeded_sampling_does_not_depend_on_the_neighbours(exported):
+    captioner = Captioner.load(exported("tiny-pg1", "fp32"), device="cpu")
+    seeds = list(range(10, 16))
+    images, requests = _requests(captioner, 6, [12, 7], seeds=seeds)
+    got = {c.request.tag: c.tokens for c in Scheduler(captioner, slots=4, max_len=96).run(requests)}
+    assert [got[i] for i in range(6)] == [_alone(captioner, im, r, s) for im, r, s in zip(images, requests, seeds)]
+
+
+def test_slots_stay_full_while_captions_vary(exported):
+    """With many more images than slots, a slot is refilled the step after its caption ends."""
+    captioner = Captioner.load(exported("tiny-pg1", "fp32"), device="cpu")
+    _, requests = _requests(captioner, 64, [3, 20, 9, 14, 6, 30])
+    for request in requests:
+        request.ignore_eos = True  # lengths exactly as asked: 3 to 30 tokens
+    scheduler = Scheduler(captioner, slots=4, max_len=96)
+    completions = list(scheduler.run(requests))
+    assert sorted(c.request.tag for c in completions) == list(range(64))
+    assert [len(c.tokens) for c in sorted(completions, key=lambda c: c.request.tag)] == [r.max_new_tokens for r in requests]
+    assert scheduler.occupancy.ratio(4) >= 0.9
+
+
+def test_request_too_long_for_a_slot_is_refused(exported):
+    captioner = Captioner.load(exported("tiny-pg1", "fp32"), device="cpu")
+    _, (request,) = _requests(captioner, 1, [60])
+    with pytest.raises(ValueError, match="exceed a slot"):
+        Scheduler(captioner, slots=2, max_len=40).submit(request)
+    assert np.all(Scheduler(captioner, slots=2, max_len=80).state.lengths == 0)
