@@ -63,7 +63,8 @@ def test_slots_stay_full_while_captions_vary(exported):
     scheduler = Scheduler(captioner, slots=4, max_len=96)
     completions = list(scheduler.run(requests))
     assert sorted(c.request.tag for c in completions) == list(range(64))
-    assert [len(c.tokens) for c in sorted(completions, key=lambda c: c.request.tag)] == [r.max_new_tokens for r in requests]
+    lengths = [len(c.tokens) for c in sorted(completions, key=lambda c: c.request.tag)]
+    assert lengths == [r.max_new_tokens for r in requests]
     assert scheduler.occupancy.ratio(4) >= 0.9
 
 

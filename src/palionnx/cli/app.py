@@ -303,6 +303,41 @@ def bench(
         json_file.write_text(json.dumps(rows, indent=2) + "\n")
 
 
+@app.command()
+def serve(
+    model_dir: Annotated[Path, typer.Argument(help="An exported model folder.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    slots: Annotated[int | None, typer.Option(min=1, help="Captions decoded together (default 64 on CUDA, 4 on "
+                                                          "the CPU).", show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests allowed to wait for a slot; more get 503.")] = 256,
+    timeout: Annotated[float, typer.Option(min=0.01, help="Seconds a request may take, waiting included; "
+                                                          "then 504.")] = 120.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest caption a request may ask for (and the "
+                                                            "default).")] = DEFAULT_MAX_NEW_TOKENS,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body; bigger gets 413.")] = 20.0,
+) -> None:
+    """Serve captions over HTTP: POST /v1/caption, POST /v1/chat/completions (OpenAI-compatible),
+    GET /healthz, GET /metrics. Concurrent requests share decode steps. SIGTERM or Ctrl-C finish the
+    requests in flight, then exit. Needs the serve extra: pip install 'palionnx[serve]'.
+
+    Example: palionnx serve models/pg-int4 --port 8000 --slots 8
+    """
+    from ..runtime.manifest import ModelFolderError
+    from ..runtime.sessions import DeviceError
+    from ..server.serve import ServeExtraMissing, ServeOptions, require_serve_extra
+    from ..server.serve import serve as run_server
+
+    options = ServeOptions(host=host, port=port, slots=slots, device=device, max_queue=max_queue, timeout_s=timeout,
+                           max_new_tokens=max_new_tokens, max_body_mb=max_body_mb)
+    try:
+        require_serve_extra()
+        run_server(model_dir, options, say=_err)
+    except (ServeExtraMissing, ModelFolderError, DeviceError) as exc:
+        _usage(str(exc))
+
+
 def _usage(message: str) -> NoReturn:
     _err(f"error: {message}")
     raise typer.Exit(2)

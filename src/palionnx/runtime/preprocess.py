@@ -6,8 +6,10 @@ the uint8 image, rescale by 1/255, normalise with the checkpoint's mean and std,
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -48,13 +50,15 @@ class ImageLoadError(Exception):
     """An input could not be read as an image; the message names the file and the reason."""
 
 
-def load_image(source: str | Path | Image.Image) -> Image.Image:
-    """Open `source` and return an RGB image with EXIF orientation applied.
+def load_image(source: str | Path | Image.Image | BinaryIO) -> Image.Image:
+    """Open `source` (a path, a PIL image or an open binary file) and return an RGB image with EXIF
+    orientation applied.
 
     Transparency (RGBA, LA, palette with transparency) is composited on white; CMYK, 16-bit and grey
     images are converted; an animated image gives its first frame.
     """
-    name = str(source) if not isinstance(source, Image.Image) else "<PIL image>"
+    name = str(source) if isinstance(source, (str, Path)) else "<PIL image>" if isinstance(source, Image.Image) \
+        else "<upload>"
     try:
         if isinstance(source, Image.Image):
             image = source
@@ -68,7 +72,8 @@ def load_image(source: str | Path | Image.Image) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(f"{name}: too large to decode safely ({exc})") from exc
     except (OSError, ValueError, SyntaxError) as exc:  # Pillow's errors for unreadable / truncated / non-images
-        raise ImageLoadError(f"{name}: not a readable image ({exc})") from exc
+        reason = re.sub(r" <_io\.\w+ object at 0x[0-9a-f]+>", "", str(exc))  # no object reprs for uploads
+        raise ImageLoadError(f"{name}: not a readable image ({reason})") from exc
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -108,7 +113,7 @@ def pixel_values(
     return batch
 
 
-def image_pixels(source: str | Path | Image.Image, spec: ImageSpec) -> np.ndarray:
+def image_pixels(source: str | Path | Image.Image | BinaryIO, spec: ImageSpec) -> np.ndarray:
     """The whole CPU stage for one image: load, EXIF orientation, RGB, resize, normalise -> [3, size, size].
 
     Raises ImageLoadError naming the file when it cannot be read.

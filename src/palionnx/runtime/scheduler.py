@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,6 +105,18 @@ class Scheduler:
         if needed > self.max_len:
             raise ValueError(f"prompt + max_new_tokens = {needed} tokens exceed a slot's {self.max_len}")
         self.waiting.append(request)
+
+    def drop(self, unwanted: Callable[[Request], bool]) -> int:
+        """Forget waiting and running requests for which `unwanted(request)` is true (their callers gave up);
+        their slots free at once. Returns how many were dropped."""
+        before = len(self.waiting)
+        self.waiting = deque(r for r in self.waiting if not unwanted(r))
+        dropped = before - len(self.waiting)
+        for row, slot in enumerate(self.rows):
+            if slot is not None and unwanted(slot.request):
+                self.rows[row] = None
+                dropped += 1
+        return dropped
 
     def run(self, requests: Iterable[Request]) -> Iterator[Completion]:
         """Caption `requests` (pulled lazily, as slots free up) and yield each completion when it ends."""

@@ -1,0 +1,108 @@
+"""Load on `palionnx serve`: throughput and latency at 1, 8 and 32 concurrent clients.
+
+    python benchmarks/serve_load.py MODEL_DIR [--clients 1 8 32] [--requests 64] [--tokens 32] [--slots N]
+
+Starts the server in a subprocess on a loopback port, then for each client count sends `--requests`
+caption requests (each client one at a time, all clients at once) and reports requests/s, p50/p99 latency
+and the server's slot occupancy. Writes benchmarks/results/serve-load-MODEL.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+from compare import cpu_model
+
+from palionnx.samples import sample_images
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def start(model: Path, slots: int | None) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [sys.executable, "-m", "palionnx", "serve", str(model), "--port", str(port), "--timeout", "600"]
+    process = subprocess.Popen(args + (["--slots", str(slots)] if slots else []), stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/healthz").status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(process.stderr.read())
+
+
+def occupancy(url: str) -> float:
+    line = next(x for x in httpx.get(url + "/metrics").text.splitlines() if x.startswith("palionnx_slot_occupancy"))
+    return float(line.split()[1])
+
+
+def load(url: str, clients: int, requests: int, tokens: int, pngs: list[bytes]) -> dict:
+    def one(i: int) -> float:
+        started = time.perf_counter()
+        answer = httpx.post(url + "/v1/caption", files={"image": ("x.png", pngs[i % len(pngs)], "image/png")},
+                            data={"max_new_tokens": str(tokens)}, timeout=600)
+        answer.raise_for_status()
+        return time.perf_counter() - started
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(clients)))  # warm-up round, excluded
+        started = time.perf_counter()
+        latencies = list(pool.map(one, range(requests)))
+        wall = time.perf_counter() - started
+    return {"clients": clients, "requests": requests, "requests_per_s": requests / wall,
+            "p50_s": float(np.percentile(latencies, 50)), "p99_s": float(np.percentile(latencies, 99)),
+            "occupancy": occupancy(url)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--slots", type=int)
+    args = parser.parse_args()
+    pngs = []
+    for image in sample_images(8, size=224):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    process, url = start(args.model, args.slots)
+    try:
+        rows = []
+        for clients in args.clients:
+            rows.append(load(url, clients, args.requests, args.tokens, pngs))
+            print(rows[-1], flush=True)
+    finally:
+        process.terminate()
+        process.wait(60)
+    machine = f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores"
+    table = [f"`palionnx serve {args.model.name}`, {args.tokens} new tokens per request, {args.requests} requests "
+             f"per row, slots {args.slots or 'default'}. Machine: {machine}.", "",
+             "| clients | requests/s | p50 s | p99 s | slot occupancy |", "| ---: | ---: | ---: | ---: | ---: |"]
+    table += [f"| {r['clients']} | {r['requests_per_s']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
+              f"{r['occupancy']:.0%} |" for r in rows]
+    RESULTS.mkdir(exist_ok=True)
+    stem = f"serve-load-{args.model.name}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()

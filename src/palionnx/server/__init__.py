@@ -1,0 +1,1 @@
+"""`palionnx serve`: captions over HTTP (the `serve` extra: Starlette on uvicorn)."""

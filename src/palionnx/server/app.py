@@ -1,0 +1,240 @@
+"""The HTTP API of `palionnx serve` (Starlette; run by uvicorn).
+
+    POST /v1/caption            an image (multipart field `image`, or JSON `{"image": base64}`) + settings
+    POST /v1/chat/completions   OpenAI-compatible: a user message with text and an `image_url` data URI
+    GET  /healthz               200 while the engine runs
+    GET  /metrics               Prometheus text format
+
+Errors are JSON `{"error": {"message", "type"}}`: 400 bad input (an undecodable image among them), 413 a body
+over --max-body-mb, 503 with Retry-After when --max-queue requests are waiting, 504 past --timeout. A bad
+request never disturbs the others: each image is decoded on its own, and a caption shares only decode
+steps with its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import io
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from ..runtime.captioner import Captioner
+from ..runtime.defaults import DEFAULT_PROMPT
+from ..runtime.generate import make_logits_processors, make_sampler
+from ..runtime.preprocess import ImageLoadError, image_pixels
+from ..runtime.scheduler import Completion, Request
+from .engine import Engine, QueueFull, Rejected
+
+
+class BadRequest(ValueError):
+    """The request is malformed; the message says what to fix."""
+
+
+@dataclass
+class Limits:
+    """What one request may ask for."""
+
+    max_new_tokens: int  # the most tokens a caption may have (and the default)
+    timeout_s: float  # queue wait + captioning
+    max_body_bytes: int
+
+
+def create_app(captioner: Captioner, engine: Engine, limits: Limits, model_name: str) -> Starlette:
+    """The ASGI app over a started engine (stopped when the app shuts down)."""
+    metrics = engine.metrics
+
+    async def caption(http: HttpRequest) -> Response:
+        return await answered(http, "/v1/caption", caption_body, lambda c, t: caption_json(c, t))
+
+    async def chat(http: HttpRequest) -> Response:
+        return await answered(http, "/v1/chat/completions", chat_body,
+                              lambda c, t: chat_json(c, model_name, len(captioner.text.prompt_ids(c.request.prompt))))
+
+    async def answered(http: HttpRequest, route: str, parse: Callable[[HttpRequest, Limits], Awaitable[tuple]],
+                       render: Callable[[Completion, float], dict[str, Any]]) -> Response:
+        arrived = time.perf_counter()
+        outcome, response = "error", _error(500, "internal error", "server_error")
+        try:
+            data, settings = await parse(http, limits)
+            pixels = await run_in_threadpool(image_pixels, io.BytesIO(data), captioner.image_spec)
+            future = engine.submit(Request(pixels, **settings))
+            completion = await asyncio.wait_for(asyncio.wrap_future(future), limits.timeout_s)
+            outcome, response = "ok", JSONResponse(render(completion, arrived))
+        except _TooLarge as exc:
+            outcome, response = "too_large", _error(413, str(exc), "invalid_request_error")
+        except (BadRequest, Rejected, ImageLoadError) as exc:
+            outcome, response = "bad_request", _error(400, str(exc), "invalid_request_error")
+        except QueueFull as exc:
+            outcome, response = "queue_full", _error(503, f"busy: {exc}; retry shortly", "server_busy",
+                                                     {"Retry-After": "1"})
+        except asyncio.TimeoutError:
+            outcome, response = "timeout", _error(504, f"no caption within {limits.timeout_s:g} s", "timeout")
+        finally:
+            metrics.record_request(route, outcome, time.perf_counter() - arrived)
+        return response
+
+    async def healthz(http: HttpRequest) -> Response:
+        alive = engine.thread.is_alive() and not engine.stopping
+        return JSONResponse({"status": "ok" if alive else "stopping", "model": model_name,
+                             "slots": engine.scheduler.slots, "queue": engine.queue_depth},
+                            status_code=200 if alive else 503)
+
+    async def metrics_text(http: HttpRequest) -> Response:
+        return PlainTextResponse(metrics.text(engine.queue_depth), media_type="text/plain; version=0.0.4")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(engine.stop)  # after uvicorn has drained the requests in flight
+
+    routes = [Route("/v1/caption", caption, methods=["POST"]), Route("/v1/chat/completions", chat, methods=["POST"]),
+              Route("/healthz", healthz), Route("/metrics", metrics_text)]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _body(http: HttpRequest, limits: Limits) -> bytes:
+    """The request body, refused (413) past the limit whether or not Content-Length says so."""
+    declared = http.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise _TooLarge(f"the body is {int(declared)} bytes; the limit is {limits.max_body_bytes}")
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise _TooLarge(f"the body is over the limit of {limits.max_body_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def caption_body(http: HttpRequest, limits: Limits) -> tuple[bytes, dict[str, Any]]:
+    """/v1/caption: multipart (field `image` + settings as fields) or JSON (`image` as base64 or a data URI)."""
+    body = await _body(http, limits)
+    if http.headers.get("content-type", "").startswith("multipart/form-data"):
+        from starlette.datastructures import UploadFile
+        from starlette.formparsers import MultiPartParser
+
+        async def replay() -> Any:
+            yield body
+
+        form = await MultiPartParser(http.headers, replay()).parse()
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise BadRequest("multipart upload needs a file field named 'image'")
+        fields = {key: value for key, value in form.items() if isinstance(value, str)}
+        return await upload.read(), settings(fields, limits)
+    payload = _json(body)
+    if not isinstance(payload.get("image"), str):
+        raise BadRequest("JSON body needs 'image': a base64 string or a data: URI")
+    return _base64_image(payload["image"]), settings(payload, limits)
+
+
+async def chat_body(http: HttpRequest, limits: Limits) -> tuple[bytes, dict[str, Any]]:
+    """/v1/chat/completions: the last user message's text parts are the prompt, its image_url the image."""
+    payload = _json(await _body(http, limits))
+    if payload.get("stream"):
+        raise BadRequest("stream=true is not supported: ask without streaming")
+    users = [m for m in payload.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        raise BadRequest("messages needs a user message with an image_url part")
+    content = users[-1].get("content")
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+    texts = [p.get("text", "") for p in parts if isinstance(p, dict) and p.get("type") == "text"]
+    images = [p.get("image_url") for p in parts if isinstance(p, dict) and p.get("type") == "image_url"]
+    if len(images) != 1:
+        raise BadRequest("the user message needs exactly one image_url part")
+    url = images[0].get("url") if isinstance(images[0], dict) else images[0]
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise BadRequest("image_url must be a data: URI (data:image/png;base64,...); URLs are not fetched")
+    fields = {"prompt": " ".join(t for t in texts if t).strip() or DEFAULT_PROMPT,
+              "max_new_tokens": payload.get("max_completion_tokens", payload.get("max_tokens")),
+              **{k: payload.get(k) for k in ("temperature", "top_p", "top_k", "seed", "repetition_penalty")}}
+    return _base64_image(url), settings(fields, limits)
+
+
+def settings(fields: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """Request settings from form fields or JSON, checked: prompt, max_new_tokens and sampling options."""
+
+    def number(name: str, kind: type, default: Any, low: float, high: float | None = None) -> Any:
+        value = fields.get(name)
+        if value is None or value == "":
+            return default
+        try:
+            value = kind(value)
+        except (TypeError, ValueError):
+            raise BadRequest(f"{name} must be a{'n integer' if kind is int else ' number'}") from None
+        if value < low or (high is not None and value > high):
+            raise BadRequest(f"{name} must be between {low:g} and {high:g}" if high is not None
+                             else f"{name} must be at least {low:g}")
+        return value
+
+    prompt = fields.get("prompt") or DEFAULT_PROMPT
+    if not isinstance(prompt, str):
+        raise BadRequest("prompt must be a string")
+    temperature = number("temperature", float, 0.0, 0.0, 2.0)
+    seed = number("seed", int, None, 0)
+    return {
+        "prompt": prompt,
+        "max_new_tokens": number("max_new_tokens", int, limits.max_new_tokens, 1, limits.max_new_tokens),
+        "sampler": make_sampler(temperature, number("top_k", int, 0, 0), number("top_p", float, 1.0, 0.0, 1.0), seed),
+        "logits_processors": make_logits_processors(number("repetition_penalty", float, 1.0, 0.01),
+                                                    number("no_repeat_ngram_size", int, 0, 0)),
+    }
+
+
+def caption_json(completion: Completion, arrived: float) -> dict[str, Any]:
+    total = time.perf_counter() - arrived
+    working = completion.vision_s + completion.prefill_s + completion.decode_s
+    return {"caption": completion.text, "tokens": len(completion.tokens),
+            "timings": {"queue_s": round(max(total - working, 0.0), 4), "vision_s": round(completion.vision_s, 4),
+                        "prefill_s": round(completion.prefill_s, 4), "decode_s": round(completion.decode_s, 4),
+                        "total_s": round(total, 4)}}
+
+
+def chat_json(completion: Completion, model_name: str, prompt_tokens: int) -> dict[str, Any]:
+    """An OpenAI chat.completion; prompt_tokens counts the image tokens too."""
+    finish = "length" if len(completion.tokens) >= completion.request.max_new_tokens else "stop"
+    return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "model": model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
+                         "finish_reason": finish}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(completion.tokens),
+                      "total_tokens": prompt_tokens + len(completion.tokens)}}
+
+
+def _json(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON ({exc})") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("the JSON body must be an object")
+    return payload
+
+
+def _base64_image(text: str) -> bytes:
+    data = text.split(",", 1)[1] if text.startswith("data:") else text
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("the image is not valid base64") from None
+
+
+def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)

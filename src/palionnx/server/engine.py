@@ -1,0 +1,107 @@
+"""The captioning engine behind the HTTP server: one thread runs the Scheduler; requests from any thread
+wait on futures. Concurrent requests share decode steps (continuous batching)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+
+from ..runtime.captioner import Captioner
+from ..runtime.scheduler import Completion, Request, Scheduler
+from .metrics import Metrics
+
+
+class QueueFull(Exception):
+    """More requests are waiting than --max-queue allows."""
+
+
+class Rejected(ValueError):
+    """The request cannot be served (e.g. its prompt and caption do not fit a slot)."""
+
+
+@dataclass
+class Submitted:
+    """What the engine keeps of a request: its future and when it arrived."""
+
+    future: Future[Completion]
+    arrived: float
+
+
+class Engine:
+    """Runs `Scheduler.step` on a thread of its own while requests are queued or running."""
+
+    def __init__(self, captioner: Captioner, slots: int, max_len: int, max_queue: int, metrics: Metrics):
+        self.captioner, self.max_queue, self.metrics = captioner, max_queue, metrics
+        self.scheduler = Scheduler(captioner, slots, max_len)
+        self.inbox: deque[Request] = deque()
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="palionnx-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, request: Request) -> Future[Completion]:
+        """Queue a request (thread-safe); QueueFull when the queue is at --max-queue, Rejected when it cannot
+        fit a slot."""
+        needed = self.scheduler.prompt_tokens(request.prompt) + request.max_new_tokens
+        if needed > self.scheduler.max_len:
+            raise Rejected(f"prompt + max_new_tokens = {needed} tokens exceed the server's {self.scheduler.max_len}")
+        future: Future[Completion] = Future()
+        request.tag = Submitted(future, time.perf_counter())
+        with self.lock:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.inbox) + len(self.scheduler.waiting) >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting")
+            self.inbox.append(request)
+        self.wake.set()
+        return future
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.inbox) + len(self.scheduler.waiting)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Finish what is queued and running, then end the thread."""
+        with self.lock:
+            self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout)
+
+    def _loop(self) -> None:
+        scheduler = self.scheduler
+        while True:
+            with self.lock:
+                while self.inbox:
+                    scheduler.waiting.append(self.inbox.popleft())
+                idle = not scheduler.waiting and not scheduler.busy
+                if idle and self.stopping:
+                    return
+            if idle:
+                self.wake.wait(0.5)
+                self.wake.clear()
+                continue
+            scheduler.drop(lambda request: request.tag.future.cancelled())
+            try:
+                completions = scheduler.step()
+            except Exception as exc:  # a failed step fails the requests in it, not the server
+                self._fail_all(exc)
+                continue
+            for completion in completions:
+                self.metrics.record_tokens(len(completion.tokens))
+                with contextlib.suppress(InvalidStateError):  # its caller gave up (timeout) meanwhile
+                    completion.request.tag.future.set_result(completion)
+            self.metrics.record_slots(scheduler.busy, scheduler.slots, scheduler.occupancy.ratio(scheduler.slots))
+
+    def _fail_all(self, exc: Exception) -> None:
+        for slot in self.scheduler.rows:
+            if slot is not None:
+                with contextlib.suppress(InvalidStateError):
+                    slot.request.tag.future.set_exception(exc)
+        self.scheduler.drop(lambda request: request.tag.future.done())

@@ -1,0 +1,173 @@
+"""`palionnx serve`, started for real in a subprocess on a loopback port and asked over HTTP."""
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from palionnx.samples import sample_images
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("starlette")
+
+from test_cli import palionnx  # noqa: E402
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`palionnx serve MODEL` in a subprocess, ready when /healthz answers."""
+
+    def __init__(self, model, *args, port=None):
+        self.port = port or _port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "palionnx", "serve", str(model), "--port", str(self.port), *map(str, args)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if self.client.get("/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("the server did not start: " + self.process.stderr.read())
+
+    def caption(self, png: bytes, **fields):
+        return self.client.post("/v1/caption", files={"image": ("x.png", png, "image/png")},
+                                data={k: str(v) for k, v in fields.items()})
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(30)
+        self.client.close()
+
+
+@pytest.fixture
+def server(model):
+    running = Server(model, "--slots", 3)
+    yield running
+    running.stop()
+
+
+def _pngs(count, size=40):
+    out = []
+    for image in sample_images(count, size=size):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def _cli_captions(tmp_path, model, pngs, tokens):
+    folder = tmp_path / "cli"
+    folder.mkdir()
+    for i, png in enumerate(pngs):
+        (folder / f"{i:02d}.png").write_bytes(png)
+    assert palionnx("caption", folder, "--model", model, "--max-new-tokens", tokens, "-q").returncode == 0
+    return [(folder / f"{i:02d}.txt").read_text() for i in range(len(pngs))]
+
+
+def test_concurrent_requests_get_the_cli_captions(server, model, tmp_path):
+    pngs = _pngs(8)
+    expected = _cli_captions(tmp_path, model, pngs, 20)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda png: server.caption(png, max_new_tokens=20), pngs))
+    assert [a.status_code for a in answers] == [200] * 8
+    assert [a.json()["caption"] for a in answers] == expected
+    assert all(set(a.json()["timings"]) >= {"queue_s", "prefill_s", "decode_s", "total_s"} for a in answers)
+
+    encoded = base64.b64encode(pngs[0]).decode()
+    as_json = server.client.post("/v1/caption", json={"image": encoded, "max_new_tokens": 20})
+    assert as_json.status_code == 200 and as_json.json()["caption"] == expected[0]
+    uri = "data:image/png;base64," + base64.b64encode(pngs[1]).decode()
+    chat = server.client.post("/v1/chat/completions", json={
+        "model": "palionnx", "max_tokens": 20,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "caption en"},
+                                                  {"type": "image_url", "image_url": {"url": uri}}]}]})
+    body = chat.json()
+    assert chat.status_code == 200 and body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": expected[1]}
+    assert body["usage"]["completion_tokens"] > 0
+
+    metrics = server.client.get("/metrics").text
+    assert 'palionnx_requests_total{route="/v1/caption",outcome="ok"} 9' in metrics
+    assert "palionnx_request_seconds_count 10" in metrics and "palionnx_slot_occupancy" in metrics
+
+
+def test_bad_requests_get_their_status_while_good_ones_succeed(server):
+    good = _pngs(1)[0]
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(server.caption, good, max_new_tokens=10),
+                   pool.submit(server.caption, b"not an image"),
+                   pool.submit(server.client.post, "/v1/caption", json={"image": "%%%"}),
+                   pool.submit(server.caption, good, max_new_tokens=0),
+                   pool.submit(server.client.post, "/v1/chat/completions", json={"messages": []}),
+                   pool.submit(server.caption, good, max_new_tokens=10)]
+        statuses = [f.result().status_code for f in futures]
+    assert statuses == [200, 400, 400, 400, 400, 200]
+    error = server.caption(b"not an image").json()["error"]
+    assert "not a readable image" in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_oversize_body_full_queue_and_timeout(model):
+    big = Server(model, "--slots", 1, "--max-queue", 1, "--max-body-mb", 0.05, "--timeout", 0.3)
+    try:
+        small = _pngs(1)[0]
+        assert big.caption(os.urandom(80_000)).status_code == 413
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda _: big.caption(small, max_new_tokens=200), range(12)))
+        statuses = [a.status_code for a in answers]
+        assert 200 in statuses and 503 in statuses, statuses  # one slot, one waiting: the rest are turned away
+        assert all(a.headers.get("retry-after") == "1" for a in answers if a.status_code == 503)
+        assert big.client.get("/healthz").status_code == 200
+    finally:
+        big.stop()
+    slow = Server(model, "--slots", 1, "--timeout", 0.05)
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(lambda _: slow.caption(small, max_new_tokens=250).status_code, range(6)))
+        assert 504 in statuses, statuses
+        assert slow.caption(small, max_new_tokens=2).status_code in (200, 504)
+    finally:
+        slow.stop()
+
+
+def test_sigterm_drains_and_sigkill_restarts(model):
+    server = Server(model, "--slots", 2)
+    png = _pngs(1)[0]
+    with ThreadPoolExecutor(2) as pool:
+        pending = pool.submit(server.caption, png, max_new_tokens=250)
+        time.sleep(0.05)
+        server.process.send_signal(signal.SIGTERM)
+        assert pending.result().status_code == 200  # the request in flight was answered
+    # uvicorn re-raises SIGTERM once it has drained, so the exit status says how the server was stopped
+    assert server.process.wait(30) in (0, -signal.SIGTERM)
+    assert "Traceback" not in server.process.stderr.read()
+    server.stop()
+
+    first = Server(model, "--slots", 2)
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(4):
+            pool.submit(lambda: first.caption(png, max_new_tokens=100))
+        time.sleep(0.2)
+        first.process.kill()
+    first.stop()
+    again = Server(model, "--slots", 2, port=first.port)
+    try:
+        assert again.caption(png, max_new_tokens=5).status_code == 200
+    finally:
+        again.stop()
