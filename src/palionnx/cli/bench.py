@@ -8,7 +8,8 @@ COLUMNS = [
     ("model", "model", "{}"), ("quant", "quant", "{}"), ("load_s", "load s", "{:.2f}"),
     ("vision_ms_per_image", "vision ms/img", "{:.1f}"), ("prefill_ms", "prefill ms", "{:.1f}"),
     ("decode_ms_per_token", "decode ms/tok", "{:.2f}"), ("tokens_per_s", "tok/s", "{:.1f}"),
-    ("images_per_s", "img/s", "{:.3f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+    ("images_per_s", "img/s", "{:.3f}"), ("images_per_s_continuous", "img/s varied", "{:.3f}"),
+    ("slot_occupancy", "slots busy", "{:.0%}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
     ("gpu_memory_mb", "GPU MB", "{:.0f}"), ("size_on_disk_mb", "disk MB", "{:.0f}"),
 ]
 

@@ -51,8 +51,9 @@ def measure(folder: Path, *, images: int, max_new_tokens: int, batch_size: int, 
             repeats: int) -> dict[str, Any]:
     """Load the folder and time captioning `images` synthetic images `repeats` times (after a warm-up).
 
-    Returns load s, vision ms per image, prefill ms, decode ms per token, tokens/s, images/s, peak RSS MB,
-    GPU MB (on CUDA) and size on disk, with the settings.
+    Returns load s, vision ms per image, prefill ms, decode ms per token, tokens/s, images/s (static
+    batches of one length), images/s and slot occupancy with continuous batching over lengths that vary
+    (`continuous`), peak RSS MB, GPU MB (on CUDA) and size on disk, with the settings.
     """
     from ..samples import sample_images
 
@@ -77,6 +78,7 @@ def measure(folder: Path, *, images: int, max_new_tokens: int, batch_size: int, 
     runs = [run() for _ in range(repeats)]
     median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
     decode_ms = median["decode_ms_per_token"]
+    continuous_rate, occupancy = continuous(captioner, inputs, max_new_tokens, batch_size)
     return {
         "model": str(folder),
         "quant": captioner.manifest.quant.level,
@@ -88,11 +90,27 @@ def measure(folder: Path, *, images: int, max_new_tokens: int, batch_size: int, 
         "decode_ms_per_token": decode_ms,
         "tokens_per_s": 1000 / decode_ms * min(batch_size, images) if decode_ms else 0.0,
         "images_per_s": images / median["wall_s"],
+        "images_per_s_continuous": continuous_rate,
+        "slot_occupancy": occupancy,
         "peak_rss_mb": peak_rss_mb(),
         "gpu_memory_mb": gpu_memory_mb() if captioner.device == "cuda" else None,
         "size_on_disk_mb": folder_size(folder) / 1e6,
         "images": images, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "repeats": repeats,
     }
+
+
+def continuous(captioner: Captioner, images: list[Any], max_new_tokens: int, slots: int) -> tuple[float, float]:
+    """Continuous batching over `slots`: (images/s, slot occupancy) for captions whose lengths spread over
+    25-100 % of `max_new_tokens` (fixed lengths, eos ignored), as real captions end at different tokens."""
+    from .scheduler import Request, Scheduler
+
+    spread = [1.0, 0.5, 0.25, 0.75]
+    requests = [Request(image_pixels(image, captioner.image_spec), max_new_tokens=max(1, int(max_new_tokens * f)),
+                        ignore_eos=True) for image, f in zip(images, spread * len(images))]
+    scheduler = Scheduler(captioner, slots, len(captioner.text.prompt_ids(requests[0].prompt)) + max_new_tokens)
+    started = time.perf_counter()
+    done = sum(1 for _ in scheduler.run(requests))
+    return done / (time.perf_counter() - started), scheduler.occupancy.ratio(slots)
 
 
 def decode_step_ms(captioner: Captioner, allocated: int, steps: int = 64) -> float:
