@@ -46,9 +46,11 @@ def start(model: Path, slots: int | None) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(process.stderr.read())
 
 
-def occupancy(url: str) -> float:
-    line = next(x for x in httpx.get(url + "/metrics").text.splitlines() if x.startswith("palionnx_slot_occupancy"))
-    return float(line.split()[1])
+def slot_counters(url: str) -> dict[str, float]:
+    """The server's slot count, decode steps and busy slot-steps so far (from /metrics)."""
+    wanted = ("palionnx_slots ", "palionnx_decode_steps_total ", "palionnx_busy_slot_steps_total ")
+    lines = httpx.get(url + "/metrics").text.splitlines()
+    return {name.strip(): float(line.split()[1]) for line in lines for name in wanted if line.startswith(name)}
 
 
 def load(url: str, clients: int, requests: int, tokens: int, pngs: list[bytes]) -> dict:
@@ -61,12 +63,16 @@ def load(url: str, clients: int, requests: int, tokens: int, pngs: list[bytes]) 
 
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(one, range(clients)))  # warm-up round, excluded
+        before = slot_counters(url)
         started = time.perf_counter()
         latencies = list(pool.map(one, range(requests)))
         wall = time.perf_counter() - started
+    after = slot_counters(url)
+    steps = after["palionnx_decode_steps_total"] - before["palionnx_decode_steps_total"]
+    busy = after["palionnx_busy_slot_steps_total"] - before["palionnx_busy_slot_steps_total"]
     return {"clients": clients, "requests": requests, "requests_per_s": requests / wall,
             "p50_s": float(np.percentile(latencies, 50)), "p99_s": float(np.percentile(latencies, 99)),
-            "occupancy": occupancy(url)}
+            "occupancy": busy / (steps * after["palionnx_slots"]) if steps else 0.0}
 
 
 def main() -> None:

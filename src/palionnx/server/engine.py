@@ -97,7 +97,8 @@ class Engine:
                 self.metrics.record_tokens(len(completion.tokens))
                 with contextlib.suppress(InvalidStateError):  # its caller gave up (timeout) meanwhile
                     completion.request.tag.future.set_result(completion)
-            self.metrics.record_slots(scheduler.busy, scheduler.slots, scheduler.occupancy.ratio(scheduler.slots))
+            self.metrics.record_slots(scheduler.busy, scheduler.slots, scheduler.occupancy.steps,
+                                      scheduler.occupancy.busy)
 
     def _fail_all(self, exc: Exception) -> None:
         for slot in self.scheduler.rows:

@@ -24,6 +24,7 @@ class Metrics:
         self.recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent completions
         self.busy = self.slots = 0
         self.occupancy = 0.0
+        self.steps = self.busy_steps = 0  # decode steps, and busy slots summed over them
         self.queue_depth = 0
 
     def record_request(self, route: str, outcome: str, seconds: float) -> None:
@@ -41,9 +42,10 @@ class Metrics:
             self.generated += count
             self.recent.append((time.monotonic(), count))
 
-    def record_slots(self, busy: int, slots: int, occupancy: float) -> None:
+    def record_slots(self, busy: int, slots: int, steps: int, busy_steps: int) -> None:
         with self.lock:
-            self.busy, self.slots, self.occupancy = busy, slots, occupancy
+            self.busy, self.slots, self.steps, self.busy_steps = busy, slots, steps, busy_steps
+            self.occupancy = busy_steps / (steps * slots) if steps else 0.0
 
     def tokens_per_s(self) -> float:
         now = time.monotonic()
@@ -72,7 +74,11 @@ class Metrics:
             for name, help_text, value in gauges:
                 lines += [f"# HELP palionnx_{name} {help_text}", f"# TYPE palionnx_{name} gauge",
                           f"palionnx_{name} {value:g}"]
-            lines += ["# HELP palionnx_generated_tokens_total Tokens generated.",
-                      "# TYPE palionnx_generated_tokens_total counter",
-                      f"palionnx_generated_tokens_total {self.generated}"]
+            counters = [("decode_steps_total", "Decode steps run.", self.steps),
+                         ("busy_slot_steps_total", "Busy slots summed over decode steps (occupancy over an interval "
+                          "= its increase / (the steps' increase x slots)).", self.busy_steps),
+                         ("generated_tokens_total", "Tokens generated.", self.generated)]
+            for name, help_text, value in counters:
+                lines += [f"# HELP palionnx_{name} {help_text}", f"# TYPE palionnx_{name} counter",
+                          f"palionnx_{name} {value}"]
             return "\n".join(lines) + "\n"
