@@ -30,9 +30,12 @@ from ..runtime.contract import (
     graph_io,
 )
 from ..runtime.defaults import DEFAULT_BLOCK_SIZE
+from ..runtime.integrity import record_files
 from ..runtime.manifest import QUANT_LEVELS, GraphInfo, Manifest, QuantInfo
+from ..system import rss_bytes
 from . import quantize
 from .checkpoint import Checkpoint, open_checkpoint
+from .output import staged_output
 
 OPSET = 21
 
@@ -57,10 +60,17 @@ def export(
         raise ExportError(f"--block-size must be a power of two >= 16, got {block_size}")
     started = time.monotonic()
     say = _timed(progress, started)
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / MANIFEST_NAME).unlink(missing_ok=True)  # the folder is incomplete until the end
+    with staged_output(Path(outdir)) as staging:  # renamed to `outdir` once complete; removed on failure
+        manifest = _write_folder(source, staging, quant, block_size, progress, started)
+    say(f"done: {outdir}")
+    return manifest
 
+
+def _write_folder(
+    source: str | Path, outdir: Path, quant: str, block_size: int, progress: Progress | None, started: float
+) -> Manifest:
+    """Write the whole model folder into `outdir`, the manifest (with every file's size and hash) last."""
+    say = _timed(progress, started)
     say(f"reading checkpoint {source}")
     checkpoint = open_checkpoint(source, load_model=False)
     checkpoint.tokenizer.backend_tokenizer.save(str(outdir / TOKENIZER_NAME))
@@ -79,8 +89,9 @@ def export(
             shutil.rmtree(staging, ignore_errors=True)
 
     manifest = _manifest(checkpoint, graphs, quant, block_size)
+    say("recording file sizes and SHA-256")
+    manifest.files = record_files(outdir, skip=(MANIFEST_NAME,))
     manifest.save(outdir)
-    say(f"done: {outdir}")
     return manifest
 
 
@@ -206,6 +217,7 @@ def _manifest(checkpoint: Checkpoint, graphs: dict[str, GraphInfo], quant: str, 
         head_dim=text.head_dim,
         hidden=text.hidden_size,
         vocab_size=text.vocab_size,
+        max_positions=text.max_position_embeddings,
         sliding_window=text.sliding_window if is_pg2 else None,
         quant=quant_info,
         kv_dtype="float16" if quant == "fp16" else "float32",
@@ -236,12 +248,5 @@ def _timed(progress: Progress | None, started: float) -> Progress:
 
 
 def _rss_gb() -> float:
-    """Resident memory of this process now (Linux), else its peak so far."""
-    try:
-        with open("/proc/self/status") as status:
-            kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        import resource
-
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 2**20
+    """Resident memory of this process now (its peak where the OS gives only that)."""
+    return (rss_bytes() or rss_bytes(peak=True) or 0) / 2**30

@@ -13,7 +13,8 @@ from pathlib import Path
 MANIFEST_NAME = "palionnx.json"
 TOKENIZER_NAME = "tokenizer.json"
 # 3: typed quant settings, prompt_template applied as written ({image}, {bos}, {prompt} anywhere).
-SCHEMA_VERSION = 3
+# 4: files (size and SHA-256 of every file), max_positions.
+SCHEMA_VERSION = 4
 
 VISION_ENCODER, EMBED_TOKENS, DECODER = "vision_encoder", "embed_tokens", "decoder"
 GRAPH_FILES = {

@@ -22,7 +22,7 @@ class OnnxPaliGemma:
         folder = Path(folder)
         self.manifest = manifest
         paths = {role: folder / graph.file for role, graph in manifest.graphs.items()}
-        sessions, self.device = open_sessions(paths, device, threads)  # "cuda" or "cpu", decided once
+        sessions, self.device = open_sessions(paths, device, threads, manifest)  # "cuda"/"cpu", decided once
         self.vision, self.embed, self.decoder = sessions[VISION_ENCODER], sessions[EMBED_TOKENS], sessions[DECODER]
         self.providers = self.decoder.get_providers()
         self.kv_dtype = _NUMPY_DTYPE[manifest.kv_dtype]
