@@ -53,11 +53,12 @@ class Summary:
 
     def line(self) -> str:
         rate = self.captioned / self.elapsed_s if self.elapsed_s else 0.0
-        state = "interrupted: " if self.interrupted else ""
+        state = "stopped early: " if self.interrupted else ""
         extra = "".join([f", {self.by_others} done by other runs" if self.by_others else "",
                          f", {self.clashes} name clash{'es' if self.clashes > 1 else ''}" if self.clashes else ""])
+        resume = "; re-run the same command to resume" if self.interrupted else ""
         return (f"{state}{self.captioned} captioned, {self.skipped} skipped, {self.failed} failed{extra} "
-                f"in {self.elapsed_s:.1f}s ({rate:.2f} images/s)")
+                f"in {self.elapsed_s:.1f}s ({rate:.2f} images/s){resume}")
 
 
 @dataclass

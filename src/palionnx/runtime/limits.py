@@ -13,7 +13,9 @@ from .text import TextCodec
 
 GB = 1e9
 # Prefill holds a few [batch, heads, prompt, max_len] float32 tensors per layer at once (scores, their
-# softmax, the expanded mask): measured peaks on the tiny models sit between 2 and 3 copies.
+# softmax, the expanded mask). Measured on tiny-pg1 fp32, batch 4 (peak RSS above a short-prompt run):
+# a 2506-token prompt took 0.91 GB (this estimate: 1.3 GB), a 5006-token one 3.5 GB (estimate 5.0 GB),
+# about 2.1 copies; 3 leaves room for the allocator's slack. --max-memory overrides the limit.
 ATTENTION_COPIES = 3
 # Prefill activations per prompt token: the MLP's gate, up and product at up to 8 x hidden (Gemma 2B's
 # ratio), float32.
@@ -54,7 +56,11 @@ def check_request(m: Manifest, codec: TextCodec, prompts: Sequence[str], max_new
         if special:
             raise RequestError(f"the prompt contains the special token {special[0]}: prompts are plain text "
                                "(palionnx adds the image tokens and <bos> itself)")
-        longest = max(longest, len(codec.prompt_ids(prompt)))
+        ids = codec.prompt_ids(prompt)
+        if ids.count(m.image_token_id) != m.image_seq_length:
+            raise RequestError(f"the prompt's text encodes to the image token (id {m.image_token_id}): "
+                               "the model folder's image_token_id does not fit its tokenizer; export it again")
+        longest = max(longest, len(ids))
     room = m.max_positions - longest
     if room < 1:
         raise RequestError(f"the prompt takes {longest} tokens (with the image's {m.image_seq_length}), more than "

@@ -141,6 +141,8 @@ class Manifest:
         for name, ids in tokens.items():
             if not ids or any(not 0 <= i < self.vocab_size for i in ids):
                 raise ModelFolderError(f"{where}: {name} {ids} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if self.image_token_id in (self.bos_token_id, self.pad_token_id):
+            raise ModelFolderError(f"{where}: image_token_id {self.image_token_id} is also the bos or pad token")
         for placeholder in ("{image}", "{prompt}"):
             if self.prompt_template.count(placeholder) != 1:
                 raise ModelFolderError(f"{where}: prompt_template must hold {placeholder} once")
