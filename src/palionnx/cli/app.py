@@ -197,8 +197,17 @@ def _caption_here(captioner: Captioner, plan: Plan, options: BatchOptions, max_m
 
 def _caption_with_ray(plan: Plan, folder: Path, options: BatchOptions, device: str, ray: str, workers: int,
                       gpus_per_worker: float, cpus_per_worker: float, quiet: bool) -> Summary:
+    from ..runtime.limits import RequestError, check_request
+    from ..runtime.manifest import Manifest
+    from ..runtime.text import TextCodec
     from .ray_pipeline import caption_with_ray
 
+    manifest = Manifest.load(folder)
+    try:  # the actors load the model; the prompt and the context are checked here, once
+        check_request(manifest, TextCodec(folder, manifest), [options.prompt], options.max_new_tokens,
+                      options.batch_size)
+    except RequestError as exc:
+        _usage(str(exc))
     if not quiet:
         _err(f"model {folder} on Ray ({ray}): {workers} worker(s), {gpus_per_worker} GPU each")
     return caption_with_ray(plan.todo, folder, options, device, ray, workers, gpus_per_worker, cpus_per_worker,

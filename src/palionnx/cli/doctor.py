@@ -20,6 +20,7 @@ from .. import __version__
 from ..system import CPU_FEATURES, Gpu, cpu_count, cpu_flags, cpu_name, memory, nvidia_gpus
 from .export_plan import free_disk
 from .models import cache_root, cached_models
+from .tables import human_bytes
 
 GB = 1e9
 # y = x + x at opset 13, 77 bytes (onnx.helper builds the same; tests/test_doctor.py checks): a graph every
@@ -28,7 +29,8 @@ PROBE_MODEL = bytes.fromhex(
     "0808120870616c696f6e6e783a390a0e0a01780a01781201792203416464120570726f62655a0f0a0178120a0a08080112040a0208"
     "01620f0a0179120a0a08080112040a02080142040a00100d"
 )
-FLAVOURS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime-qnn")
+FLAVOURS = {"onnxruntime": "CPU build", "onnxruntime-gpu": "CUDA build", "onnxruntime-directml": "DirectML build",
+            "onnxruntime-openvino": "OpenVINO build", "onnxruntime-qnn": "QNN build"}
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "directml": "DmlExecutionProvider", "coreml": "CoreMLExecutionProvider"}
 # The int4 3B model at batch 1 peaks at 2.9 GB of RSS on the CPU (README, Quant levels).
 INT4_RSS_GB = 2.9
@@ -62,7 +64,10 @@ def diagnose(device: str) -> Report:
                         if ram else "unknown"))
     report.rows += _storage_rows()
     free_gpu = gpus[0].memory_free_mb * 2**20 if gpus else None
-    report.rows.append(("recommended", recommend(works.get("cuda", False), free_gpu, available_ram, flags)))
+    advice = recommend(works.get("cuda", False), free_gpu, available_ram, flags)
+    if gpus and not works.get("cuda", False):
+        advice += "; an NVIDIA GPU is here: pip install 'palionnx[gpu]' to caption on it"
+    report.rows.append(("recommended", advice))
     return report
 
 
@@ -121,9 +126,9 @@ def failure_reason(log: str) -> str:
 
 def _flavours() -> str:
     installed = []
-    for name in FLAVOURS:
+    for name, label in FLAVOURS.items():
         try:
-            installed.append(f"{name} {metadata.version(name)}")
+            installed.append(f"{label} ({name} {metadata.version(name)})")
         except metadata.PackageNotFoundError:
             continue
     if len(installed) > 1:
@@ -154,9 +159,9 @@ def _storage_rows() -> list[tuple[str, str]]:
     root = cache_root()
     used = sum(model.size for model in cached_models() if model.origin == "exported")
     hub = constants.HF_HUB_CACHE
-    return [("model cache", f"{root} ({used / GB:.1f} GB used, {free_disk(root) / GB:.1f} GB free; "
+    return [("model cache", f"{root} ({human_bytes(used)} used, {human_bytes(free_disk(root))} free; "
                             "$PALIONNX_CACHE moves it)"),
-            ("hub cache", f"{hub} ({free_disk(Path(hub)) / GB:.1f} GB free; $HF_HUB_CACHE)")]
+            ("hub cache", f"{hub} ({human_bytes(free_disk(Path(hub)))} free; $HF_HUB_CACHE moves it)")]
 
 
 def recommend(cuda_works: bool, gpu_free: float | None, ram_available: float | None, flags: set[str] | None) -> str:
