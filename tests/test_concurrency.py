@@ -17,7 +17,7 @@ from palionnx.samples import sample_images
 from palionnx.system import ProcessId
 
 COUNT = 48
-ARGS = ["--max-new-tokens", 200, "--batch-size", 1]
+ARGS = ["--max-new-tokens", 120, "--batch-size", 1]
 
 
 @pytest.fixture(scope="module")

@@ -291,8 +291,8 @@ def test_export_plan_scales_the_measured_export_and_refuses_what_cannot_fit():
 COMMANDS = [["caption"], ["export"], ["synth"], ["info"], ["bench"], ["doctor"], ["models"], ["models", "rm"], []]
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "palionnx")
-@pytest.mark.parametrize("columns", [80, 120])
+@pytest.mark.parametrize(("command", "columns"), [(c, 80) for c in COMMANDS] + [(["caption"], 120)],
+                         ids=lambda c: " ".join(map(str, c)) if isinstance(c, list) else str(c))
 def test_help_screens_are_clean(command, columns):
     run = console(*command, "--help", env={"COLUMNS": str(columns)})
     assert run.returncode == 0 and run.stderr == ""
