@@ -273,11 +273,16 @@ def export(
 
     Example: palionnx export ./paligemma-longprompt -o models/longprompt-int4 --quant int4
     """
+    from ..export.output import OutputError, check_output
+
+    try:
+        check_output(output)  # before anything slow: a file or a foreign folder at -o is refused at once
+    except OutputError as exc:
+        _usage(str(exc))
     _need_export_extra()
     from ..export.checkpoint import CheckpointError
     from ..export.convert import ExportError
     from ..export.convert import export as run_export
-    from ..export.output import OutputError
     from .progress import Steps
 
     try:
