@@ -95,3 +95,12 @@ def test_ray_missing_says_how_to_install(tmp_path, model):
     env = {"PYTHONPATH": f"{shim.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     run = palionnx("caption", tmp_path, "--model", model, "--ray", "local", env=env)
     assert run.returncode == 2 and "pip install 'palionnx[ray]'" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_ray_refuses_a_bad_prompt_before_starting_ray(tmp_path, model):
+    from palionnx.samples import sample_images
+
+    sample_images(1)[0].save(tmp_path / "x.png")
+    run = palionnx("caption", tmp_path, "--model", model, *RAY, "--prompt", "<image> caption", env=RAY_ENV)
+    assert run.returncode == 2 and "special token <image>" in run.stderr and "Traceback" not in run.stderr
+    assert "on Ray" not in run.stderr

@@ -215,7 +215,7 @@ def test_device_is_decided_once_for_all_graphs(monkeypatch, tmp_path):
         def get_providers(self):
             return self.providers
 
-    monkeypatch.setattr(sessions, "cuda_available", lambda: True)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", FakeSession)
     paths = {"vision_encoder": tmp_path / "vision.onnx", "decoder": tmp_path / "decoder.onnx"}
     opened, device = sessions.open_sessions(paths, "auto")

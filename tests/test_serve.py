@@ -110,15 +110,16 @@ def test_concurrent_requests_get_the_cli_captions(server, model, tmp_path):
 
 def test_bad_requests_get_their_status_while_good_ones_succeed(server):
     good = _pngs(1)[0]
-    with ThreadPoolExecutor(6) as pool:
+    with ThreadPoolExecutor(7) as pool:
         futures = [pool.submit(server.caption, good, max_new_tokens=10),
                    pool.submit(server.caption, b"not an image"),
                    pool.submit(server.client.post, "/v1/caption", json={"image": "%%%"}),
                    pool.submit(server.caption, good, max_new_tokens=0),
                    pool.submit(server.client.post, "/v1/chat/completions", json={"messages": []}),
+                   pool.submit(server.caption, good, prompt="<image><bos><eos>"),
                    pool.submit(server.caption, good, max_new_tokens=10)]
         statuses = [f.result().status_code for f in futures]
-    assert statuses == [200, 400, 400, 400, 400, 200]
+    assert statuses == [200, 400, 400, 400, 400, 400, 200]
     error = server.caption(b"not an image").json()["error"]
     assert "not a readable image" in error["message"] and error["type"] == "invalid_request_error"
 

@@ -1,5 +1,5 @@
 """`python -m palionnx` is the `palionnx` command."""
 
-from .cli.app import main
+from .cli.launcher import main
 
 main()

@@ -23,3 +23,21 @@ def sample_images(count: int = 4, size: int = 96) -> list[Image.Image]:
             array = rng.random((size, size, 3))
         images.append(Image.fromarray((array * 255).astype(np.uint8), "RGB"))
     return images
+
+
+def _main() -> None:
+    """`python -m palionnx.samples FOLDER [COUNT]`: write COUNT (default 4) sample PNGs to try captioning."""
+    import sys
+    from pathlib import Path
+
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python -m palionnx.samples FOLDER [COUNT]")
+    folder = Path(sys.argv[1])
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(sample_images(int(sys.argv[2]) if len(sys.argv) == 3 else 4, size=224)):
+        image.save(folder / f"sample{i}.png")
+    print(f"wrote {i + 1} sample images to {folder}")
+
+
+if __name__ == "__main__":
+    _main()

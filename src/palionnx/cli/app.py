@@ -1,31 +1,51 @@
-"""The `palionnx` command: a thin typer layer over palionnx.export and palionnx.runtime."""
+"""The `palionnx` command: a thin typer layer over palionnx.export and palionnx.runtime.
+
+Options of each command are declared once at the top (with their help panel: input and output, model,
+generation, performance, Ray); the commands' bodies call helpers in the modules beside this one.
+"""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
 
 from ..runtime.captioner import Captioner
-from ..runtime.contract import MANIFEST_NAME, folder_size
+from ..runtime.contract import folder_size
 from ..runtime.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
+from .batch import BatchOptions, Plan, Summary
 from .files import ImageJob
+from .helpformat import CleanGroup
 from .models import DEFAULT_MODEL
 
 app = typer.Typer(
-    help="Caption images with PaliGemma through ONNX Runtime. Export a checkpoint once, run it anywhere.",
-    no_args_is_help=True,
+    cls=CleanGroup,
+    invoke_without_command=True,  # no command: the help (see `overview`)
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    rich_markup_mode="markdown",  # paragraphs reflow; examples are indented code blocks
     context_settings={"max_content_width": 100, "help_option_names": ["-h", "--help"]},
 )
 
 
+@app.callback()
+def overview(ctx: typer.Context) -> None:
+    """Caption images with PaliGemma through ONNX Runtime. Export a checkpoint once, run it anywhere.
+
+    Start with `palionnx doctor`, then `palionnx caption FOLDER`.
+    """
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+
+
 def _err(message: str) -> None:
     typer.echo(message, err=True)
+
+
+def _usage(message: str) -> NoReturn:
+    _err(f"error: {message}")
+    raise typer.Exit(2)
 
 
 def _need_export_extra() -> None:
@@ -33,103 +53,169 @@ def _need_export_extra() -> None:
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError:
-        _err("error: exporting needs the export extra: pip install 'palionnx[export]' (see README, Install)")
-        raise typer.Exit(2) from None
+        _usage("exporting needs the export extra: pip install 'palionnx[export]' (see README, Install)")
 
+
+IO_PANEL, MODEL_PANEL, GENERATION_PANEL, PERFORMANCE_PANEL, RAY_PANEL = (
+    "Input and output", "Model", "Generation", "Performance", "Ray (several machines)")
 
 # Options of `caption`, declared once here so the command's signature stays readable.
 Inputs = Annotated[list[str], typer.Argument(
     metavar="INPUT...", help="Image files, folders (searched recursively) or quoted globs.", show_default=False)]
-ModelOpt = Annotated[str, typer.Option(help="Exported model folder, or a hub id exported on first use into the "
-                                            "cache (~/.cache/palionnx, or $PALIONNX_CACHE).")]
-QuantOpt = Annotated[str, typer.Option(help="Precision when --model is a hub id exported on first use: auto "
-                                            "(fp16 on CUDA, int4 on the CPU), fp32, fp16, int8 or int4.")]
-ExtOpt = Annotated[str, typer.Option(help="Caption file extension: .txt or .caption.")]
-OutputDirOpt = Annotated[Path | None, typer.Option(help="Write captions here, mirroring the input folders, "
-                                                        "instead of beside the images.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite/--skip-existing",
+ExtOpt = Annotated[str, typer.Option(metavar="EXT", rich_help_panel=IO_PANEL,
+                                     help="Caption file extension: .txt or .caption.")]
+OutputDirOpt = Annotated[Path | None, typer.Option(metavar="FOLDER", rich_help_panel=IO_PANEL, help=(
+    "Write captions here, mirroring the input folders, instead of beside the images."))]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite/--skip-existing", rich_help_panel=IO_PANEL,
                                             help="Replace existing captions, or skip their images.")]
-JsonlOpt = Annotated[Path | None, typer.Option(help="Append one JSON record per image to this file "
-                                                    "(path, caption, tokens, timings, error).")]
-PrefixOpt = Annotated[str, typer.Option(help='Text put before every caption, e.g. "sks, ".')]
-SuffixOpt = Annotated[str, typer.Option(help="Text put after every caption.")]
-PromptOpt = Annotated[str, typer.Option(help="Prompt given to the model.")]
-MaxTokensOpt = Annotated[int, typer.Option(min=1, help="Longest caption, in tokens.")]
-BatchOpt = Annotated[int | None, typer.Option(min=1, help="Images captioned together (default 64 on CUDA, 4 on "
-                                                           "the CPU).", show_default=False)]
-DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if it works, else CPU), cuda or cpu.")]
-RecursiveOpt = Annotated[bool, typer.Option("--recursive/--no-recursive", help="Search folders recursively.")]
-CleanOpt = Annotated[bool, typer.Option("--clean", help="Post-process raw captions: drop bracketed text, cut back "
-                                                        "to the last '.' or ',', collapse whitespace.")]
-TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="0 = greedy (deterministic); the origin script "
-                                                             "sampled at 0.7.")]
-TopKOpt = Annotated[int, typer.Option(min=0, help="Sample among the k best tokens (0 = off).")]
-TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass (1 = off).")]
-SeedOpt = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
-RepetitionOpt = Annotated[float, typer.Option(min=0.0, help="> 1 discourages repeats (1 = off).")]
-NgramOpt = Annotated[int, typer.Option(min=0, help="Never repeat an n-gram of this size.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress; errors and nothing else.")]
-ParquetOpt = Annotated[Path | None, typer.Option(help="Also write this run's records as a Parquet file "
-                                                      "(needs pyarrow, which palionnx[ray] installs).")]
-RayOpt = Annotated[str | None, typer.Option(help="Run as a Ray Data pipeline: 'local' (Ray on this machine), "
-                                                 "'auto' (the running cluster) or a cluster address.")]
-WorkersOpt = Annotated[int, typer.Option(min=1, help="With --ray: captioning actors (one model each).")]
-GpusOpt = Annotated[float, typer.Option(min=0.0, help="With --ray: GPUs per actor.")]
-CpusOpt = Annotated[float, typer.Option(min=0.0, help="With --ray: CPUs Ray reserves per actor; leave some on "
-                                                      "each node for reading images.")]
+JsonlOpt = Annotated[Path | None, typer.Option(metavar="FILE", rich_help_panel=IO_PANEL, help=(
+    "Append one JSON record per image to this file (path, status, caption, tokens, timings, error)."))]
+ParquetOpt = Annotated[Path | None, typer.Option(metavar="FILE", rich_help_panel=IO_PANEL, help=(
+    "Also write this run's records as a Parquet file (needs pyarrow, which palionnx[ray] installs)."))]
+PrefixOpt = Annotated[str, typer.Option(metavar="TEXT", rich_help_panel=IO_PANEL,
+                                        help='Text put before every caption, e.g. "sks, ".')]
+SuffixOpt = Annotated[str, typer.Option(metavar="TEXT", rich_help_panel=IO_PANEL, help="Text put after every caption.")]
+CleanOpt = Annotated[bool, typer.Option("--clean", rich_help_panel=IO_PANEL, help=(
+    "Post-process raw captions: drop bracketed text, cut back to the last '.' or ',', collapse whitespace."))]
+RecursiveOpt = Annotated[bool, typer.Option("--recursive/--no-recursive", rich_help_panel=IO_PANEL,
+                                            help="Search folders recursively.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=IO_PANEL,
+                                        help="Print errors and nothing else (no progress, no summary).")]
+ModelOpt = Annotated[str, typer.Option(metavar="MODEL", rich_help_panel=MODEL_PANEL, help=(
+    "An exported model folder, or a hub id OWNER/NAME: a pre-exported repository is downloaded as it is, a "
+    "checkpoint is exported once into the cache (~/.cache/palionnx or $PALIONNX_CACHE; needs palionnx[export])."))]
+QuantOpt = Annotated[str | None, typer.Option(metavar="LEVEL", rich_help_panel=MODEL_PANEL, help=(
+    "auto, fp32, fp16, int8 or int4: the level a hub checkpoint is exported at on first use (default auto: fp16 "
+    "where CUDA runs, int4 on the CPU), or picked among a pre-exported repository's levels."), show_default=False)]
+DeviceOpt = Annotated[str, typer.Option(metavar="DEVICE", rich_help_panel=MODEL_PANEL, help=(
+    "auto (CUDA if it works, else CPU), cpu, cuda, directml (Windows) or coreml (macOS). An accelerator asked "
+    "for by name that does not start is an error, never a silent CPU run."))]
+PromptOpt = Annotated[str, typer.Option(metavar="TEXT", rich_help_panel=GENERATION_PANEL, help=(
+    "Prompt given to the model (plain text: special tokens such as <image> are refused)."))]
+MaxTokensOpt = Annotated[int, typer.Option(min=1, metavar="N", rich_help_panel=GENERATION_PANEL, help=(
+    "Longest caption, in tokens (at most the model's context minus the prompt)."))]
+TemperatureOpt = Annotated[float, typer.Option(min=0.0, metavar="T", rich_help_panel=GENERATION_PANEL, help=(
+    "0 = greedy (deterministic); above 0 samples (the origin script used 0.7)."))]
+TopKOpt = Annotated[int, typer.Option(min=0, metavar="K", rich_help_panel=GENERATION_PANEL,
+                                      help="With --temperature: sample among the K best tokens (0 = off).")]
+TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, metavar="P", rich_help_panel=GENERATION_PANEL,
+                                        help="With --temperature: nucleus sampling mass (1 = off).")]
+SeedOpt = Annotated[int | None, typer.Option(min=0, metavar="N", rich_help_panel=GENERATION_PANEL,
+                                             help="With --temperature: seed for reproducible sampling.")]
+RepetitionOpt = Annotated[float, typer.Option(metavar="X", rich_help_panel=GENERATION_PANEL,
+                                              help="Above 1 discourages repeats (1 = off; must be above 0).")]
+NgramOpt = Annotated[int, typer.Option(min=0, metavar="N", rich_help_panel=GENERATION_PANEL,
+                                       help="Never repeat an n-gram of this size (0 = off).")]
+BatchOpt = Annotated[int | None, typer.Option(min=1, metavar="N", rich_help_panel=PERFORMANCE_PANEL, help=(
+    "Captions decoded together (default 64 on CUDA, 4 on the CPU); each slot takes the next image as soon as "
+    "its caption ends."), show_default=False)]
+CudaGraphOpt = Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", rich_help_panel=PERFORMANCE_PANEL,
+                                            help="On CUDA, replay each decode step as a captured CUDA graph.")]
+MaxMemoryOpt = Annotated[float | None, typer.Option(min=0.0, metavar="GB", rich_help_panel=PERFORMANCE_PANEL, help=(
+    "Refuse requests whose estimated KV cache and attention memory exceed this many GB (default: the RAM, or "
+    "GPU memory, free when the model has loaded)."), show_default=False)]
+RayOpt = Annotated[str | None, typer.Option(metavar="ADDRESS", rich_help_panel=RAY_PANEL, help=(
+    "Run as a Ray Data pipeline: 'local' (Ray on this machine), 'auto' (the running cluster) or an address."))]
+WorkersOpt = Annotated[int, typer.Option(min=1, metavar="N", rich_help_panel=RAY_PANEL,
+                                         help="With --ray: captioning actors (one model each).")]
+GpusOpt = Annotated[float, typer.Option(min=0.0, metavar="N", rich_help_panel=RAY_PANEL,
+                                        help="With --ray: GPUs per actor.")]
+CpusOpt = Annotated[float, typer.Option(min=0.0, metavar="N", rich_help_panel=RAY_PANEL, help=(
+    "With --ray: CPUs Ray reserves per actor; leave some on each node for reading images."))]
 
 
 @app.command()
 def caption(
-    inputs: Inputs, model: ModelOpt = DEFAULT_MODEL, quant: QuantOpt = "auto", ext: ExtOpt = ".txt",
+    inputs: Inputs, model: ModelOpt = DEFAULT_MODEL, quant: QuantOpt = None, ext: ExtOpt = ".txt",
     output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False, jsonl: JsonlOpt = None,
     prefix: PrefixOpt = "", suffix: SuffixOpt = "", prompt: PromptOpt = DEFAULT_PROMPT,
     max_new_tokens: MaxTokensOpt = DEFAULT_MAX_NEW_TOKENS, batch_size: BatchOpt = None,
     device: DeviceOpt = "auto", recursive: RecursiveOpt = True, clean: CleanOpt = False,
     temperature: TemperatureOpt = 0.0, top_k: TopKOpt = 0, top_p: TopPOpt = 1.0, seed: SeedOpt = None,
     repetition_penalty: RepetitionOpt = 1.0, no_repeat_ngram_size: NgramOpt = 0, quiet: QuietOpt = False,
-    parquet: ParquetOpt = None, ray: RayOpt = None, workers: WorkersOpt = 1, gpus_per_worker: GpusOpt = 0.0,
-    cpus_per_worker: CpusOpt = 1.0,
+    max_memory: MaxMemoryOpt = None, parquet: ParquetOpt = None, ray: RayOpt = None, workers: WorkersOpt = 1,
+    gpus_per_worker: GpusOpt = 0.0, cpus_per_worker: CpusOpt = 1.0, cuda_graph: CudaGraphOpt = True,
 ) -> None:
     """Caption images, writing a caption file beside each one (images that have one are skipped).
 
-    Exit status: 0 when every image was captioned or skipped, 1 when some images failed,
-    2 for usage errors, 130 when interrupted (re-run the same command to resume).
+    Several runs may share one folder (one per GPU, say): each image is captioned by exactly one of them.
+    Two images of the same name (a.gif, a.webp) share a.txt: the first in sorted order gets it, the other is
+    reported as a name clash. Exit status: 0 when every image was captioned or skipped, 1 when some images
+    failed, 2 for usage, input and model-folder errors (before any work), 130 when interrupted (re-run the
+    same command to resume).
 
-    \b
     Examples:
-      palionnx caption input/
-      palionnx caption input/ --model models/longprompt-int4 --prefix "sks, " --jsonl run.jsonl
-      palionnx caption "photos/**/*.png" --output-dir captions/ --ext .caption
-      palionnx caption /shared/dataset --ray auto --workers 8 --gpus-per-worker 1 --parquet run.parquet
+
+        palionnx caption input/
+        palionnx caption input/ --model models/pg-int4 --prefix "sks, " --jsonl run.jsonl
+        palionnx caption "photos/**/*.png" --output-dir captions/ --ext .caption
+        palionnx caption /shared/dataset --ray auto --workers 8 --gpus-per-worker 1
     """
     from ..runtime.generate import make_logits_processors, make_sampler
-    from .batch import BatchOptions, caption_files
+    from .batch import plan_run
+    from .checks import CheckError, check_outputs, check_sampling
 
-    jobs = _find_jobs(inputs, ext, device, recursive)
-    options = BatchOptions(
-        ext=ext, output_dir=output_dir, overwrite=overwrite, jsonl=jsonl, parquet=parquet, prefix=prefix,
-        suffix=suffix, clean=clean, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        sampler=make_sampler(temperature, top_k, top_p, seed),
-        logits_processors=make_logits_processors(repetition_penalty, no_repeat_ngram_size),
-    )
-    folder, captioner = _open_model(model, quant, device, ray)
+    try:
+        check_sampling(temperature, top_k, top_p, seed, repetition_penalty)
+        jobs = _find_jobs(inputs, ext, device, recursive)
+        options = BatchOptions(
+            ext=ext, output_dir=output_dir, overwrite=overwrite, jsonl=jsonl, parquet=parquet, prefix=prefix,
+            suffix=suffix, clean=clean, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            sampler=make_sampler(temperature, top_k, top_p, seed),
+            logits_processors=make_logits_processors(repetition_penalty, no_repeat_ngram_size),
+        )
+        plan = plan_run(jobs, options, quiet)  # reports name clashes before any model is loaded
+        check_outputs(options, plan)
+    except CheckError as exc:
+        _usage(str(exc))
+    folder, captioner = _open_model(model, quant, device, ray, quiet, cuda_graph)
     if ray:
-        from .ray_pipeline import caption_with_ray
-
-        if not quiet:
-            _err(f"model {folder} on Ray ({ray}): {workers} worker(s), {gpus_per_worker} GPU each")
-        summary = caption_with_ray(jobs, folder, options, device, ray, workers, gpus_per_worker, cpus_per_worker,
-                                   quiet=quiet)
+        summary = _caption_with_ray(plan, folder, options, device, ray, workers, gpus_per_worker, cpus_per_worker,
+                                    quiet)
     else:
         assert captioner is not None
-        if not quiet:
-            _err(f"model {folder} ({captioner.manifest.quant.level}) on {captioner.providers[0]}")
-        summary = caption_files(captioner, jobs, options, quiet=quiet)
-    _err(summary.line())
+        summary = _caption_here(captioner, plan, options, max_memory, quiet)
+    if not quiet:
+        _err(summary.line())
     if summary.interrupted:
         raise typer.Exit(130)
     raise typer.Exit(1 if summary.failed else 0)
+
+
+def _caption_here(captioner: Captioner, plan: Plan, options: BatchOptions, max_memory: float | None,
+                  quiet: bool) -> Summary:
+    from ..runtime.limits import RequestError, check_request
+    from .batch import caption_files
+    from .checks import memory_limit
+
+    slots = options.batch_size or captioner.default_batch_size
+    try:
+        check_request(captioner.manifest, captioner.text, [options.prompt], options.max_new_tokens,
+                      min(slots, max(1, len(plan.todo))), memory_limit(captioner.device, max_memory))
+    except RequestError as exc:
+        _usage(str(exc))
+    if not quiet:
+        _err(f"model {captioner.folder} ({captioner.manifest.quant.level}) on {captioner.providers[0]}")
+    return caption_files(captioner, plan, options, quiet=quiet)
+
+
+def _caption_with_ray(plan: Plan, folder: Path, options: BatchOptions, device: str, ray: str, workers: int,
+                      gpus_per_worker: float, cpus_per_worker: float, quiet: bool) -> Summary:
+    from ..runtime.limits import RequestError, check_request
+    from ..runtime.manifest import Manifest
+    from ..runtime.text import TextCodec
+    from .ray_pipeline import caption_with_ray
+
+    manifest = Manifest.load(folder)
+    try:  # the actors load the model; the prompt and the context are checked here, once
+        check_request(manifest, TextCodec(folder, manifest), [options.prompt], options.max_new_tokens,
+                      options.batch_size or 1)
+    except RequestError as exc:
+        _usage(str(exc))
+    if not quiet:
+        _err(f"model {folder} on Ray ({ray}): {workers} worker(s), {gpus_per_worker} GPU each")
+    return caption_with_ray(plan.todo, folder, options, device, ray, workers, gpus_per_worker, cpus_per_worker,
+                            quiet=quiet, plan=plan)
 
 
 def _find_jobs(inputs: list[str], ext: str, device: str, recursive: bool) -> list[ImageJob]:
@@ -151,37 +237,43 @@ def _find_jobs(inputs: list[str], ext: str, device: str, recursive: bool) -> lis
     return jobs
 
 
-def _open_model(model: str, quant: str, device: str, ray: str | None) -> tuple[Path, Captioner | None]:
-    """Resolve --model to a folder (exporting a hub model on first use) and load it here, unless Ray
-    actors will load it themselves. Any failure is a usage error (exit 2)."""
+def _open_model(model: str, quant: str | None, device: str, ray: str | None, quiet: bool,
+                cuda_graph: bool = True) -> tuple[Path, Captioner | None]:
+    """Resolve --model to a folder (downloading or exporting a hub model on first use) and load it here,
+    unless Ray actors will load it themselves. Any failure is a usage error (exit 2)."""
     from ..runtime.manifest import Manifest, ModelFolderError
     from ..runtime.sessions import DeviceError
     from .models import ModelResolveError, resolve_model
+    from .progress import Steps
 
     try:
-        folder = resolve_model(model, quant, device, progress=_err)
+        with Steps(quiet=quiet) as steps:
+            folder = resolve_model(model, quant, device, progress=steps.say)
         if ray:
             from .ray_pipeline import require_ray
 
             require_ray()
             Manifest.load(folder)  # each actor loads the model itself
             return folder, None
-        return folder, Captioner.load(folder, device=device)
+        return folder, Captioner.load(folder, device=device, cuda_graph=cuda_graph)
     except (ModelResolveError, ModelFolderError, DeviceError, ImportError) as exc:
         _usage(str(exc))
 
 
 @app.command()
 def export(
-    source: Annotated[str, typer.Argument(help="Checkpoint folder, or a hub id such as google/paligemma-3b-pt-224.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Model folder to write.")],
-    quant: Annotated[str, typer.Option(help="Precision: auto (fp16 for CUDA, int4 for the CPU), fp32, fp16, int8 "
-                                            "or int4.")] = "auto",
-    device: Annotated[str, typer.Option(help="What the folder is built for: auto (CUDA if this machine's "
-                                             "onnxruntime has it, else CPU), cpu or cuda. fp32 is CPU-only, fp16 "
-                                             "CUDA-only; int8/int4 compute in float32 for the CPU, float16 for "
-                                             "CUDA.")] = "auto",
-    block_size: Annotated[int, typer.Option(help="Block size of int8/int4 weight quantization.")] = DEFAULT_BLOCK_SIZE,
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help=(
+        "Checkpoint folder, or a hub id such as google/paligemma-3b-pt-224."))],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FOLDER", help=(
+        "Model folder to write. It appears only when complete; a model folder there is replaced."))],
+    quant: Annotated[str, typer.Option(metavar="LEVEL", help=(
+        "Precision: auto (fp16 for CUDA, int4 for the CPU), fp32, fp16, int8 or int4."))] = "auto",
+    device: Annotated[str, typer.Option(metavar="DEVICE", help=(
+        "What the folder is built for: auto (CUDA if this machine's onnxruntime has it, else the CPU), cpu or "
+        "cuda. fp32 is the CPU level, fp16 the CUDA one; int8/int4 compute in float32 for the CPU and in "
+        "float16 for CUDA."))] = "auto",
+    block_size: Annotated[int, typer.Option(metavar="N", help=(
+        "Block size of int8/int4 weight quantization.")) ] = DEFAULT_BLOCK_SIZE,
     validate: Annotated[
         bool, typer.Option("--validate", help="Afterwards, compare the folder with transformers on a few images.")
     ] = False,
@@ -190,18 +282,26 @@ def export(
 
     Example: palionnx export ./paligemma-longprompt -o models/longprompt-int4 --quant int4 --device cpu
     """
+    from ..export.output import OutputError, check_output
+
+    try:
+        check_output(output)  # before anything slow: a file or a foreign folder at -o is refused at once
+    except OutputError as exc:
+        _usage(str(exc))
     _need_export_extra()
     from ..export.checkpoint import CheckpointError
     from ..export.convert import ExportError
     from ..export.convert import export as run_export
     from ..runtime.levels import LevelError, resolve_quant
+    from .progress import Steps
 
     try:
         quant = resolve_quant(quant, device)
-        manifest = run_export(source, output, quant=quant, block_size=block_size, device=device, progress=_err)
-    except (CheckpointError, ExportError, LevelError) as exc:
-        _err(f"error: {exc}")
-        raise typer.Exit(2) from None
+        with Steps() as steps:
+            manifest = run_export(source, output, quant=quant, block_size=block_size, device=device,
+                                  progress=steps.say)
+    except (CheckpointError, ExportError, OutputError, LevelError) as exc:
+        _usage(str(exc))
     typer.echo(f"exported {manifest.family} at {quant} to {output} ({folder_size(output) / 1e9:.2f} GB)")
     if validate:
         from ..export.validate import validate as run_validate
@@ -212,11 +312,11 @@ def export(
 
 @app.command()
 def synth(
-    geometry: Annotated[str, typer.Argument(help="pg1-3b-224, pg1-3b-448, pg2-3b-224, pg2-3b-448, "
-                                                 "pg1-3b-224-l4, tiny-pg1 or tiny-pg2.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint folder to write.")],
-    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
-    dtype: Annotated[str, typer.Option(help="Weight dtype on disk: float32 or bfloat16.")] = "float32",
+    geometry: Annotated[str, typer.Argument(metavar="GEOMETRY", help=(
+        "pg1-3b-224, pg1-3b-448, pg2-3b-224, pg2-3b-448, pg1-3b-224-l4, tiny-pg1 or tiny-pg2."))],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FOLDER", help="Checkpoint folder to write.")],
+    seed: Annotated[int, typer.Option(min=0, metavar="N", help="Seed of the random weights.")] = 0,
+    dtype: Annotated[str, typer.Option(metavar="DTYPE", help="Weight dtype on disk: float32 or bfloat16.")] = "float32",
 ) -> None:
     """Write a random-weight PaliGemma checkpoint of a real geometry (for latency tests, no download).
 
@@ -226,71 +326,88 @@ def synth(
     from ..export.synth import GEOMETRIES, write_checkpoint
 
     if geometry not in GEOMETRIES:
-        _err(f"error: unknown geometry {geometry!r}; choose one of {', '.join(GEOMETRIES)}")
-        raise typer.Exit(2)
+        _usage(f"unknown geometry {geometry!r}; choose one of {', '.join(GEOMETRIES)}")
+    if dtype not in ("float32", "bfloat16"):
+        _usage(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     write_checkpoint(geometry, output, seed=seed, dtype=dtype)
     typer.echo(f"wrote random-weight {geometry} checkpoint to {output}")
 
 
 @app.command()
-def info(model_dir: Annotated[Path, typer.Argument(help="An exported model folder.")]) -> None:
-    """Show a model folder's manifest, graph sizes, quant level and this machine's execution providers.
+def info(
+    model_dir: Annotated[Path, typer.Argument(metavar="FOLDER", help="An exported model folder.")],
+    verify: Annotated[bool, typer.Option("--verify", help=(
+        "Also check every file's SHA-256 against the manifest (reads the whole folder).")) ] = False,
+) -> None:
+    """Show a model folder's manifest, files, quant level and this machine's execution providers.
 
-    Example: palionnx info models/longprompt-int4
+    Loading checks every file's size; --verify checks their contents. Exit status 2 when the folder is
+    damaged.
+
+    Example: palionnx info models/longprompt-int4 --verify
     """
-    import onnxruntime as ort
-
-    from ..runtime.contract import files_size, graph_files
     from ..runtime.manifest import Manifest, ModelFolderError
+    from .info import info_rows, verify_rows
+    from .tables import print_pairs
 
     try:
-        m = Manifest.load(model_dir)
+        manifest = Manifest.load(model_dir)
     except ModelFolderError as exc:
         _usage(str(exc))
-    typer.echo(f"folder        {model_dir}")
-    typer.echo(f"source        {m.source.get('id')} (revision {m.source.get('revision') or '-'})")
-    typer.echo(f"family        {m.family} ({'Gemma 2' if m.family == 'pg2' else 'Gemma'} decoder), "
-               f"exported by palionnx {m.palionnx_version}, opset {m.opset}")
-    typer.echo(f"quant         {', '.join(f'{k}={v}' for k, v in m.quant.to_json().items() if k != 'fp32_kept')}")
-    typer.echo(f"built for     {m.device} ({m.kv_dtype} compute)")
-    typer.echo(f"image         {m.image_size}px -> {m.image_seq_length} tokens, mean {m.image_mean}, "
-               f"std {m.image_std}, {m.resample}")
-    typer.echo(f"decoder       {m.layers} layers, hidden {m.hidden}, {m.heads} heads / {m.kv_heads} kv heads "
-               f"x {m.head_dim}, vocab {m.vocab_size}, sliding window {m.sliding_window or '-'}, kv {m.kv_dtype}")
-    typer.echo(f"tokens        bos {m.bos_token_id}, eos {m.eos_token_ids}, image {m.image_token_id}, "
-               f"prompt {m.prompt_template!r}")
-    for role, graph in m.graphs.items():
-        size = files_size(graph_files(model_dir, role))
-        typer.echo(f"graph         {role:15s} {graph.file:28s} {size / 1e6:10.1f} MB")
-    typer.echo(f"total         {folder_size(model_dir) / 1e6:.1f} MB")
-    typer.echo(f"providers     {', '.join(ort.get_available_providers())} (onnxruntime {ort.__version__})")
+    rows = info_rows(model_dir, manifest)
+    if verify:
+        checked, problems = verify_rows(model_dir, manifest)
+        rows += checked
+        print_pairs(rows)
+        if problems:
+            _usage(f"{model_dir} is damaged: {problems[0]}; copy, download or export it again")
+        return
+    print_pairs(rows)
 
 
 @app.command()
 def bench(
-    model_dirs: Annotated[list[Path], typer.Argument(help="Exported model folders, e.g. one per quant level.")],
-    images: Annotated[int, typer.Option(min=1, help="Synthetic images per run.")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated per image (eos ignored).")] = 32,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 1,
-    device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
-    repeats: Annotated[int, typer.Option(min=1, help="Timed runs after the warm-up; the median is reported.")] = 3,
-    json_file: Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON here.")] = None,
+    model_dirs: Annotated[list[Path], typer.Argument(metavar="FOLDER...", help=(
+        "Exported model folders, e.g. one per quant level."))],
+    images: Annotated[int, typer.Option(min=1, metavar="N", help="Synthetic images per run.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(min=2, metavar="N", help=(
+        "Tokens generated per image (eos ignored).")) ] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, metavar="N", help="Images per batch.")] = 1,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, directml or coreml.")] = "auto",
+    repeats: Annotated[int, typer.Option(min=1, metavar="N", help=(
+        "Timed runs after the warm-up; the median is reported.")) ] = 3,
+    json_file: Annotated[Path | None, typer.Option("--json", metavar="FILE", help=(
+        "Also write the rows as JSON here.")) ] = None,
 ) -> None:
     """Latency per model folder: load, vision, prefill, decode per token, throughput, memory, size.
 
-    Each folder runs in its own process with a fixed generated length; a warm-up run is excluded.
+    Each folder runs in its own process with a fixed generated length; a warm-up run is excluded. Every
+    folder is checked first: a broken one is one line and exit status 2, before any measurement.
 
     Example: palionnx bench models/pg1-fp32 models/pg1-int8 models/pg1-int4 --max-new-tokens 64
     """
     import json
 
+    from ..runtime.manifest import Manifest, ModelFolderError
     from ..runtime.measure import measure_in_subprocess
-    from .bench import table
+    from ..runtime.sessions import DEVICES
+    from .bench import table_cells
+    from .tables import print_table
 
+    if device not in DEVICES:
+        _usage(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    broken = []
+    for folder in model_dirs:
+        try:
+            Manifest.load(folder)
+        except ModelFolderError as exc:
+            broken.append(str(exc))
+    for problem in broken:
+        _err(f"error: {problem}")
+    if broken:
+        raise typer.Exit(2)
     rows = []
     for folder in model_dirs:
-        if not (folder / MANIFEST_NAME).is_file():
-            _usage(f"{folder} is not a palionnx model folder (no {MANIFEST_NAME})")
         _err(f"benchmarking {folder} ...")
         try:
             rows.append(measure_in_subprocess(folder, images=images, max_new_tokens=max_new_tokens,
@@ -298,25 +415,29 @@ def bench(
         except RuntimeError as exc:
             _err(f"error: {exc}")
             raise typer.Exit(1) from None
-    typer.echo(table(rows))
+    print_table(*table_cells(rows))
     if json_file:
         json_file.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 @app.command()
 def serve(
-    model_dir: Annotated[Path, typer.Argument(help="An exported model folder.")],
-    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
-    slots: Annotated[int | None, typer.Option(min=1, help="Captions decoded together (default 64 on CUDA, 4 on "
-                                                          "the CPU).", show_default=False)] = None,
-    device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
-    max_queue: Annotated[int, typer.Option(min=1, help="Requests allowed to wait for a slot; more get 503.")] = 256,
-    timeout: Annotated[float, typer.Option(min=0.01, help="Seconds a request may take, waiting included; "
-                                                          "then 504.")] = 120.0,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest caption a request may ask for (and the "
-                                                            "default).")] = DEFAULT_MAX_NEW_TOKENS,
-    max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body; bigger gets 413.")] = 20.0,
+    model_dir: Annotated[Path, typer.Argument(metavar="FOLDER", help="An exported model folder.")],
+    host: Annotated[str, typer.Option(metavar="ADDRESS", help=(
+        "Address to listen on (0.0.0.0 for every interface)."))] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, metavar="N", help="Port to listen on.")] = 8000,
+    slots: Annotated[int | None, typer.Option(min=1, metavar="N", help=(
+        "Captions decoded together (default 64 on CUDA, 4 on the CPU)."), show_default=False)] = None,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, directml or coreml.")] = "auto",
+    max_queue: Annotated[int, typer.Option(min=1, metavar="N", help=(
+        "Requests allowed to wait for a slot; more get 503."))] = 256,
+    timeout: Annotated[float, typer.Option(min=0.01, metavar="S", help=(
+        "Seconds a request may take, waiting included; then 504."))] = 120.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, metavar="N", help=(
+        "Longest caption a request may ask for (and the default)."))] = DEFAULT_MAX_NEW_TOKENS,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, metavar="MB", help=(
+        "Largest request body; bigger gets 413."))] = 20.0,
+    cuda_graph: CudaGraphOpt = True,
 ) -> None:
     """Serve captions over HTTP: POST /v1/caption, POST /v1/chat/completions (OpenAI-compatible),
     GET /healthz, GET /metrics. Concurrent requests share decode steps. SIGTERM or Ctrl-C finish the
@@ -330,7 +451,7 @@ def serve(
     from ..server.serve import serve as run_server
 
     options = ServeOptions(host=host, port=port, slots=slots, device=device, max_queue=max_queue, timeout_s=timeout,
-                           max_new_tokens=max_new_tokens, max_body_mb=max_body_mb)
+                           max_new_tokens=max_new_tokens, max_body_mb=max_body_mb, cuda_graph=cuda_graph)
     try:
         require_serve_extra()
         run_server(model_dir, options, say=_err)
@@ -338,11 +459,73 @@ def serve(
         _usage(str(exc))
 
 
-def _usage(message: str) -> NoReturn:
-    _err(f"error: {message}")
-    raise typer.Exit(2)
+@app.command()
+def doctor(
+    device: Annotated[str, typer.Option(metavar="DEVICE", help=(
+        "The device to check: auto, cpu, cuda, directml or coreml.")) ] = "auto",
+) -> None:
+    """Check this machine: what runs here, what fails and why, and what to use.
+
+    Versions, onnxruntime flavour and providers, whether CUDA really starts (and the missing library if
+    not), GPU, CPU features, RAM, caches, and the --quant / --batch-size that suit this machine.
+
+    Exit status 1 when the requested --device cannot work here.
+
+    Example: palionnx doctor --device cuda
+    """
+    from ..runtime.sessions import DEVICES
+    from .doctor import diagnose
+    from .tables import print_pairs
+
+    if device not in DEVICES:
+        _usage(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    report = diagnose(device)
+    print_pairs(report.rows)
+    for problem in report.problems:
+        _err(f"error: {problem}")
+    raise typer.Exit(1 if report.problems else 0)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
-    app(args=argv if argv is not None else sys.argv[1:], prog_name="palionnx")
+models_app = typer.Typer(cls=CleanGroup, rich_markup_mode="markdown", invoke_without_command=True, help=(
+    "List or remove the cached models: exports made on first use and pre-exported hub downloads."))
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback()
+def models(ctx: typer.Context) -> None:
+    """List the cached models: model, level, size, when made, where.
+
+    Example: palionnx models
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from .models import age, cache_root, cached_models
+    from .tables import human_bytes, print_table
+
+    found = cached_models()
+    if not found:
+        _err(f"no cached models (cache: {cache_root()})")
+        return
+    print_table(["model", "level", "size", "made", "from", "folder"],
+                [[m.model, m.level, human_bytes(m.size), age(m.made), m.origin, str(m.folder)] for m in found])
+
+
+@models_app.command("rm")
+def models_rm(
+    model: Annotated[str, typer.Argument(metavar="OWNER/NAME", help="The hub id the model was cached for.")],
+    quant: Annotated[str | None, typer.Option(metavar="LEVEL", help=(
+        "Remove only this level's export (default: every level, and the hub download)."), show_default=False)] = None,
+) -> None:
+    """Remove a cached model.
+
+    Example: palionnx models rm mnemic/paligemma-longprompt-v1-safetensors --quant int8
+    """
+    from .models import remove_cached
+    from .tables import human_bytes
+
+    removed = remove_cached(model, quant)
+    if not removed:
+        _usage(f"nothing cached for {model}{f' at {quant}' if quant else ''} (see palionnx models)")
+    for entry in removed:
+        typer.echo(f"removed {entry.model} {entry.level} ({human_bytes(entry.size)}, {entry.origin}) {entry.folder}")
+

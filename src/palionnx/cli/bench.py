@@ -14,12 +14,8 @@ COLUMNS = [
 ]
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """A plain text table, one row per model folder."""
-    cells = [[title for _, title, _ in COLUMNS]]
-    for row in rows:
-        cells.append([("-" if row.get(key) is None else fmt.format(row[key])) for key, _, fmt in COLUMNS])
-    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in cells)
-
+def table_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Column titles and formatted cells, one row per model folder ("-" where a value does not apply)."""
+    titles = [title for _, title, _ in COLUMNS]
+    cells = [[("-" if row.get(key) is None else fmt.format(row[key])) for key, _, fmt in COLUMNS] for row in rows]
+    return titles, cells

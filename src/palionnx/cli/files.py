@@ -5,8 +5,12 @@ from __future__ import annotations
 import glob
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
+
+from ..system import fsync_folder, link_exclusive, pid_alive
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 TEMP_SUFFIX = ".palionnx-tmp"
@@ -25,28 +29,38 @@ def is_image(path: Path) -> bool:
 
 
 def find_images(inputs: list[str], recursive: bool = True) -> list[ImageJob]:
-    """Expand files, folders and glob patterns into image jobs, in a stable sorted order, without duplicates.
+    """Expand files, folders and glob patterns into image jobs, in a stable sorted order.
 
-    Raises FileNotFoundError naming an input that matches nothing.
+    Every path is a job of its own, symbolic links included (two paths to one file give two caption
+    files); the same path reached twice (a folder and a file in it) counts once. A link whose target is
+    missing is a job too: it fails as unreadable rather than vanish. Raises FileNotFoundError naming an
+    input that matches nothing: a missing path and a glob without matches alike.
     """
-    jobs: dict[Path, ImageJob] = {}
+    jobs: dict[str, ImageJob] = {}
     for text in inputs:
-        path = Path(text).expanduser()
-        if path.is_dir():
-            found = path.rglob("*") if recursive else path.iterdir()
-            candidates = [(p, path) for p in found]
-        elif path.is_file():
-            candidates = [(path, path.parent)]
-        elif glob.has_magic(text):
-            root = Path(re.split(r"[*?\[]", text, maxsplit=1)[0] or ".")
-            root = root if root.is_dir() else root.parent
-            candidates = [(Path(p), root) for p in glob.glob(os.path.expanduser(text), recursive=recursive)]
-        else:
-            raise FileNotFoundError(f"{text}: no such file, folder or matching pattern")
-        for candidate, root in candidates:
-            if candidate.is_file() and is_image(candidate) and candidate.resolve() not in jobs:
-                jobs[candidate.resolve()] = ImageJob(candidate, root)
+        for candidate, root in _candidates(text, recursive):
+            key = os.path.normpath(os.path.abspath(candidate))
+            if key not in jobs and is_image(candidate) and (candidate.is_file() or candidate.is_symlink()):
+                jobs[key] = ImageJob(candidate, root)
     return sorted(jobs.values(), key=lambda job: str(job.image))
+
+
+def _candidates(text: str, recursive: bool) -> list[tuple[Path, Path]]:
+    """(path, root) pairs for one input: a folder's files, a file, or a glob's matches."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        found = path.rglob("*") if recursive else path.iterdir()
+        return [(p, path) for p in found]
+    if path.is_file() or path.is_symlink():
+        return [(path, path.parent)]
+    if glob.has_magic(text):
+        root = Path(re.split(r"[*?\[]", os.path.expanduser(text), maxsplit=1)[0] or ".")
+        root = root if root.is_dir() else root.parent
+        matches = glob.glob(os.path.expanduser(text), recursive=recursive)
+        if matches:
+            return [(Path(p), root) for p in matches]
+        raise FileNotFoundError(f"{text}: the pattern matches no file")
+    raise FileNotFoundError(f"{text}: no such file, folder or matching pattern")
 
 
 def caption_path(job: ImageJob, ext: str, output_dir: Path | None) -> Path:
@@ -61,8 +75,8 @@ def caption_path(job: ImageJob, ext: str, output_dir: Path | None) -> Path:
 def write_atomic(path: Path, text: str, exclusive: bool = False) -> None:
     """Write via a temp file and a rename: a reader (or a crash) never sees half a caption.
 
-    With `exclusive` the temp file is hard-linked into place instead, which raises FileExistsError
-    rather than replace a caption that another process wrote in the meantime.
+    With `exclusive` the temp file is put in place only if `path` does not exist (FileExistsError
+    otherwise), so a caption that another process wrote in the meantime is never replaced.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
@@ -72,20 +86,47 @@ def write_atomic(path: Path, text: str, exclusive: bool = False) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         if exclusive:
-            os.link(temp, path)
+            link_exclusive(temp, path)
         else:
             os.replace(temp, path)
+        fsync_folder(path.parent)
     finally:
         temp.unlink(missing_ok=True)
 
 
+def append_line(handle: IO[str], line: str) -> None:
+    """Append one line to a file opened for appending, in a single write, and flush it. A partial last line
+    (a writer killed mid-line) is ended first, so the new line stays whole."""
+    handle.flush()
+    prefix = ""
+    size = os.fstat(handle.fileno()).st_size
+    if size:
+        with open(handle.name, "rb") as raw:
+            raw.seek(size - 1)
+            prefix = "" if raw.read(1) == b"\n" else "\n"
+    handle.write(prefix + line + "\n")
+    handle.flush()
+
+
+_STALE_TEMP_S = 600.0  # a temp file lives for one write and rename: one this old is abandoned anywhere
+
+
 def remove_stale_temp_files(folders: set[Path]) -> int:
-    """Delete temp files a killed run left behind (normally none: the window is one rename)."""
+    """Delete temp files that killed runs left behind: those of processes gone from this machine, and any
+    older than ten minutes (a run on another machine sharing the folder). A live run's are kept."""
     removed = 0
+    now = time.time()
     for folder in folders:
-        if folder.is_dir():
-            for stale in folder.glob(f".*{TEMP_SUFFIX}"):
-                stale.unlink(missing_ok=True)
+        if not folder.is_dir():
+            continue
+        for temp in folder.glob(f".*{TEMP_SUFFIX}"):
+            pid = temp.name[: -len(TEMP_SUFFIX)].rsplit(".", 1)[-1]
+            try:
+                old = now - temp.stat().st_mtime > _STALE_TEMP_S
+            except FileNotFoundError:
+                continue
+            if old or (pid.isdigit() and pid_alive(int(pid)) is False):
+                temp.unlink(missing_ok=True)
                 removed += 1
     return removed
 

@@ -73,9 +73,10 @@ class CaptionActor:
 
 def caption_with_ray(jobs: list[ImageJob], folder: Path, options: BatchOptions, device: str, address: str,
                      workers: int, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
-                     quiet: bool = False) -> Summary:
+                     quiet: bool = False, plan: Plan | None = None) -> Summary:
     """Caption `jobs` on Ray: `address` is "local" (start Ray on this machine), "auto" (the running cluster)
-    or a cluster address. Same outputs, summary and --jsonl as `caption_files`.
+    or a cluster address. Same outputs, summary and --jsonl as `caption_files`; `plan` is `plan_run`'s
+    result when the caller planned already.
 
     Ray places actors by the CPUs and GPUs they request: workers x cpus_per_worker must leave CPU on each
     node for the image-reading tasks (0.5 CPU each), or reading waits forever behind the actors.
@@ -86,9 +87,9 @@ def caption_with_ray(jobs: list[ImageJob], folder: Path, options: BatchOptions, 
     # CPU actors run onnxruntime on as many threads as Ray reserved cores for them, so actors sharing a
     # node do not oversubscribe it; GPU actors keep onnxruntime's default.
     threads = None if gpus_per_worker else max(1, round(cpus_per_worker))
-    plan: Plan = plan_run(jobs, options, quiet)
+    plan = plan or plan_run(jobs, options, quiet)
     spec = Manifest.load(folder).image_spec
-    with recording(plan, options, started) as recorder:
+    with recording(plan, options, started, quiet) as recorder:
         if plan.todo:
             ray.init(address=None if address == "local" else address, ignore_reinit_error=True,
                      log_to_driver=False, logging_level=logging.ERROR, include_dashboard=False)

@@ -23,11 +23,14 @@ from typing import Any
 from .. import __version__
 from ..runtime.contract import GRAPH_FILES, MANIFEST_NAME, TOKENIZER_NAME, VISION_ENCODER, graph_io
 from ..runtime.defaults import DEFAULT_BLOCK_SIZE
+from ..runtime.integrity import record_files
 from ..runtime.levels import LevelError, target_device
 from ..runtime.manifest import GraphInfo, Manifest, QuantInfo
+from ..system import rss_bytes
 from . import quantize
 from .checkpoint import Checkpoint, open_checkpoint
 from .decoder import DecoderConfig, Precision, build_decoder
+from .output import staged_output
 from .weights import CheckpointWeights
 
 Progress = Callable[[str], None]
@@ -55,10 +58,18 @@ def export(
         raise ExportError(str(exc)) from None
     started = time.monotonic()
     say = _timed(progress, started)
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / MANIFEST_NAME).unlink(missing_ok=True)  # the folder is incomplete until the end
+    with staged_output(Path(outdir)) as staging:  # renamed to `outdir` once complete; removed on failure
+        manifest = _write_folder(source, staging, quant, block_size, target, progress, started)
+    say(f"done: {outdir}")
+    return manifest
 
+
+def _write_folder(
+    source: str | Path, outdir: Path, quant: str, block_size: int, target: str, progress: Progress | None,
+    started: float,
+) -> Manifest:
+    """Write the whole model folder into `outdir`, the manifest (with every file's size and hash) last."""
+    say = _timed(progress, started)
     say(f"reading checkpoint {source}")
     checkpoint = open_checkpoint(source, load_model=False)
     config = DecoderConfig.from_text_config(checkpoint.config.text_config)
@@ -85,8 +96,9 @@ def export(
                                 "float16" if quant == "fp16" else "float32")
     graphs = {VISION_ENCODER: vision, **build_decoder(outdir, config, precision, weights)}
     manifest = _manifest(checkpoint, graphs, precision, target)
+    say("recording file sizes and SHA-256")
+    manifest.files = record_files(outdir, skip=(MANIFEST_NAME,))
     manifest.save(outdir)
-    say(f"done: {outdir}")
     return manifest
 
 
@@ -220,12 +232,5 @@ def _timed(progress: Progress | None, started: float) -> Progress:
 
 
 def _rss_gb() -> float:
-    """Resident memory of this process now (Linux), else its peak so far."""
-    try:
-        with open("/proc/self/status") as status:
-            kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        import resource
-
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 2**20
+    """Resident memory of this process now (its peak where the OS gives only that)."""
+    return (rss_bytes() or rss_bytes(peak=True) or 0) / 2**30

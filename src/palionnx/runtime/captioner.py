@@ -13,6 +13,7 @@ import numpy as np
 
 from .defaults import DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from .generate import LogitsProcessor, PromptBatch, Sampler, generate_step, greedy
+from .limits import check_request
 from .manifest import Manifest
 from .model import OnnxPaliGemma
 from .preprocess import ImageInput, ImageLoadError, Pixels, image_pixels
@@ -110,6 +111,7 @@ class Captioner:
             raise ValueError(f"got {len(prompts)} prompts for {len(images)} images")
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be at least 1")
+        check_request(self.manifest, self.text, prompts, max_new_tokens, batch_size)  # RequestError: ValueError
         results = [CaptionResult(source=source_name(image)) for image in images]
         for first in range(0, len(images), batch_size):
             indices, pixels = [], []

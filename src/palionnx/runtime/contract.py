@@ -13,7 +13,8 @@ from pathlib import Path
 MANIFEST_NAME = "palionnx.json"
 TOKENIZER_NAME = "tokenizer.json"
 # 3: typed quant settings, prompt_template applied as written ({image}, {bos}, {prompt} anywhere).
-# 4: fused decoder (GroupQueryAttention, in-place KV cache, embedding inside), no embed_tokens graph.
+# 4: fused decoder (GroupQueryAttention, in-place KV cache, embedding inside), no embed_tokens graph;
+#    files (size and SHA-256 of every file), max_positions, device (what the graphs are built for).
 SCHEMA_VERSION = 4
 
 VISION_ENCODER, DECODER, DECODER_WINDOWED = "vision_encoder", "decoder", "decoder_windowed"

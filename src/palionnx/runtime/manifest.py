@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -12,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from .contract import MANIFEST_NAME, REQUIRED_GRAPHS, SCHEMA_VERSION, TOKENIZER_NAME
+from .integrity import FileInfo, size_problems
 from .levels import QUANT_LEVELS
-from .preprocess import ImageSpec
+from .preprocess import RESAMPLE, ImageSpec
 
+FAMILIES = ("pg1", "pg2")
 KV_DTYPES = ("float32", "float16")
 BUILT_FOR = ("cpu", "cuda")
 
@@ -70,7 +73,7 @@ class Manifest:
     head_dim: int
     hidden: int
     vocab_size: int
-    max_positions: int  # the longest sequence (prompt + caption) the model has positions for
+    max_positions: int  # the decoder's context: prompt + generated tokens never go beyond it
     sliding_window: int | None  # Gemma 2: window of the sliding layers; None for Gemma
     quant: QuantInfo
     device: str  # one of BUILT_FOR: what the graphs are built for (float32 compute on cpu, float16 on cuda)
@@ -78,6 +81,7 @@ class Manifest:
     graphs: dict[str, GraphInfo]  # by role (see contract.GRAPH_FILES); decoder_windowed for Gemma 2 only
     opset: int  # ONNX opset of the graphs
     source: dict[str, Any] = field(default_factory=dict)  # id and revision of the exported checkpoint
+    files: dict[str, FileInfo] = field(default_factory=dict)  # every file but this one: size and SHA-256
     palionnx_version: str = ""  # the palionnx that exported the folder
     schema_version: int = SCHEMA_VERSION
 
@@ -113,12 +117,37 @@ class Manifest:
         if not isinstance(data, dict):
             raise ModelFolderError(f"{path} must hold a JSON object: export the model again")
         _check_schema(path, data.get("schema_version"))
-        manifest = _build(cls, data, str(path))
-        manifest._check(Path(folder))
+        try:
+            manifest = _build(cls, data, str(path))
+            manifest._check_fields(str(path))
+        except ModelFolderError as exc:
+            raise ModelFolderError(f"{exc}: {_remedy(data.get('palionnx_version'))}") from None
+        manifest._check_files(Path(folder))
         return manifest
 
-    def _check(self, folder: Path) -> None:
-        where = f"{folder / MANIFEST_NAME}"
+    def _check_fields(self, where: str) -> None:
+        """Values the types alone do not rule out (the graphs are checked against these when loaded)."""
+        positive = ("image_size", "image_seq_length", "layers", "heads", "kv_heads", "head_dim", "hidden",
+                    "vocab_size", "max_positions")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ModelFolderError(f"{where}: {name} must be at least 1, not {getattr(self, name)}")
+        if self.family not in FAMILIES:
+            raise ModelFolderError(f"{where}: family {self.family!r} is not one of {', '.join(FAMILIES)}")
+        if self.resample not in RESAMPLE:
+            raise ModelFolderError(f"{where}: resample {self.resample!r} is not one of {', '.join(RESAMPLE)}")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or 0 in self.image_std:
+            raise ModelFolderError(f"{where}: image_mean and image_std need 3 values each (std not 0)")
+        tokens = {"image_token_id": [self.image_token_id], "bos_token_id": [self.bos_token_id],
+                  "pad_token_id": [self.pad_token_id], "eos_token_ids": self.eos_token_ids}
+        for name, ids in tokens.items():
+            if not ids or any(not 0 <= i < self.vocab_size for i in ids):
+                raise ModelFolderError(f"{where}: {name} {ids} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if self.image_token_id in (self.bos_token_id, self.pad_token_id):
+            raise ModelFolderError(f"{where}: image_token_id {self.image_token_id} is also the bos or pad token")
+        for placeholder in ("{image}", "{prompt}"):
+            if self.prompt_template.count(placeholder) != 1:
+                raise ModelFolderError(f"{where}: prompt_template must hold {placeholder} once")
         if self.quant.level not in QUANT_LEVELS:
             raise ModelFolderError(f"{where}: quant.level {self.quant.level!r} is not one of {', '.join(QUANT_LEVELS)}")
         if self.kv_dtype not in KV_DTYPES:
@@ -127,12 +156,31 @@ class Manifest:
             raise ModelFolderError(f"{where}: device {self.device!r} is not one of {', '.join(BUILT_FOR)}")
         missing = sorted(set(REQUIRED_GRAPHS) - set(self.graphs))
         if missing:
-            raise ModelFolderError(f"{where}: graphs lacks {', '.join(missing)}: export the model again")
-        for role, graph in self.graphs.items():
-            if not (folder / graph.file).is_file():
-                raise ModelFolderError(f"{folder}: the {role} graph {graph.file} is missing")
-        if not (folder / TOKENIZER_NAME).is_file():
-            raise ModelFolderError(f"{folder}: {TOKENIZER_NAME} is missing")
+            raise ModelFolderError(f"{where}: graphs lacks {', '.join(missing)}")
+        unlisted = sorted({TOKENIZER_NAME, *(g.file for g in self.graphs.values())} - set(self.files))
+        if unlisted:
+            raise ModelFolderError(f"{where}: files does not list {unlisted[0]}")
+
+    def _check_files(self, folder: Path) -> None:
+        """Every recorded file is there with its recorded size (a stat each; hashes: `info --verify`)."""
+        problems = size_problems(folder, self.files)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ModelFolderError(f"{folder} is damaged: {problems[0]}{more}; copy, download or export it again")
+
+
+def _remedy(written_by: object) -> str:
+    """What to do about a manifest this palionnx cannot read: upgrade if a newer palionnx wrote it."""
+    from .. import __version__
+
+    if isinstance(written_by, str) and _version_tuple(written_by) > _version_tuple(__version__):
+        return f"it was written by palionnx {written_by}, newer than this one ({__version__}): upgrade palionnx"
+    return "export the model again"
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """"0.2.0rc1" -> (0, 2, 0): release numbers only."""
+    return tuple(int(number) for number in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
 def _check_schema(path: Path, version: object) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -16,19 +15,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..system import rss_bytes
 from .captioner import Captioner
 from .contract import folder_size
 from .preprocess import image_pixels
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory: VmHWM on Linux, which (unlike ru_maxrss) is not inherited
-    from the parent across fork + exec."""
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory (on Linux VmHWM, which unlike ru_maxrss is not inherited from
+    the parent across fork + exec); 0 where the OS does not say."""
+    return (rss_bytes(peak=True) or 0) / 2**20
 
 
 def gpu_memory_mb() -> float | None:
@@ -146,6 +142,18 @@ def measure_in_subprocess(folder: Path, **settings: Any) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-if __name__ == "__main__":
+def _main() -> None:
+    """Child process of `measure_in_subprocess`: a model-folder or device problem is one line, exit 2."""
+    from .manifest import ModelFolderError
+    from .sessions import DeviceError
+
     folder_arg, settings_arg = json.loads(sys.argv[1])
-    print(json.dumps(measure(Path(folder_arg), **settings_arg)))
+    try:
+        print(json.dumps(measure(Path(folder_arg), **settings_arg)))
+    except (ModelFolderError, DeviceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _main()

@@ -47,7 +47,7 @@ class OnnxPaliGemma:
         paths = {role: self.folder / manifest.graphs[role].file for role in roles}
         wanted = model_device(manifest, device)
         self.cuda_graph = cuda_graph and requested_device(wanted) == "cuda"
-        sessions, self.device = open_sessions(paths, wanted, threads, self._graph_roles())
+        sessions, self.device = open_sessions(paths, wanted, threads, manifest, self._graph_roles())
         self.cuda_graph = self.cuda_graph and self.device == "cuda"
         self.vision, self.decoder = sessions[VISION_ENCODER], sessions[DECODER]
         self.windowed: ort.InferenceSession | None = None  # Gemma 2, opened when first needed
@@ -80,7 +80,8 @@ class OnnxPaliGemma:
             return self.decoder
         if self.windowed is None:
             path = self.folder / self.manifest.graphs[DECODER_WINDOWED].file
-            sessions, _ = open_sessions({DECODER_WINDOWED: path}, self.device, self.threads, self._graph_roles())
+            sessions, _ = open_sessions({DECODER_WINDOWED: path}, self.device, self.threads, self.manifest,
+                                        self._graph_roles())
             self.windowed = sessions[DECODER_WINDOWED]
         return self.windowed
 
@@ -105,7 +106,7 @@ class OnnxPaliGemma:
         """Reopen the decoders without CUDA graph capture (when capture fails)."""
         self.cuda_graph = False
         paths = {DECODER: self.folder / self.manifest.graphs[DECODER].file}
-        self.decoder = open_sessions(paths, self.device, self.threads)[0][DECODER]
+        self.decoder = open_sessions(paths, self.device, self.threads, self.manifest)[0][DECODER]
         self.windowed = None
 
 

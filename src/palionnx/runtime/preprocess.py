@@ -7,6 +7,7 @@ the uint8 image, rescale by 1/255, normalise with the checkpoint's mean and std,
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -50,6 +51,10 @@ class ImageLoadError(Exception):
     """An input could not be read as an image; the message names the file and the reason."""
 
 
+class LargeImageWarning(UserWarning):
+    """An image above Pillow's decompression-bomb warning size (about 89 megapixels): decoded anyway."""
+
+
 def load_image(source: str | Path | Image.Image | BinaryIO) -> Image.Image:
     """Open `source` (a path, a PIL image or an open binary file) and return an RGB image with EXIF
     orientation applied.
@@ -60,13 +65,7 @@ def load_image(source: str | Path | Image.Image | BinaryIO) -> Image.Image:
     name = str(source) if isinstance(source, (str, Path)) else "<PIL image>" if isinstance(source, Image.Image) \
         else "<upload>"
     try:
-        if isinstance(source, Image.Image):
-            image = source
-        else:
-            with Image.open(source) as opened:
-                opened.seek(0)
-                opened.load()
-                image = opened.copy()
+        image = source if isinstance(source, Image.Image) else _open(source, name)
         image = ImageOps.exif_transpose(image) or image
         return to_rgb(image)
     except Image.DecompressionBombError as exc:
@@ -74,6 +73,22 @@ def load_image(source: str | Path | Image.Image | BinaryIO) -> Image.Image:
     except (OSError, ValueError, SyntaxError) as exc:  # Pillow's errors for unreadable / truncated / non-images
         reason = re.sub(r" <_io\.\w+ object at 0x[0-9a-f]+>", "", str(exc))  # no object reprs for uploads
         raise ImageLoadError(f"{name}: not a readable image ({reason})") from exc
+
+
+def _open(source: str | Path | BinaryIO, name: str) -> Image.Image:
+    """Decode the first frame. Pillow's two-line DecompressionBombWarning becomes one LargeImageWarning
+    in palionnx's words; beyond twice that size Pillow refuses (DecompressionBombError)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        with Image.open(source) as opened:
+            opened.seek(0)
+            opened.load()
+            image = opened.copy()
+    if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
+        warnings.warn(LargeImageWarning(f"{name}: a very large image ({image.width}x{image.height}, "
+                                        f"{image.width * image.height / 1e6:.0f} megapixels): decoded anyway"),
+                      stacklevel=3)
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -50,6 +50,7 @@ class Completion:
     prefill_s: float  # prefill of that admission
     decode_s: float  # wall time from its first decode step to its last
     steps: int  # decode steps it took part in
+    error: str | None = None  # the model failed while it was in flight (onnxruntime error, out of memory)
 
 
 @dataclass
@@ -73,6 +74,10 @@ class Occupancy:
         return self.busy / (self.steps * slots) if self.steps else 0.0
 
 
+IDLE_S = 0.2  # how long run() waits when nothing is in flight and the source has nothing ready
+_END: Any = object()  # the end of a source (None means "nothing ready yet")
+
+
 class Scheduler:
     """Captions a stream of requests over `slots` KV-cache rows of `max_len` tokens each."""
 
@@ -85,6 +90,7 @@ class Scheduler:
         self.occupancy = Occupancy()
         self.eos = set(captioner.manifest.eos_token_ids)
         self._tokens = np.zeros(slots, dtype=np.int64)  # each slot's next input token
+        self._admitting: list[Request] = []
 
     @classmethod
     def for_requests(cls, captioner: Captioner, slots: int, prompt_tokens: int, max_new_tokens: int) -> Scheduler:
@@ -118,37 +124,61 @@ class Scheduler:
                 dropped += 1
         return dropped
 
-    def run(self, requests: Iterable[Request]) -> Iterator[Completion]:
-        """Caption `requests` (pulled lazily, as slots free up) and yield each completion when it ends."""
+    def run(self, requests: Iterable[Request | None]) -> Iterator[Completion]:
+        """Caption `requests` (pulled lazily, as slots free up) and yield each completion when it ends.
+
+        The source may yield None for "nothing ready yet" (images other processes hold, say): decoding goes
+        on, and the source is asked again after the next step (or after IDLE_S when nothing is in flight).
+        """
         source = iter(requests)
         exhausted = False
         while True:
             while not exhausted and len(self.waiting) < self.slots - self.busy:
-                request = next(source, None)
-                if request is None:
+                request = next(source, _END)
+                if request is _END:
                     exhausted = True
+                elif request is None:
+                    break
                 else:
                     self.submit(request)
             if not self.waiting and not self.busy:
-                return
+                if exhausted:
+                    return
+                time.sleep(IDLE_S)
+                continue
             yield from self.step()
 
     def step(self) -> list[Completion]:
-        """Admit waiting requests into free slots, then run one decode step; returns what finished."""
-        done = self._admit()
-        active = np.array([slot is not None for slot in self.rows])
-        if not active.any():
-            return done
-        output = self.state.step(self._tokens, active)
+        """Admit waiting requests into free slots, then run one decode step; returns what finished. If the
+        model fails (an onnxruntime error, out of memory), the captions in flight end with that error and
+        the scheduler goes on with the next ones."""
+        try:
+            done = self._admit()
+            active = np.array([slot is not None for slot in self.rows])
+            if not active.any():
+                return done
+            output = self.state.step(self._tokens, active)
+        except Exception as exc:  # noqa: BLE001 - reported per caption; the others go on
+            return self._fail_in_flight(exc)
         self.occupancy.steps += 1
         self.occupancy.busy += int(active.sum())
         return done + self._advance(output, np.flatnonzero(active))
+
+    def _fail_in_flight(self, exc: Exception) -> list[Completion]:
+        error = f"captioning failed ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+        failed = [Completion(request, [], "", 0.0, 0.0, 0.0, 0, error) for request in self._admitting]
+        self._admitting = []
+        for row, slot in enumerate(self.rows):
+            if slot is not None:
+                failed.append(dataclasses.replace(self._retire(row, slot), error=error))
+        return failed
 
     def _admit(self) -> list[Completion]:
         """Vision + prefill for as many waiting requests as there are free slots (runs of neighbouring free
         slots prefill together); their first tokens are sampled from the prefill's logits."""
         free = [row for row, slot in enumerate(self.rows) if slot is None]
         newcomers = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
+        self._admitting = newcomers  # until they have slots, so that a failure can still answer them
         if not newcomers:
             return []
         started = time.perf_counter()
@@ -168,6 +198,7 @@ class Scheduler:
             history = prompt.input_ids[i, : prompt.lengths[i]].copy()
             history[history < 0] = self.captioner.manifest.image_token_id  # as transformers sees the prompt
             self.rows[row] = _Slot(request, history, time.perf_counter(), vision, prefill)
+        self._admitting = []
         assert output is not None
         return self._advance(output, np.array(rows))
 
@@ -210,10 +241,12 @@ class CaptionStream:
     """Captions (tag, image) pairs through a Scheduler; iterate for (tag, CaptionResult) as captions end.
 
     Images are decoded a few slots ahead on the captioner's threads; an unreadable one comes back at once
-    as a result with `error` set. `occupancy` says how full the slots were so far.
+    as a result with `error` set. `items` may yield None for "nothing ready yet" (see `Scheduler.run`).
+    `occupancy` says how full the slots were so far.
     """
 
-    def __init__(self, captioner: Captioner, items: Iterable[tuple[Any, ImageInput]], *, slots: int | None = None,
+    def __init__(self, captioner: Captioner, items: Iterable[tuple[Any, ImageInput] | None], *,
+                 slots: int | None = None,
                  prompt: str = DEFAULT_PROMPT, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  sampler: Sampler | None = None, logits_processors: Sequence[LogitsProcessor] | None = None,
                  ignore_eos: bool = False):
@@ -235,23 +268,34 @@ class CaptionStream:
             tag, source = completion.request.tag
             timings = Timings(vision_s=completion.vision_s, prefill_s=completion.prefill_s,
                               decode_s=completion.decode_s, decode_steps=completion.steps)
-            yield tag, CaptionResult(source, completion.text, completion.tokens, timings=timings)
+            error = f"{source}: {completion.error}" if completion.error else None
+            yield tag, CaptionResult(source, completion.text, completion.tokens, error, timings)
         yield from self._drain_failed()
 
     def _drain_failed(self) -> Iterator[tuple[Any, CaptionResult]]:
         while self._failed:
             yield self._failed.popleft()
 
-    def _requests(self) -> Iterator[Request]:
+    def _requests(self) -> Iterator[Request | None]:
         pool = self.captioner.image_threads()
         ahead: deque[tuple[Any, ImageInput, Future]] = deque()
         items = iter(self.items)
+        exhausted = False
         while True:
-            while len(ahead) < 2 * self.slots and (item := next(items, None)) is not None:
-                tag, image = item
-                ahead.append((tag, image, pool.submit(self.captioner.load_pixels, image)))
+            while not exhausted and len(ahead) < 2 * self.slots:
+                item = next(items, _END)
+                if item is _END:
+                    exhausted = True
+                elif item is None:  # the source has nothing ready now
+                    break
+                else:
+                    tag, image = item
+                    ahead.append((tag, image, pool.submit(self.captioner.load_pixels, image)))
             if not ahead:
-                return
+                if exhausted:
+                    return
+                yield None
+                continue
             tag, image, future = ahead.popleft()
             pixels = future.result()
             if isinstance(pixels, ImageLoadError):

@@ -2,86 +2,128 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnxruntime as ort
 
-DEVICES = ("auto", "cuda", "cpu")
-PROVIDERS = {"cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu": ["CPUExecutionProvider"]}
+from ..system import cpu_count
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
+
+DEVICES = ("auto", "cpu", "cuda", "directml", "coreml")
+# The execution provider behind each accelerator device, and how a user gets it.
+ACCELERATORS = {
+    "cuda": ("CUDAExecutionProvider", "install the GPU extra: pip install 'palionnx[gpu]' (README, Install)"),
+    "directml": ("DmlExecutionProvider", "on Windows, install onnxruntime-directml in place of onnxruntime"),
+    "coreml": ("CoreMLExecutionProvider", "on macOS the standard wheel has it: pip install 'palionnx[cpu]'"),
+}
 
 
 class DeviceError(Exception):
     """The requested device cannot be used."""
 
 
+def provider_available(device: str) -> bool:
+    """Whether this onnxruntime build offers the execution provider of `device` ("cuda", "directml", ...)."""
+    return ACCELERATORS[device][0] in ort.get_available_providers()
+
+
 def cuda_available() -> bool:
     """Whether this onnxruntime build offers the CUDA execution provider."""
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+    return provider_available("cuda")
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     """Options shared by every graph.
 
     - intra-op threads = physical work per op; default all cores (onnxruntime's own default is the same
-      on most machines, but containers often report fewer cores than the host: os.cpu_count() follows
-      the affinity mask through sched_getaffinity).
+      on most machines, but containers often allow fewer cores than the host has: `cpu_count` follows
+      the affinity mask where the OS has one).
     - ORT_ENABLE_ALL graph optimisation: fuses the decoder's norms, GELU and MatMul+Add patterns.
     - the CPU memory arena stays on: decode allocates the same shapes every step, which the arena reuses.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    options.intra_op_num_threads = threads or cpu_count()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return options
 
 
 def requested_device(device: str) -> str:
-    """"auto" -> "cuda" when this onnxruntime offers CUDA, else "cpu"; "cuda" without it is a DeviceError."""
+    """"auto" -> "cuda" when this onnxruntime offers CUDA, else "cpu"; an accelerator this onnxruntime
+    lacks is a DeviceError that says how to get it (never a silent CPU run)."""
     if device not in DEVICES:
         raise DeviceError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
-    if device == "cpu" or (device == "auto" and not cuda_available()):
-        return "cpu"
-    if not cuda_available():
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if device != "cpu" and not provider_available(device):
+        provider, hint = ACCELERATORS[device]
         raise DeviceError(
-            "device='cuda' was asked for, but this onnxruntime has no CUDAExecutionProvider "
-            f"(available: {', '.join(ort.get_available_providers())}). Install onnxruntime-gpu in place of "
-            "onnxruntime (see the README's GPU section), or use device='cpu'."
+            f"device {device!r} was asked for, but this onnxruntime has no {provider} "
+            f"(available: {', '.join(ort.get_available_providers())}): {hint}; or use --device cpu"
         )
-    return "cuda"
+    return device
 
 
 def open_sessions(
-    paths: dict[str, Path], device: str, threads: int | None = None, cuda_graph: set[str] | None = None
+    paths: dict[str, Path], device: str, threads: int | None = None, manifest: Manifest | None = None,
+    cuda_graph: set[str] | None = None,
 ) -> tuple[dict[str, ort.InferenceSession], str]:
-    """Open every graph in `paths` on one device and return the sessions with that device ("cuda" or "cpu").
+    """Open every graph in `paths` on one device; return the sessions and where their buffers live
+    ("cuda" for CUDA, "cpu" for the CPU, DirectML and CoreML, which take host buffers).
 
     The device is decided once for the whole model: under "auto", if CUDA does not start for any graph, all
     graphs run on the CPU (never the vision encoder on one device and the decoder on another); an explicit
-    "cuda" that does not start is a DeviceError, never a silent CPU run. On CUDA, the roles in `cuda_graph`
-    get CUDA graph capture enabled (runs then choose per call with the `gpu_graph_id` run option).
+    accelerator that does not start is a DeviceError, never a silent CPU run. With `manifest`, the graphs
+    are checked against it (`palionnx.runtime.graphcheck`): a ModelFolderError when they disagree. On CUDA,
+    the roles in `cuda_graph` get CUDA graph capture enabled (each run then says with the `gpu_graph_id` run
+    option whether it is captured).
     """
+    sessions, where = _open_on_device(paths, device, threads, cuda_graph or set())
+    if manifest is not None:
+        from .graphcheck import graph_problems
+        from .manifest import ModelFolderError
+
+        problems = graph_problems(manifest, sessions)
+        if problems:
+            folder = next(iter(paths.values())).parent
+            raise ModelFolderError(f"{folder}: {problems[0]}; palionnx.json and the graphs disagree: copy or "
+                                   "export the folder again")
+    return sessions, where
+
+
+def _open_on_device(
+    paths: dict[str, Path], device: str, threads: int | None, cuda_graph: set[str]
+) -> tuple[dict[str, ort.InferenceSession], str]:
     resolved = requested_device(device)
-    if resolved == "cuda":
-        if hasattr(ort, "preload_dlls"):
+    if resolved != "cpu":
+        if resolved == "cuda" and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # finds CUDA / cuDNN installed as pip packages (nvidia-*-cu12)
-        sessions = {role: _session(path, "cuda", threads, role in (cuda_graph or set()))
-                    for role, path in paths.items()}
-        failed = [path.name for role, path in paths.items()
-                  if "CUDAExecutionProvider" not in sessions[role].get_providers()]
+        sessions = {role: _session(path, resolved, threads, role in cuda_graph) for role, path in paths.items()}
+        provider = ACCELERATORS[resolved][0]
+        failed = [path.name for role, path in paths.items() if provider not in sessions[role].get_providers()]
         if not failed:
-            return sessions, "cuda"
+            return sessions, "cuda" if resolved == "cuda" else "cpu"
         if device != "auto":
             raise DeviceError(
-                f"CUDA was asked for but onnxruntime could not start it for {failed[0]} "
-                "(usually missing CUDA/cuDNN libraries: see onnxruntime's log with ORT_LOG_LEVEL=0)"
+                f"{resolved} was asked for but onnxruntime could not start {provider} for {failed[0]} "
+                "(usually missing libraries: `palionnx doctor` names them)"
             )
     return {role: _session(path, "cpu", threads) for role, path in paths.items()}, "cpu"
 
 
 def _session(path: Path, device: str, threads: int | None, cuda_graph: bool = False) -> ort.InferenceSession:
-    providers: list = list(PROVIDERS[device])
-    if cuda_graph:
-        providers[0] = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"})
-    return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
+    """One graph's session; a graph onnxruntime cannot load is a ModelFolderError naming the file."""
+    from .manifest import ModelFolderError
+
+    providers: list = ["CPUExecutionProvider"] if device == "cpu" else [ACCELERATORS[device][0], "CPUExecutionProvider"]
+    if device == "cuda" and cuda_graph:
+        providers[0] = (ACCELERATORS["cuda"][0], {"enable_cuda_graph": "1"})
+    try:
+        return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors (Fail, InvalidProtobuf, ...) share no base
+        reason = " ".join(str(exc).split())[:300]
+        raise ModelFolderError(f"onnxruntime cannot load {path} ({reason}): copy or export the folder again") from None

@@ -8,7 +8,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from .contract import TOKENIZER_NAME
-from .manifest import Manifest
+from .manifest import Manifest, ModelFolderError
 
 _PLACEHOLDER = re.compile(r"(\{image\}|\{bos\})")
 
@@ -17,8 +17,20 @@ class TextCodec:
     """Turns prompts into PaliGemma input ids and generated ids back into text."""
 
     def __init__(self, folder: str | Path, manifest: Manifest):
-        self.tokenizer = Tokenizer.from_file(str(Path(folder) / TOKENIZER_NAME))
+        path = Path(folder) / TOKENIZER_NAME
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for every parse error
+            reason = " ".join(str(exc).split())[:200]
+            raise ModelFolderError(f"{path} is not a readable tokenizer ({reason}): copy or export the folder again") \
+                from None
         self.manifest = manifest
+        self.special_ids = {i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special}
+
+    def special_tokens_in(self, prompt: str) -> list[str]:
+        """Special tokens (<image>, <bos>, <eos>, ...) that the tokenizer finds in a prompt's text."""
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        return [self.tokenizer.id_to_token(i) or str(i) for i in ids if i in self.special_ids]
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The manifest's prompt_template with `prompt` in it, as ids.

@@ -82,6 +82,8 @@ def create_app(captioner: Captioner, engine: Engine, limits: Limits, model_name:
                                                      {"Retry-After": "1"})
         except asyncio.TimeoutError:
             outcome, response = "timeout", _error(504, f"no caption within {limits.timeout_s:g} s", "timeout")
+        except RuntimeError as exc:  # the model failed on the step this caption was in
+            outcome, response = "error", _error(500, str(exc), "server_error")
         finally:
             metrics.record_request(route, outcome, time.perf_counter() - arrived)
         return response

@@ -11,6 +11,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 from ..runtime.captioner import Captioner
+from ..runtime.limits import RequestError, check_request
 from ..runtime.scheduler import Completion, Request, Scheduler
 from .metrics import Metrics
 
@@ -49,6 +50,10 @@ class Engine:
     def submit(self, request: Request) -> Future[Completion]:
         """Queue a request (thread-safe); QueueFull when the queue is at --max-queue, Rejected when it cannot
         fit a slot."""
+        try:  # special-token text, the model's context: checked here, so a bad prompt never reaches a step
+            check_request(self.captioner.manifest, self.captioner.text, [request.prompt], request.max_new_tokens, 1)
+        except RequestError as exc:
+            raise Rejected(str(exc)) from None
         needed = self.scheduler.prompt_tokens(request.prompt) + request.max_new_tokens
         if needed > self.scheduler.max_len:
             raise Rejected(f"prompt + max_new_tokens = {needed} tokens exceed the server's {self.scheduler.max_len}")
@@ -88,21 +93,12 @@ class Engine:
                 self.wake.clear()
                 continue
             scheduler.drop(lambda request: request.tag.future.cancelled())
-            try:
-                completions = scheduler.step()
-            except Exception as exc:  # a failed step fails the requests in it, not the server
-                self._fail_all(exc)
-                continue
-            for completion in completions:
+            for completion in scheduler.step():  # a failed step fails the captions in it, not the server
                 self.metrics.record_tokens(len(completion.tokens))
                 with contextlib.suppress(InvalidStateError):  # its caller gave up (timeout) meanwhile
-                    completion.request.tag.future.set_result(completion)
+                    if completion.error:
+                        completion.request.tag.future.set_exception(RuntimeError(completion.error))
+                    else:
+                        completion.request.tag.future.set_result(completion)
             self.metrics.record_slots(scheduler.busy, scheduler.slots, scheduler.occupancy.steps,
                                       scheduler.occupancy.busy)
-
-    def _fail_all(self, exc: Exception) -> None:
-        for slot in self.scheduler.rows:
-            if slot is not None:
-                with contextlib.suppress(InvalidStateError):
-                    slot.request.tag.future.set_exception(exc)
-        self.scheduler.drop(lambda request: request.tag.future.done())

@@ -29,6 +29,7 @@ class ServeOptions:
     timeout_s: float = 120.0
     max_new_tokens: int = 256
     max_body_mb: float = 20.0
+    cuda_graph: bool = True
 
 
 def require_serve_extra() -> None:
@@ -43,7 +44,7 @@ def serve(folder: Path, options: ServeOptions, say: object = print) -> None:
     """Load `folder` and serve it until stopped (SIGTERM or Ctrl-C finish the requests in flight first)."""
     import uvicorn
 
-    captioner = Captioner.load(folder, device=options.device)
+    captioner = Captioner.load(folder, device=options.device, cuda_graph=options.cuda_graph)
     slots = options.slots or captioner.default_batch_size
     max_len = len(captioner.text.prompt_ids("")) + MAX_PROMPT_TOKENS + options.max_new_tokens
     engine = Engine(captioner, slots, max_len, options.max_queue, Metrics())

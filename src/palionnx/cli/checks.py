@@ -1,0 +1,87 @@
+"""`palionnx caption`'s checks before any model is loaded: options that contradict each other, outputs
+that cannot be written, and the memory a request may use. Each failure is one CheckError sentence."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ..system import memory, nvidia_gpus
+from .batch import BatchOptions, Plan
+
+GB = 1e9
+
+
+class CheckError(Exception):
+    """An option or output that cannot work; the message says which and why."""
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, seed: int | None, repetition_penalty: float) -> None:
+    """Sampling options only act with --temperature > 0: given without it they are refused, not ignored."""
+    if repetition_penalty <= 0:
+        raise CheckError(f"--repetition-penalty must be above 0 (1 = off), got {repetition_penalty}")
+    if temperature > 0:
+        return
+    ignored = [name for name, active in (("--top-k", top_k != 0), ("--top-p", top_p != 1.0),
+                                         ("--seed", seed is not None)) if active]
+    if ignored:
+        raise CheckError(f"{', '.join(ignored)} only act when sampling: add --temperature (e.g. 0.7), or drop "
+                         f"{'them' if len(ignored) > 1 else 'it'} for greedy captions")
+
+
+def check_outputs(options: BatchOptions, plan: Plan) -> None:
+    """--jsonl, --parquet, --output-dir and the folders captions go into must be writable, now."""
+    if options.jsonl:
+        _check_file("--jsonl", options.jsonl, append=True)
+    if options.parquet:
+        _check_file("--parquet", options.parquet, append=False)
+    if options.output_dir:
+        if options.output_dir.exists() and not options.output_dir.is_dir():
+            raise CheckError(f"--output-dir {options.output_dir} is a file, not a folder")
+        _check_folder(options.output_dir, "--output-dir")
+        return
+    for folder in sorted({plan.targets[job].parent for job in plan.todo}):
+        _check_folder(folder, "captions go beside the images, but the folder", hint=": use --output-dir")
+
+
+def _check_file(option: str, path: Path, append: bool) -> None:
+    if path.is_dir():
+        raise CheckError(f"{option} {path} is a folder: give a file path")
+    if not path.parent.is_dir():
+        raise CheckError(f"{option} {path}: the folder {path.parent} does not exist")
+    if append and path.exists():
+        try:
+            with open(path, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise CheckError(f"cannot write {option} {path} ({exc.strerror or exc})") from None
+        return
+    _check_folder(path.parent, f"cannot write {option} {path}: the folder")
+
+
+def _check_folder(folder: Path, what: str, hint: str = "") -> None:
+    """Create and delete a probe file in `folder` (or, if it does not exist yet, its nearest parent)."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".palionnx-probe-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CheckError(f"{what} {existing} is not writable ({exc.strerror or exc}){hint}") from None
+
+
+def memory_limit(device: str, max_memory_gb: float | None) -> float | None:
+    """Bytes a caption request may use beyond the loaded model: --max-memory, else what is free now on the
+    device (RAM on the CPU, the GPU's free memory on CUDA); None when unknown (then no memory check)."""
+    if max_memory_gb is not None:
+        return max_memory_gb * GB
+    if device == "cuda":
+        gpus = nvidia_gpus()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+        index = int(visible) if visible.isdigit() else 0
+        return gpus[index].memory_free_mb * 2**20 if index < len(gpus) else None
+    ram = memory()
+    return float(ram.available) if ram and ram.available is not None else None

@@ -1,0 +1,179 @@
+"""Claim files: several `palionnx caption` runs on one folder share the work, each image done once.
+
+Before captioning an image a run creates `.NAME.txt.palionnx-claim` beside its caption file with O_EXCL
+(atomic on local disks, NFS v3+, SMB and on Windows). The claim names its owner (host, pid, boot, start
+time) and, once the caption is ready, holds the run's --jsonl path and the record line it will append:
+
+    claim (O_EXCL) -> caption computed -> record line stored in the claim -> caption file renamed into
+    place -> record appended to --jsonl -> claim removed
+
+A claim whose owner is dead (same host: the process is gone; another host: older than CLAIM_LEASE_S) is
+stale. Whoever finds a stale claim finishes the dead run's work: when the caption is there, it appends
+the stored record to that run's --jsonl if it is missing; then it removes the claim and, if there was no
+caption, captions the image itself. So after any sequence of kills and re-runs every caption has
+exactly one --jsonl record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..system import ProcessId, is_alive
+from .files import append_line, write_atomic
+
+CLAIM_SUFFIX = ".palionnx-claim"
+CLAIM_LEASE_S = 3600.0  # a claim from another host is taken over after this long
+_UNWRITTEN_S = 10.0  # an empty claim (owner killed between create and write) is stale after this long
+_BREAK_LOCK_S = 60.0  # a lock of someone breaking a stale claim, left by a crash, after this long
+
+
+def claim_path(target: Path) -> Path:
+    """The claim file of a caption file."""
+    return target.with_name(f".{target.name}{CLAIM_SUFFIX}")
+
+
+@dataclass
+class ClaimInfo:
+    """What a claim file holds."""
+
+    owner: ProcessId | None
+    jsonl: str | None = None
+    line: str | None = None  # the --jsonl record, stored just before the caption is published
+
+
+def read_claim(path: Path) -> ClaimInfo | None:
+    """The claim's content; None when there is no claim. An unreadable claim has owner None."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return ClaimInfo(None)
+    try:
+        data = json.loads(text)
+        return ClaimInfo(ProcessId.from_json(data["owner"]), data.get("jsonl"), data.get("line"))
+    except (ValueError, KeyError, TypeError):
+        return ClaimInfo(None)
+
+
+def is_stale(path: Path, info: ClaimInfo) -> bool:
+    """Whether the claim's owner is gone (see the module docstring)."""
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return False  # released meanwhile: not stale, simply gone
+    if info.owner is None:
+        return age > _UNWRITTEN_S
+    alive = is_alive(info.owner)
+    return age > CLAIM_LEASE_S if alive is None else not alive
+
+
+class Claims:
+    """This run's claims. `claim(target)` -> True when this run may caption `target`."""
+
+    def __init__(self, jsonl: Path | None):
+        self.me = ProcessId.current()
+        self.jsonl = str(jsonl.resolve()) if jsonl else None
+        self.held: set[Path] = set()
+        self.lines: dict[Path, str] = {}  # records stored in held claims
+
+    def claim(self, target: Path) -> bool:
+        """Take the claim of `target`; a stale claim is finished and taken over. False if someone holds it;
+        OSError when the folder cannot take a claim file (read-only, full)."""
+        path = claim_path(target)
+        path.parent.mkdir(parents=True, exist_ok=True)  # --output-dir mirrors folders that may not exist yet
+        for _ in range(2):
+            try:
+                handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not recover_stale(path, target):
+                    return False
+                continue
+            with os.fdopen(handle, "w", encoding="utf-8") as claim:
+                claim.write(json.dumps(self._content()))
+            self.held.add(target)
+            return True
+        return False
+
+    def store_record(self, target: Path, line: str) -> None:
+        """Keep the --jsonl record in the claim, so a kill after the caption is published loses nothing."""
+        if target in self.held:
+            write_atomic(claim_path(target), json.dumps(self._content(line)))
+            self.lines[target] = line
+
+    def release(self, target: Path) -> None:
+        """Remove the claim of `target` (its record, if any, is in --jsonl by now)."""
+        if target in self.held:
+            self.held.discard(target)
+            self.lines.pop(target, None)
+            claim_path(target).unlink(missing_ok=True)
+
+    def release_all(self) -> None:
+        """End of run or interrupted: a caption already published keeps its --jsonl record."""
+        for target in list(self.held):
+            line = self.lines.get(target)
+            if line and self.jsonl and target.is_file():
+                append_missing_record(Path(self.jsonl), line)
+            self.release(target)
+
+    def _content(self, line: str | None = None) -> dict[str, Any]:
+        return {"owner": self.me.to_json(), "jsonl": self.jsonl, "line": line}
+
+
+def recover_stale(path: Path, target: Path) -> bool:
+    """If the claim at `path` is stale, finish its dead run's record and remove it; True when removed.
+
+    Removal happens under a lock file, so two runs finding the same stale claim never both take it.
+    """
+    info = read_claim(path)
+    if info is None:
+        return True  # released meanwhile
+    if not is_stale(path, info):
+        return False
+    lock = path.with_name(path.name + ".break")
+    try:
+        handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        _drop_abandoned_lock(lock)
+        return False
+    try:
+        info = read_claim(path)  # read again under the lock: it may have been taken over meanwhile
+        if info is None or not is_stale(path, info):
+            return info is None
+        if info.line and info.jsonl and target.is_file():
+            append_missing_record(Path(info.jsonl), info.line)
+        path.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(handle)
+        lock.unlink(missing_ok=True)
+
+
+def _drop_abandoned_lock(lock: Path) -> None:
+    try:
+        if time.time() - lock.stat().st_mtime > _BREAK_LOCK_S:
+            lock.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
+
+
+def append_missing_record(jsonl: Path, line: str) -> None:
+    """Append `line` to `jsonl` unless it is there already (the dead run may have appended it)."""
+    try:
+        with open(jsonl, encoding="utf-8") as existing:
+            if any(row.rstrip("\n") == line for row in existing):
+                return
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError):
+        return  # unreadable: leave it as it is rather than guess
+    try:
+        with open(jsonl, "a", encoding="utf-8") as out:
+            append_line(out, line)
+    except OSError:
+        return

@@ -1,0 +1,90 @@
+"""What one caption request may ask of a model: plain-text prompts, the model's context, and memory.
+
+The checks run before anything is allocated, so an impossible request is one clear error instead of a
+multi-GB allocation that crashes: `check_request` raises RequestError with the limit in the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .manifest import Manifest
+from .text import TextCodec
+
+GB = 1e9
+# Prefill holds a few [batch, heads, prompt, max_len] float32 tensors per layer at once (scores, their
+# softmax, the expanded mask). Measured on tiny-pg1 fp32, batch 4 (peak RSS above a short-prompt run):
+# a 2506-token prompt took 0.91 GB (this estimate: 1.3 GB), a 5006-token one 3.5 GB (estimate 5.0 GB),
+# about 2.1 copies; 3 leaves room for the allocator's slack. --max-memory overrides the limit.
+ATTENTION_COPIES = 3
+# Prefill activations per prompt token: the MLP's gate, up and product at up to 8 x hidden (Gemma 2B's
+# ratio), float32.
+MLP_WIDTH, MLP_COPIES = 8, 3
+
+
+class RequestError(ValueError):
+    """A caption request that this model cannot serve; the message names the limit."""
+
+
+def kv_cache_bytes(m: Manifest, batch: int, max_len: int) -> int:
+    """The decoder's preallocated KV cache (keys and values of every layer) for `batch` rows of `max_len`."""
+    element = 2 if m.kv_dtype == "float16" else 4
+    return m.layers * 2 * batch * m.kv_heads * max_len * m.head_dim * element
+
+
+def prefill_bytes(m: Manifest, batch: int, prompt_len: int, max_len: int) -> int:
+    """Transient memory of the prefill: attention over the whole prompt (prompt x prompt scores: the cache's
+    free slots are not attended) and the MLP activations."""
+    attention = ATTENTION_COPIES * batch * m.heads * prompt_len * prompt_len * 4
+    mlp = MLP_COPIES * batch * prompt_len * MLP_WIDTH * m.hidden * 4
+    return attention + mlp
+
+
+def request_bytes(m: Manifest, batch: int, prompt_len: int, max_new_tokens: int) -> int:
+    """Memory a batch needs beyond the loaded weights (an estimate: see the constants above)."""
+    max_len = prompt_len + max_new_tokens
+    return kv_cache_bytes(m, batch, max_len) + prefill_bytes(m, batch, prompt_len, max_len)
+
+
+def check_request(m: Manifest, codec: TextCodec, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+                  memory_limit: float | None = None) -> int:
+    """Refuse prompts with special-token text, requests beyond the model's context and, with
+    `memory_limit` (bytes), requests whose estimated memory exceeds it. Returns the longest prompt's
+    length in tokens."""
+    longest = 0
+    for prompt in set(prompts):
+        special = codec.special_tokens_in(prompt)
+        if special:
+            raise RequestError(f"the prompt contains the special token {special[0]}: prompts are plain text "
+                               "(palionnx adds the image tokens and <bos> itself)")
+        ids = codec.prompt_ids(prompt)
+        if ids.count(m.image_token_id) != m.image_seq_length:
+            raise RequestError(f"the prompt's text encodes to the image token (id {m.image_token_id}): "
+                               "the model folder's image_token_id does not fit its tokenizer; export it again")
+        longest = max(longest, len(ids))
+    room = m.max_positions - longest
+    if room < 1:
+        raise RequestError(f"the prompt takes {longest} tokens (with the image's {m.image_seq_length}), more than "
+                           f"the model's context of {m.max_positions} tokens: shorten it")
+    if max_new_tokens > room:
+        raise RequestError(f"{max_new_tokens} new tokens after a {longest}-token prompt exceed the model's context "
+                           f"of {m.max_positions} tokens: at most {room} new tokens with this prompt")
+    if memory_limit is not None:
+        _check_memory(m, batch_size, longest, max_new_tokens, memory_limit)
+    return longest
+
+
+def _check_memory(m: Manifest, batch: int, prompt_len: int, max_new_tokens: int, limit: float) -> None:
+    need = request_bytes(m, batch, prompt_len, max_new_tokens)
+    if need <= limit:
+        return
+    cache = kv_cache_bytes(m, batch, prompt_len + max_new_tokens)
+    raise RequestError(
+        f"this request needs about {_size(need)} (KV cache {_size(cache)}, prefill of a {prompt_len}-token "
+        f"prompt {_size(need - cache)}, batch {batch}) but {_size(limit)} is available: shorten the prompt, "
+        "lower --batch-size or --max-new-tokens, or raise --max-memory"
+    )
+
+
+def _size(count: float) -> str:
+    return f"{count / GB:.1f} GB" if count >= 0.1 * GB else f"{count / 1e6:.1f} MB"

@@ -1,0 +1,171 @@
+"""palionnx.system on Linux, with the Windows / macOS / no-/proc branches forced by monkeypatching: writes
+stay atomic and exclusive, and runs stay resumable, where POSIX-only calls are missing."""
+
+import errno
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from palionnx import system
+from palionnx.cli.files import write_atomic
+
+
+def test_cpu_count_without_affinity(monkeypatch):
+    assert system.cpu_count() == len(os.sched_getaffinity(0))
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert system.cpu_count() == os.cpu_count()
+
+
+def test_link_exclusive_uses_hard_links_and_refuses_to_replace(tmp_path):
+    source, target = tmp_path / "tmp", tmp_path / "a.txt"
+    source.write_text("new")
+    system.link_exclusive(source, target)
+    assert target.read_text() == "new"
+    other = tmp_path / "tmp2"
+    other.write_text("newer")
+    with pytest.raises(FileExistsError):
+        system.link_exclusive(other, target)
+    assert target.read_text() == "new"
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.EPERM, "no hard links"), AttributeError("no os.link")])
+def test_link_exclusive_without_hard_links(tmp_path, monkeypatch, failure):
+    """A file system without hard links (FAT, some network mounts): a locked rename, still exclusive."""
+    def no_link(*_):
+        raise failure
+
+    monkeypatch.setattr(os, "link", no_link)
+    source, target = tmp_path / "tmp", tmp_path / "a.txt"
+    source.write_text("first")
+    system.link_exclusive(source, target)
+    assert target.read_text() == "first" and not source.exists()
+    assert not list(tmp_path.glob(".*.lock"))
+    source.write_text("second")
+    with pytest.raises(FileExistsError):
+        system.link_exclusive(source, target)
+    assert target.read_text() == "first"
+    (tmp_path / ".a.txt.lock").write_text("")  # another process is publishing right now
+    target.unlink()
+    with pytest.raises(FileExistsError):
+        system.link_exclusive(source, target)
+
+
+def test_link_exclusive_on_windows_renames_without_replacing(tmp_path, monkeypatch):
+    def windows_rename(source, target):  # Windows' os.rename refuses an existing target
+        if Path(target).exists():
+            raise FileExistsError(errno.EEXIST, "exists", str(target))
+        os.replace(source, target)
+
+    monkeypatch.setattr(os, "link", lambda *_: (_ for _ in ()).throw(OSError(errno.EPERM, "no")))
+    monkeypatch.setattr(system, "IS_WINDOWS", True)
+    monkeypatch.setattr(os, "rename", windows_rename)
+    source, target = tmp_path / "tmp", tmp_path / "a.txt"
+    source.write_text("first")
+    system.link_exclusive(source, target)
+    source.write_text("second")
+    with pytest.raises(FileExistsError):
+        system.link_exclusive(source, target)
+    assert target.read_text() == "first"
+
+
+def test_atomic_writes_on_windows_skip_the_folder_fsync(tmp_path, monkeypatch):
+    opened = []
+    real_open = os.open
+
+    def tracking_open(path, flags, *args):
+        opened.append(Path(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", tracking_open)
+    write_atomic(tmp_path / "a.txt", "posix")
+    assert tmp_path in opened  # POSIX: the folder is fsynced after the rename
+    opened.clear()
+    monkeypatch.setattr(system, "IS_WINDOWS", True)
+    write_atomic(tmp_path / "b.txt", "windows")
+    assert tmp_path not in opened and (tmp_path / "b.txt").read_text() == "windows"
+
+
+def test_process_liveness(monkeypatch):
+    me = system.ProcessId.current()
+    assert system.is_alive(me) is True
+    assert system.is_alive(system.ProcessId(me.host, me.pid, me.boot, (me.started or 0) + 1)) is False  # pid reused
+    assert system.is_alive(system.ProcessId(me.host, me.pid, "another-boot", me.started)) is False
+    assert system.is_alive(system.ProcessId("elsewhere.invalid", me.pid, None, None)) is None
+
+
+def test_process_liveness_without_proc_and_on_windows(monkeypatch):
+    monkeypatch.setattr(system, "_linux_state", lambda pid: None)
+    monkeypatch.setattr(system, "process_start_time", lambda pid: None)
+    monkeypatch.setattr(system, "boot_id", lambda: None)
+    me = system.ProcessId.current()
+    assert me.started is None and system.is_alive(me) is True  # POSIX: os.kill(pid, 0)
+    monkeypatch.setattr(system, "IS_WINDOWS", True)
+    assert system.pid_alive(os.getpid()) is None  # no Win32 API here: "cannot tell", so claims use the lease
+    assert system.is_alive(me) is None
+
+
+def test_zombies_count_as_gone():
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while system._linux_state(child.pid) not in ("Z", None) and time.time() < deadline:
+        time.sleep(0.05)
+    assert system.pid_alive(child.pid) is False  # exited, not yet reaped
+    child.wait()
+    assert system.pid_alive(child.pid) is False
+
+
+def test_termination_signals(monkeypatch):
+    calls = []
+    sigterm = signal.SIGTERM
+    previous = signal.getsignal(sigterm)
+    try:
+        assert system.on_termination(lambda: calls.append("stop")) == ["SIGTERM"]  # no SIGBREAK on Linux
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert calls == ["stop"]
+        monkeypatch.delattr(signal, "SIGTERM")
+        assert system.on_termination(lambda: None) == []  # a platform with neither: nothing hooked
+    finally:
+        signal.signal(sigterm, previous)
+
+
+def test_memory_and_rss_fallbacks(monkeypatch):
+    linux = system.memory()
+    assert linux and linux.total > 0 and linux.available and linux.available <= linux.total
+    monkeypatch.setattr(system, "_meminfo", lambda: {})  # no /proc/meminfo: sysconf
+    fallback = system.memory()
+    assert fallback and abs(fallback.total - linux.total) < 0.01 * linux.total
+    assert system.rss_bytes() and system.rss_bytes(peak=True) >= system.rss_bytes()
+
+    real_open = open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_proc)
+    assert system.rss_bytes(peak=True) > 10 * 2**20  # getrusage, in bytes
+
+
+def test_cpu_description_fallbacks(monkeypatch):
+    flags = system.cpu_flags()
+    assert flags is not None and flags <= set(system.CPU_FEATURES)
+    assert system.cpu_name()
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    assert system.cpu_flags() is None  # neither /proc nor macOS: unknown, not "none"
+    assert system.cpu_name()
+    assert system.process_start_time(os.getpid()) is None and system.boot_id() is None
+
+
+def test_nvidia_gpus_parses_nvidia_smi(monkeypatch):
+    monkeypatch.setattr(system, "_run", lambda command, timeout=10: "NVIDIA H100 80GB HBM3, 81559, 80000, 580.1\n")
+    (gpu,) = system.nvidia_gpus()
+    assert gpu.name == "NVIDIA H100 80GB HBM3" and gpu.memory_free_mb == 80000 and gpu.driver == "580.1"
+    monkeypatch.setattr(system, "_run", lambda command, timeout=10: None)
+    assert system.nvidia_gpus() == []
