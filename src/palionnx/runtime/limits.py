@@ -12,11 +12,11 @@ from .manifest import Manifest
 from .text import TextCodec
 
 GB = 1e9
-# Prefill holds a few [batch, heads, prompt, max_len] float32 tensors per layer at once (scores, their
-# softmax, the expanded mask). Measured on tiny-pg1 fp32, batch 4 (peak RSS above a short-prompt run):
-# a 2506-token prompt took 0.91 GB (this estimate: 1.3 GB), a 5006-token one 3.5 GB (estimate 5.0 GB),
-# about 2.1 copies; 3 leaves room for the allocator's slack. --max-memory overrides the limit.
-ATTENTION_COPIES = 3
+# Prefill holds the attention scores of one layer at a time: [batch, heads, prompt, prompt] float32 in
+# GroupQueryAttention. Measured on tiny-pg1 fp32, batch 4 (peak RSS above a short-prompt run): 2501-token
+# prompts took 0.44 GB, 5005 tokens 1.68 GB, 8005 tokens 4.17 GB, about 1.0 copy; 1.5 leaves room for the
+# allocator's slack. --max-memory overrides the limit.
+ATTENTION_COPIES = 1.5
 # Prefill activations per prompt token: the MLP's gate, up and product at up to 8 x hidden (Gemma 2B's
 # ratio), float32.
 MLP_WIDTH, MLP_COPIES = 8, 3
@@ -35,7 +35,7 @@ def kv_cache_bytes(m: Manifest, batch: int, max_len: int) -> int:
 def prefill_bytes(m: Manifest, batch: int, prompt_len: int, max_len: int) -> int:
     """Transient memory of the prefill: attention over the whole prompt (prompt x prompt scores: the cache's
     free slots are not attended) and the MLP activations."""
-    attention = ATTENTION_COPIES * batch * m.heads * prompt_len * prompt_len * 4
+    attention = int(ATTENTION_COPIES * batch * m.heads * prompt_len * prompt_len * 4)
     mlp = MLP_COPIES * batch * prompt_len * MLP_WIDTH * m.hidden * 4
     return attention + mlp
 
