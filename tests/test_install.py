@@ -278,13 +278,13 @@ def test_export_plan_scales_the_measured_export_and_refuses_what_cannot_fit():
     assert params == pytest.approx(2.92e9)
     assert parameter_count(files, {"torch_dtype": "float32"}) == pytest.approx(1.46e9)
     plan = estimate(params, "int4", download_bytes=int(5.84e9))
-    assert plan.peak_ram_bytes == pytest.approx(12.0 * GB) and plan.seconds == pytest.approx(207)
-    assert plan.folder_bytes == pytest.approx(2.17 * GB) and plan.scratch_bytes == pytest.approx(13.81 * GB)
-    assert "download 5.8 GB" in plan.describe() and "3 min 27 s" in plan.describe()
+    assert plan.peak_ram_bytes == pytest.approx(4.9 * GB) and plan.seconds == pytest.approx(122)
+    assert plan.folder_bytes == pytest.approx(1.85 * GB) and plan.scratch_bytes == pytest.approx(1.66 * GB)
+    assert "download 5.8 GB" in plan.describe() and "2 min 02 s" in plan.describe()
     assert shortfall(plan, available_ram=64 * GB, free_disk=100 * GB) is None
-    assert "12.0 GB of RAM" in shortfall(plan, available_ram=8 * GB, free_disk=100 * GB)
-    assert "21.8 GB of disk and 10.0 GB is free" in shortfall(plan, available_ram=64 * GB, free_disk=10 * GB)
-    assert estimate(params / 2, "fp16", 0).peak_ram_bytes == pytest.approx(8.8 * GB)
+    assert "4.9 GB of RAM" in shortfall(plan, available_ram=3 * GB, free_disk=100 * GB)
+    assert "9.3 GB of disk and 5.0 GB is free" in shortfall(plan, available_ram=64 * GB, free_disk=5 * GB)
+    assert estimate(params / 2, "fp16", 0).peak_ram_bytes == pytest.approx(1.8 * GB)
 
 
 # --- help, progress, tables ---

@@ -15,14 +15,15 @@ from .tables import human_bytes
 
 GB = 1e9
 REFERENCE_PARAMS = 2.92e9  # pg1-3b-224
-# quant: (folder GB, export seconds, peak RSS GB) measured for REFERENCE_PARAMS.
+# quant: (folder GB, export seconds, peak RSS GB) measured for REFERENCE_PARAMS with the fused decoder
+# (benchmarks/results/fused-decoder-cpu.md; fp16 and int8 ran beside another job, so their times err high).
 MEASURED = {
-    "fp32": (13.81, 116, 12.0),
-    "fp16": (6.91, 112, 17.6),
-    "int8": (3.90, 222, 13.1),
-    "int4": (2.17, 207, 12.0),
+    "fp32": (11.71, 93, 4.6),
+    "fp16": (5.86, 128, 3.6),
+    "int8": (3.31, 251, 5.2),
+    "int4": (1.85, 122, 4.9),
 }
-FP32_FOLDER_GB = MEASURED["fp32"][0]  # int8 / int4 first write fp32 graphs, then quantize them
+VISION_FP32_GB = 1.66  # int8 / int4 first write the vision encoder in fp32, then quantize it
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -34,7 +35,7 @@ class ExportEstimate:
     params: float
     download_bytes: int  # the checkpoint files not in the hub cache yet
     folder_bytes: float
-    scratch_bytes: float  # fp32 graphs written before quantizing, removed at the end
+    scratch_bytes: float  # the fp32 vision graph written before quantizing, removed at the end
     peak_ram_bytes: float
     seconds: float
 
@@ -59,7 +60,7 @@ def parameter_count(files: dict[str, int | None], config: dict) -> float:
 def estimate(params: float, quant: str, download_bytes: int) -> ExportEstimate:
     folder_gb, seconds, peak_gb = MEASURED[quant]
     scale = params / REFERENCE_PARAMS
-    scratch = FP32_FOLDER_GB * scale * GB if quant in ("int8", "int4") else 0.0
+    scratch = VISION_FP32_GB * scale * GB if quant in ("int8", "int4") else 0.0
     return ExportEstimate(quant, params, download_bytes, folder_gb * scale * GB, scratch, peak_gb * scale * GB,
                           seconds * scale)
 

@@ -136,8 +136,12 @@ def _export_worker(folder: str, staging: str, fp16: bool, messages: Any, started
         _quiet_exporters()
         say = _timed(lambda text: messages.put(("progress", text)), started)
         say("loading the model for export")
-        # fp16 loads the weights as fp16 directly: converting a loaded fp32 model would hold both copies.
-        checkpoint = open_checkpoint(folder, dtype="float16" if fp16 else "float32")
+        # Loaded as stored (the weights are mapped, not read, until used); only the vision encoder is touched
+        # here, converted to fp16 on its own when asked, so the language model never enters memory.
+        checkpoint = open_checkpoint(folder, dtype="float32")
+        if fp16:
+            checkpoint.model.model.vision_tower.half()
+            checkpoint.model.model.multi_modal_projector.half()
         say(f"exporting the vision encoder ({'fp16' if fp16 else 'fp32'})")
         messages.put(("done", _export_vision(checkpoint, Path(staging))))
     except Exception as exc:  # everything goes back to the parent as a message
