@@ -181,7 +181,13 @@ def export(
                                              "onnxruntime has it, else CPU), cpu or cuda. fp32 is CPU-only, fp16 "
                                              "CUDA-only; int8/int4 compute in float32 for the CPU, float16 for "
                                              "CUDA.")] = "auto",
-    block_size: Annotated[int, typer.Option(help="Block size of int8/int4 weight quantization.")] = DEFAULT_BLOCK_SIZE,
+    block_size: Annotated[int | None, typer.Option(
+        help="Block size of int8/int4 weight quantization (default: measured on this CPU for a CPU folder, "
+             f"{DEFAULT_BLOCK_SIZE} for CUDA).", show_default=False)] = None,
+    cpu_kernels: Annotated[str, typer.Option(
+        help="int8/int4 for the CPU: auto (time the candidates here and keep the fastest), nbits (MatMulNBits "
+             "only: one decoder graph, least memory) or qgemm (int8 QGEMM for the vision encoder and prefill).")
+    ] = "auto",
     validate: Annotated[
         bool, typer.Option("--validate", help="Afterwards, compare the folder with transformers on a few images.")
     ] = False,
@@ -198,7 +204,8 @@ def export(
 
     try:
         quant = resolve_quant(quant, device)
-        manifest = run_export(source, output, quant=quant, block_size=block_size, device=device, progress=_err)
+        manifest = run_export(source, output, quant=quant, block_size=block_size, device=device, progress=_err,
+                              kernels=cpu_kernels)
     except (CheckpointError, ExportError, LevelError) as exc:
         _err(f"error: {exc}")
         raise typer.Exit(2) from None
@@ -285,7 +292,7 @@ def bench(
     import json
 
     from ..runtime.measure import measure_in_subprocess
-    from .bench import table
+    from .bench import kernels, table
 
     rows = []
     for folder in model_dirs:
@@ -299,6 +306,8 @@ def bench(
             _err(f"error: {exc}")
             raise typer.Exit(1) from None
     typer.echo(table(rows))
+    if kernels(rows):
+        typer.echo(kernels(rows))
     if json_file:
         json_file.write_text(json.dumps(rows, indent=2) + "\n")
 
