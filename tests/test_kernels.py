@@ -210,3 +210,9 @@ def test_bench_shows_the_kernels_and_what_the_prefill_graph_buys(exported):
     assert "prefill  qgemm8" in text and "against" in text and "on the decoder graph" in text
     plain = measure(exported("tiny-pg1", "int4"), images=1, max_new_tokens=4, batch_size=1, device="cpu", repeats=1)
     assert plain["prefill_ms_on_decoder"] is None and "decode   nbits4-b32" in kernels([plain])
+
+
+def test_no_prefill_graph_where_memory_is_short():
+    measure, asked = _timings(PREFILL, DECODE)
+    plan = tune.choose("int4", 2048, BIG, measure=measure, split_bytes=tune.physical_memory())
+    assert "qgemm8" in asked and plan.prefill == plan.decode != "qgemm8" and plan.vision == "qgemm8"

@@ -119,7 +119,10 @@ def _cpu_kernels(checkpoint: Checkpoint, config: DecoderConfig, quant: str, kern
             f"({', '.join(k.name for k in kernels)})")
         return tune.measure(kernels, decoder, vision, say=say)
 
-    plan = tune.choose(quant, config.hidden, decoder.params * config.layers, kernels, block_size, measure)
+    params = decoder.params * config.layers
+    # a prefill graph holds int8 copies of the layers, and its own prepacked copy of the lm_head table
+    split_bytes = params + config.vocab * config.hidden * quantize.BITS[quant] // 8
+    plan = tune.choose(quant, config.hidden, params, kernels, block_size, measure, split_bytes)
     say(f"kernels ({plan.chosen_by}): vision {plan.vision}, prefill {plan.prefill}, decode {plan.decode}")
     return plan
 

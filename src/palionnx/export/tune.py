@@ -23,6 +23,7 @@ the manifest (`CpuKernels`) and shown by `palionnx bench`. Never imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from .quantize import BITS, CPU_ACCURACY_LEVEL, OPSET, QGEMM, Kernel
 PROMPT_TEXT_TOKENS = 4  # <bos>, a short prompt and "\n" after the image tokens: the prefill probe's rows
 CAPTION_TOKENS = 64  # decode steps per caption, when weighing decode against prefill
 MARGIN = 0.10  # a coarser kernel (larger error) or a second graph only when it is this much faster
+MAX_SPLIT_MEMORY = 0.25  # ... and only where its weights take at most this share of the machine's memory
 SPLIT_GAIN = 1.3  # a second (int8) prefill graph costs memory: only for at least this prefill speed-up
 MIN_MEASURED_PARAMS = 50_000_000  # smaller decoders keep the defaults: their products time overheads
 BLOCK_SIZES = {"int4": (32, 64, 128), "int8": (32, 64, 128, 256)}  # int4 beyond 128 loses too much accuracy
@@ -119,11 +121,14 @@ Measure = Callable[[list[Kernel]], dict[str, dict[str, Timing]]]
 
 
 def choose(level: str, hidden: int, decoder_params: int, kernels: str = "auto", block_size: int | None = None,
-           measure: Measure | None = None) -> CpuKernels:
+           measure: Measure | None = None, split_bytes: int = 0) -> CpuKernels:
     """The folder's kernels. When there is a choice left and the decoder is big enough, `measure(kernels)`
     times the candidates ({"decode" | "prefill" | "vision": {kernel name: Timing}}); otherwise the first
-    candidate of each (MatMulNBits at the default block size unless the user said otherwise)."""
+    candidate of each (MatMulNBits at the default block size unless the user said otherwise). A prefill
+    graph whose memory (`split_bytes`) would exceed MAX_SPLIT_MEMORY of this machine's is not measured."""
     options = allowed(level, hidden, kernels, block_size)
+    if options.split == "measured" and split_bytes > MAX_SPLIT_MEMORY * physical_memory():
+        options = dataclasses.replace(options, split="never")  # the vision encoder may still use QGEMM
     if options.fixed or decoder_params < MIN_MEASURED_PARAMS or measure is None:
         decode = next((k for k in options.decode if k.block_size in (0, block_size or DEFAULT_BLOCK_SIZE)),
                       options.decode[0])
@@ -291,6 +296,14 @@ def _cache_bytes() -> int:
     except (OSError, ValueError):
         size = 0
     return max(2 * size, 64 * 2**20)
+
+
+def physical_memory() -> int:
+    """Bytes of memory this machine has (0 where unknown, which allows no prefill graph)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def cpu_name() -> str:
