@@ -161,7 +161,7 @@ def prepare(geometry: str, levels: list[str], work: Path) -> tuple[Path, dict[st
         write_checkpoint(geometry, checkpoint)
     folders = {}
     for spec in levels:
-        level, kernels, block = (spec.split(":") + ["auto", ""])[:3]
+        level, kernels, block = _parse_level(spec)
         folders[spec] = work / f"{geometry}-{spec.replace(':', '-')}"
         if not (folders[spec] / MANIFEST_NAME).exists():
             export(checkpoint, folders[spec], quant=level, progress=print, kernels=kernels,
@@ -211,6 +211,35 @@ def render(path: Path) -> None:
     print(table)
 
 
+def _parse_level(spec: str) -> tuple[str, str, str]:
+    """LEVEL[:KERNELS[:BLOCK]] -> (level, kernels or "auto", block or "")."""
+    parts = spec.split(":")
+    return parts[0], parts[1] if len(parts) > 1 else "auto", parts[2] if len(parts) > 2 else ""
+
+
+def measure_round(args, checkpoint: Path, folders: dict[str, Path], floor_ms: dict[str, float]) -> list[dict]:
+    """One measurement of transformers (unless skipped) and of every palionnx folder, each in its own process."""
+    rows = [] if args.skip_transformers else [in_subprocess("transformers", checkpoint, args.images, args.new_tokens)]
+    if rows and args.batch8:
+        rows[0]["images_per_s_batch8"] = in_subprocess("transformers-batch", checkpoint, 8, args.new_tokens)[
+            "images_per_s"]
+    for level, folder in folders.items():
+        rows.append(in_subprocess("palionnx", folder, args.images, args.new_tokens, args.batch_size))
+        rows[-1]["level"] = level
+        if args.batch8:
+            rows[-1]["images_per_s_batch8"] = in_subprocess("palionnx", folder, 8, args.new_tokens, 8)["images_per_s"]
+        print(f"{level}: {rows[-1]['decode_ms_per_token']:.1f} ms/token (floor {floor_ms[level]:.1f})", flush=True)
+    return rows
+
+
+def _best_rows(best: list[dict], new: list[dict]) -> list[dict]:
+    """Per engine and level, the row of the round with the fewest seconds per image (other work on a shared
+    machine only ever slows a run down)."""
+    if not best:
+        return new
+    return [min(old, row, key=lambda r: r["seconds_per_image"]) for old, row in zip(best, new)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--geometry", default="pg1-3b-224-l4")
@@ -222,6 +251,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/palionnx-bench"))
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--stem", help="results file name (default GEOMETRY-Ntok-bB)")
+    parser.add_argument("--rounds", type=int, default=1, help="measure everything this many times, keep the best")
     parser.add_argument("--batch8", action="store_true", help="also measure palionnx images/s on 8 images at batch 8")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--render", type=Path, help="re-render a results JSON with a fresh bandwidth measurement")
@@ -242,16 +272,12 @@ def main() -> None:
     checkpoint, folders = prepare(args.geometry, args.levels, args.work)
     bandwidth = copy_bandwidth_gbs()
     floor_ms = {level: decoder_weight_bytes(folder) / (bandwidth * 1e9) * 1000 for level, folder in folders.items()}
-    rows = [] if args.skip_transformers else [in_subprocess("transformers", checkpoint, args.images, args.new_tokens)]
-    if rows and args.batch8:
-        rows[0]["images_per_s_batch8"] = in_subprocess("transformers-batch", checkpoint, 8, args.new_tokens)[
-            "images_per_s"]
-    for level, folder in folders.items():
-        rows.append(in_subprocess("palionnx", folder, args.images, args.new_tokens, args.batch_size))
-        rows[-1]["level"] = level
-        if args.batch8:
-            rows[-1]["images_per_s_batch8"] = in_subprocess("palionnx", folder, 8, args.new_tokens, 8)["images_per_s"]
-        print(f"{level}: {rows[-1]['decode_ms_per_token']:.1f} ms/token (floor {floor_ms[level]:.1f})", flush=True)
+    rows = []
+    for _ in range(args.rounds):  # each engine once per round; the fastest round of each is kept
+        rows = _best_rows(rows, measure_round(args, checkpoint, folders, floor_ms))
+    if copy_bandwidth_gbs() > bandwidth:  # the copy, like the rest, is only ever slowed by other work
+        bandwidth = copy_bandwidth_gbs()
+        floor_ms = {level: decoder_weight_bytes(f) / (bandwidth * 1e9) * 1000 for level, f in folders.items()}
     machine = f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores, copy bandwidth {bandwidth:.1f} GB/s"
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = args.stem or f"{args.geometry}-{args.new_tokens}tok-b{args.batch_size}"

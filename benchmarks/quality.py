@@ -63,6 +63,12 @@ def add_outlier_channels(checkpoint: Path, factor: float, channels: int = 8) -> 
     save_file(weights, path, metadata={"format": "pt"})
 
 
+def _parse_level(spec: str) -> tuple[str, str, str]:
+    """LEVEL[:KERNELS[:BLOCK]] -> (level, kernels or "auto", block or "")."""
+    parts = spec.split(":")
+    return parts[0], parts[1] if len(parts) > 1 else "auto", parts[2] if len(parts) > 2 else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--geometry", default="pg1-3b-224-l4")
@@ -91,7 +97,7 @@ def main() -> None:
 
     def folder(level: str) -> Path:
         """LEVEL[:KERNELS[:BLOCK]] as in compare.py: int4:nbits:32, int4:qgemm:64, int4 (kernels measured)."""
-        quant, kernels, block = (level.split(":") + ["auto", ""])[:3]
+        quant, kernels, block = _parse_level(level)
         path = args.work / f"{checkpoint.name}-{level.replace(':', '-')}"
         if not (path / MANIFEST_NAME).exists():
             export(checkpoint, path, quant=quant, block_size=int(block) if block else None, kernels=kernels,
