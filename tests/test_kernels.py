@@ -216,3 +216,22 @@ def test_no_prefill_graph_where_memory_is_short():
     measure, asked = _timings(PREFILL, DECODE)
     plan = tune.choose("int4", 2048, BIG, measure=measure, split_bytes=tune.physical_memory())
     assert "qgemm8" in asked and plan.prefill == plan.decode != "qgemm8" and plan.vision == "qgemm8"
+
+
+def test_cli_export_options_and_info(checkpoints, tmp_path):
+    import subprocess
+    import sys
+
+    def palionnx(*args):
+        return subprocess.run([sys.executable, "-m", "palionnx", *map(str, args)], capture_output=True, text=True)
+
+    folder = tmp_path / "int4"
+    run = palionnx("export", checkpoints["tiny-pg1"], "-o", folder, "--quant", "int4", "--device", "cpu",
+                   "--cpu-kernels", "qgemm", "--block-size", "64")
+    assert run.returncode == 0, run.stderr
+    assert "kernels (user): vision qgemm8, prefill qgemm8, decode nbits4-b64" in run.stderr
+    info = palionnx("info", folder)
+    assert "kernels       vision qgemm8, prefill qgemm8, decode nbits4-b64 (chosen by user)" in info.stdout
+    assert "decoder_prefill" in info.stdout and "cpu_kernels" not in info.stdout
+    bad = palionnx("export", checkpoints["tiny-pg1"], "-o", tmp_path / "x", "--quant", "int4", "--cpu-kernels", "x")
+    assert bad.returncode == 2 and "--cpu-kernels must be one of auto, nbits, qgemm" in bad.stderr

@@ -258,7 +258,13 @@ def info(model_dir: Annotated[Path, typer.Argument(help="An exported model folde
     typer.echo(f"source        {m.source.get('id')} (revision {m.source.get('revision') or '-'})")
     typer.echo(f"family        {m.family} ({'Gemma 2' if m.family == 'pg2' else 'Gemma'} decoder), "
                f"exported by palionnx {m.palionnx_version}, opset {m.opset}")
-    typer.echo(f"quant         {', '.join(f'{k}={v}' for k, v in m.quant.to_json().items() if k != 'fp32_kept')}")
+    quant = {k: v for k, v in m.quant.to_json().items() if k not in ("fp32_kept", "cpu_kernels")}
+    typer.echo(f"quant         {', '.join(f'{k}={v}' for k, v in quant.items())}")
+    if m.quant.cpu_kernels:
+        kernels = m.quant.cpu_kernels
+        where = f" on {kernels.cpu}" if kernels.cpu else ""
+        typer.echo(f"kernels       vision {kernels.vision}, prefill {kernels.prefill}, decode {kernels.decode} "
+                   f"(chosen by {kernels.chosen_by}{where})")
     typer.echo(f"built for     {m.device} ({m.kv_dtype} compute)")
     typer.echo(f"image         {m.image_size}px -> {m.image_seq_length} tokens, mean {m.image_mean}, "
                f"std {m.image_std}, {m.resample}")
