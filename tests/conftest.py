@@ -20,21 +20,24 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, checkpoints):
-    """exported(family, quant, device) -> model folder, exported on first use and reused.
+    """exported(family, quant, device, kernels) -> model folder, exported on first use and reused.
 
     device "auto" is what the level implies (fp32: cpu, fp16: cuda) and cpu for int8/int4 on these
-    machines; pass "cuda" for int8/int4 folders built for CUDA (float16 compute), which run on the CPU too."""
+    machines; pass "cuda" for int8/int4 folders built for CUDA (float16 compute), which run on the CPU too.
+    kernels: the CPU kernels of int8/int4 ("auto": the tiny decoders are too small to measure, so MatMulNBits
+    at block 32; "qgemm": int8 QGEMM for the vision encoder and prefill)."""
     from palionnx.export.convert import export
 
     root = tmp_path_factory.mktemp("exports")
-    cache: dict[tuple[str, str, str], Path] = {}
+    cache: dict[tuple[str, str, str, str], Path] = {}
 
-    def get(family: str, quant: str = "fp32", device: str = "auto") -> Path:
-        if (family, quant, device) not in cache:
-            folder = root / f"{family}-{quant}-{device}"
-            export(checkpoints[family], folder, quant=quant, device=device)
-            cache[family, quant, device] = folder
-        return cache[family, quant, device]
+    def get(family: str, quant: str = "fp32", device: str = "auto", kernels: str = "auto") -> Path:
+        key = (family, quant, device, kernels)
+        if key not in cache:
+            folder = root / "-".join(key)
+            export(checkpoints[family], folder, quant=quant, device=device, kernels=kernels)
+            cache[key] = folder
+        return cache[key]
 
     return get
 

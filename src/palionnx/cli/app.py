@@ -272,8 +272,13 @@ def export(
         "What the folder is built for: auto (CUDA if this machine's onnxruntime has it, else the CPU), cpu or "
         "cuda. fp32 is the CPU level, fp16 the CUDA one; int8/int4 compute in float32 for the CPU and in "
         "float16 for CUDA."))] = "auto",
-    block_size: Annotated[int, typer.Option(metavar="N", help=(
-        "Block size of int8/int4 weight quantization.")) ] = DEFAULT_BLOCK_SIZE,
+    block_size: Annotated[int | None, typer.Option(metavar="N", show_default=False, help=(
+        "Block size of int8/int4 weight quantization (default: measured on this CPU for a CPU folder, "
+        f"{DEFAULT_BLOCK_SIZE} for CUDA)."))] = None,
+    cpu_kernels: Annotated[str, typer.Option(metavar="KERNELS", help=(
+        "int8/int4 for the CPU: auto (time the candidates here and keep the fastest), nbits (MatMulNBits "
+        "only: one decoder graph, least memory) or qgemm (int8 QGEMM for the vision encoder and prefill)."))
+    ] = "auto",
     validate: Annotated[
         bool, typer.Option("--validate", help="Afterwards, compare the folder with transformers on a few images.")
     ] = False,
@@ -299,7 +304,7 @@ def export(
         quant = resolve_quant(quant, device)
         with Steps() as steps:
             manifest = run_export(source, output, quant=quant, block_size=block_size, device=device,
-                                  progress=steps.say)
+                                  progress=steps.say, kernels=cpu_kernels)
     except (CheckpointError, ExportError, OutputError, LevelError) as exc:
         _usage(str(exc))
     typer.echo(f"exported {manifest.family} at {quant} to {output} ({folder_size(output) / 1e9:.2f} GB)")
@@ -391,7 +396,7 @@ def bench(
     from ..runtime.manifest import Manifest, ModelFolderError
     from ..runtime.measure import measure_in_subprocess
     from ..runtime.sessions import DEVICES
-    from .bench import table_cells
+    from .bench import kernels, table_cells
     from .tables import print_table
 
     if device not in DEVICES:
@@ -416,6 +421,8 @@ def bench(
             _err(f"error: {exc}")
             raise typer.Exit(1) from None
     print_table(*table_cells(rows))
+    if kernels(rows):
+        typer.echo(kernels(rows))
     if json_file:
         json_file.write_text(json.dumps(rows, indent=2) + "\n")
 

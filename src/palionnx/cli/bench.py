@@ -1,8 +1,12 @@
-"""`palionnx bench`'s table: one row per model folder measured by `palionnx.runtime.measure`."""
+"""`palionnx bench`'s table: one row per model folder measured by `palionnx.runtime.measure`, and the CPU
+kernels each folder uses with what they bought."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from ..runtime.defaults import DEFAULT_BLOCK_SIZE
+from ..runtime.manifest import CpuKernels
 
 COLUMNS = [
     ("model", "model", "{}"), ("quant", "quant", "{}"), ("load_s", "load s", "{:.2f}"),
@@ -19,3 +23,31 @@ def table_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
     titles = [title for _, title, _ in COLUMNS]
     cells = [[("-" if row.get(key) is None else fmt.format(row[key])) for key, _, fmt in COLUMNS] for row in rows]
     return titles, cells
+
+
+def kernels(rows: list[dict[str, Any]]) -> str:
+    """For each CPU int8/int4 folder: the kernels its export chose and what they bought, against MatMulNBits
+    at the default block size (the export's per-layer timings) and, for prefill on a decoder_prefill graph,
+    against the decoder graph (timed here)."""
+    lines = []
+    for row in rows:
+        plan = row.get("cpu_kernels")
+        if not plan:
+            continue
+        where = f" at export on {plan['cpu']}" if plan["cpu"] else ""
+        lines.append(f"kernels of {row['model']} (chosen by {plan['chosen_by']}{where}):")
+        lines += [f"  {phase:8s} {plan[phase]:12s} {_bought(row, phase)}".rstrip()
+                  for phase in ("vision", "prefill", "decode")]
+    return "\n".join(lines)
+
+
+def _bought(row: dict[str, Any], phase: str) -> str:
+    baseline = f"nbits{8 if row['quant'] == 'int8' else 4}-b{DEFAULT_BLOCK_SIZE}"
+    gain = CpuKernels(**row["cpu_kernels"]).gain(phase, baseline)
+    probe = f"{gain:.2f}x the speed of {baseline} per layer at export" if gain else ""
+    on_decoder = row.get("prefill_ms_on_decoder")
+    if phase != "prefill" or not on_decoder:
+        return probe
+    here = (f"decoder_prefill graph: {row['prefill_ms']:.0f} ms here against {on_decoder:.0f} ms on the decoder "
+            f"graph ({on_decoder / row['prefill_ms']:.2f}x)")
+    return f"{here}; {probe}" if probe else here

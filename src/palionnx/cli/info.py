@@ -18,7 +18,8 @@ def info_rows(folder: Path, m: Manifest) -> list[tuple[str, str]]:
         ("source", f"{m.source.get('id')} (revision {m.source.get('revision') or '-'})"),
         ("family", f"{m.family} ({'Gemma 2' if m.family == 'pg2' else 'Gemma'} decoder), exported by palionnx "
                    f"{m.palionnx_version}, opset {m.opset}"),
-        ("quant", ", ".join(f"{k}={v}" for k, v in m.quant.to_json().items() if k != "fp32_kept")),
+        ("quant", ", ".join(f"{k}={v}" for k, v in m.quant.to_json().items() if k not in ("fp32_kept", "cpu_kernels"))),
+        *_kernel_rows(m),
         ("built for", f"{m.device} ({m.kv_dtype} compute)"),
         ("image", f"{m.image_size}px -> {m.image_seq_length} tokens, mean {m.image_mean}, std {m.image_std}, "
                   f"{m.resample}"),
@@ -35,6 +36,16 @@ def info_rows(folder: Path, m: Manifest) -> list[tuple[str, str]]:
     rows.append(("total", f"{folder_size(folder) / 1e6:.1f} MB"))
     rows.append(("providers", f"{', '.join(ort.get_available_providers())} (onnxruntime {ort.__version__})"))
     return rows
+
+
+def _kernel_rows(m: Manifest) -> list[tuple[str, str]]:
+    """The CPU kernels an int8/int4 CPU folder's export chose, if any."""
+    kernels = m.quant.cpu_kernels
+    if not kernels:
+        return []
+    where = f" on {kernels.cpu}" if kernels.cpu else ""
+    return [("kernels", f"vision {kernels.vision}, prefill {kernels.prefill}, decode {kernels.decode} "
+                        f"(chosen by {kernels.chosen_by}{where})")]
 
 
 def verify_rows(folder: Path, m: Manifest) -> tuple[list[tuple[str, str]], list[str]]:

@@ -4,7 +4,9 @@
 
 writes `vision_encoder.onnx` (torch export of SigLIP + projector), `decoder.onnx` (the fused decoder written
 node by node, export/decoder.py; Gemma 2 adds `decoder_windowed.onnx` over the same weights), their `.data`
-files, `tokenizer.json` and, last, `palionnx.json`. A folder without the manifest is incomplete.
+files, `tokenizer.json` and, last, `palionnx.json`. A folder without the manifest is incomplete. For int8/int4
+on the CPU, the kernels (block size, MatMulNBits or int8 QGEMM, a separate prefill graph) are chosen by
+timing the candidates on this machine (export/tune.py) unless the caller fixes them.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from ..runtime.contract import GRAPH_FILES, MANIFEST_NAME, TOKENIZER_NAME, VISIO
 from ..runtime.defaults import DEFAULT_BLOCK_SIZE
 from ..runtime.integrity import record_files
 from ..runtime.levels import LevelError, target_device
-from ..runtime.manifest import GraphInfo, Manifest, QuantInfo
+from ..runtime.manifest import CpuKernels, GraphInfo, Manifest, QuantInfo
 from ..system import rss_bytes
-from . import quantize
+from . import quantize, tune
 from .checkpoint import Checkpoint, open_checkpoint
 from .decoder import DecoderConfig, Precision, build_decoder
 from .output import staged_output
+from .quantize import Kernel
 from .weights import CheckpointWeights
 
 Progress = Callable[[str], None]
@@ -44,62 +47,105 @@ def export(
     source: str | Path,
     outdir: str | Path,
     quant: str = "fp32",
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
     device: str = "auto",
     progress: Progress | None = None,
+    kernels: str = "auto",
 ) -> Manifest:
     """Export `source` (a local checkpoint folder or a hub id) to `outdir` at `quant` precision, built for
-    `device` (see `target_device`)."""
-    if block_size < 16 or block_size & (block_size - 1):
+    `device` (see `target_device`). int8/int4: `block_size` None is measured on the CPU (32 for CUDA);
+    `kernels` "auto" (measured), "nbits" (MatMulNBits only) or "qgemm" (int8 QGEMM for the vision encoder
+    and prefill: CPU only)."""
+    if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
         raise ExportError(f"--block-size must be a power of two >= 16, got {block_size}")
     try:
         target = target_device(quant, device)
     except LevelError as exc:
         raise ExportError(str(exc)) from None
+    if kernels not in tune.KERNEL_CHOICES:
+        raise ExportError(f"--cpu-kernels must be one of {', '.join(tune.KERNEL_CHOICES)}, got {kernels!r}")
+    if kernels == "qgemm" and (target != "cpu" or quant not in quantize.BITS):
+        raise ExportError("--cpu-kernels qgemm is for int8/int4 folders built for the CPU (QGEMM has no CUDA kernel)")
     started = time.monotonic()
     say = _timed(progress, started)
     with staged_output(Path(outdir)) as staging:  # renamed to `outdir` once complete; removed on failure
-        manifest = _write_folder(source, staging, quant, block_size, target, progress, started)
+        manifest = _write_folder(source, staging, quant, block_size, kernels, target, progress, started)
     say(f"done: {outdir}")
     return manifest
 
 
 def _write_folder(
-    source: str | Path, outdir: Path, quant: str, block_size: int, target: str, progress: Progress | None,
-    started: float,
+    source: str | Path, outdir: Path, quant: str, block_size: int | None, kernels: str, target: str,
+    progress: Progress | None, started: float,
 ) -> Manifest:
     """Write the whole model folder into `outdir`, the manifest (with every file's size and hash) last."""
     say = _timed(progress, started)
     say(f"reading checkpoint {source}")
     checkpoint = open_checkpoint(source, load_model=False)
     config = DecoderConfig.from_text_config(checkpoint.config.text_config)
-    if quant in quantize.BITS and config.hidden % block_size:
+    if quant in quantize.BITS and block_size and config.hidden % block_size:
         raise ExportError(f"--block-size {block_size} does not divide the hidden size {config.hidden}")
     checkpoint.tokenizer.backend_tokenizer.save(str(outdir / TOKENIZER_NAME))
-    precision = Precision.for_level(quant, target, config.gemma2, block_size)
+    plan = _cpu_kernels(checkpoint, config, quant, kernels, block_size, say) if target == "cpu" else None
+    precision = _precision(quant, target, config, block_size, plan)
 
     staging = outdir / ".staging"
     staging.mkdir(exist_ok=True)
     try:
         vision = _export_in_child(checkpoint.folder, staging, quant == "fp16", progress, started)
         if quant in quantize.BITS:
-            say(f"quantizing the vision encoder to {quant} (MatMulNBits, block {block_size})")
-            quantize.quantize_graph(staging / vision.file, outdir / vision.file, quant, block_size,
+            vision_kernel = Kernel.parse(plan.vision) if plan else precision.table_kernel
+            say(f"quantizing the vision encoder to {quant} ({vision_kernel.name})")
+            quantize.quantize_graph(staging / vision.file, outdir / vision.file, vision_kernel,
                                     precision.accuracy_level)
         else:
             for path in staging.iterdir():
                 shutil.move(str(path), outdir / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    say(f"writing the decoder ({quant}, {precision.compute_dtype} compute, for {target})")
+    prefill = f", prefill graph on {precision.prefill_kernel.name}" if precision.prefill_kernel else ""
+    say(f"writing the decoder ({quant}, {precision.compute_dtype} compute, for {target}{prefill})")
     weights = CheckpointWeights(checkpoint.folder, checkpoint.config.text_config,
                                 "float16" if quant == "fp16" else "float32")
     graphs = {VISION_ENCODER: vision, **build_decoder(outdir, config, precision, weights)}
-    manifest = _manifest(checkpoint, graphs, precision, target)
+    manifest = _manifest(checkpoint, graphs, precision, target, plan)
     say("recording file sizes and SHA-256")
     manifest.files = record_files(outdir, skip=(MANIFEST_NAME,))
     manifest.save(outdir)
     return manifest
+
+
+def _cpu_kernels(checkpoint: Checkpoint, config: DecoderConfig, quant: str, kernels: str, block_size: int | None,
+                 say: Progress) -> CpuKernels | None:
+    """The kernels of an int8/int4 folder for the CPU: timed here on the candidates the options leave."""
+    if quant not in quantize.BITS:
+        return None
+    vision_config = checkpoint.config.vision_config
+    decoder = tune.decoder_probe(config.hidden, config.intermediate, config.heads, config.kv_heads, config.head_dim,
+                                 checkpoint.image_seq_length + tune.PROMPT_TEXT_TOKENS)
+    vision = tune.vision_probe(vision_config.hidden_size, vision_config.intermediate_size,
+                               checkpoint.image_seq_length)
+
+    def measure(kernels: list[Kernel]) -> dict[str, dict[str, tune.Timing]]:
+        say(f"timing {len(kernels)} kernels on one decoder layer and one vision layer "
+            f"({', '.join(k.name for k in kernels)})")
+        return tune.measure(kernels, decoder, vision, say=say)
+
+    params = decoder.params * config.layers
+    # a prefill graph holds int8 copies of the layers, and its own prepacked copy of the lm_head table
+    split_bytes = params + config.vocab * config.hidden * quantize.BITS[quant] // 8
+    plan = tune.choose(quant, config.hidden, params, kernels, block_size, measure, split_bytes)
+    say(f"kernels ({plan.chosen_by}): vision {plan.vision}, prefill {plan.prefill}, decode {plan.decode}")
+    return plan
+
+
+def _precision(quant: str, target: str, config: DecoderConfig, block_size: int | None,
+               plan: CpuKernels | None) -> Precision:
+    if plan is None:
+        return Precision.for_level(quant, target, config.gemma2, block_size or DEFAULT_BLOCK_SIZE)
+    table_block = tune.table_block_size(plan, quant, block_size)
+    return Precision.for_level(quant, target, config.gemma2, table_block, Kernel.parse(plan.decode),
+                               Kernel.parse(plan.prefill))
 
 
 def _export_in_child(folder: Path, staging: Path, fp16: bool, progress: Progress | None,
@@ -172,7 +218,8 @@ def _export_vision(checkpoint: Checkpoint, folder: Path) -> GraphInfo:
     return GraphInfo(file=path.name, inputs=io.inputs, outputs=io.outputs)
 
 
-def _manifest(checkpoint: Checkpoint, graphs: dict[str, GraphInfo], precision: Precision, device: str) -> Manifest:
+def _manifest(checkpoint: Checkpoint, graphs: dict[str, GraphInfo], precision: Precision, device: str,
+              plan: CpuKernels | None) -> Manifest:
     cfg = checkpoint.config
     text = cfg.text_config
     is_pg2 = text.model_type == "gemma2"
@@ -181,7 +228,7 @@ def _manifest(checkpoint: Checkpoint, graphs: dict[str, GraphInfo], precision: P
     if quant in quantize.BITS:
         quant_info = QuantInfo(level=quant, bits=quantize.BITS[quant], block_size=precision.block_size,
                                symmetric=True, accuracy_level=precision.accuracy_level,
-                               method="MatMulNBits + GatherBlockQuantized")
+                               method=_method(plan), cpu_kernels=plan)
     elif quant == "fp16":
         kept = ["residual stream and RMSNorm (Gemma 2)"] if is_pg2 else []
         quant_info = QuantInfo(level=quant, fp32_kept=kept + ["attention softmax (inside the kernel)", "logits"])
@@ -214,6 +261,16 @@ def _manifest(checkpoint: Checkpoint, graphs: dict[str, GraphInfo], precision: P
         source={"id": checkpoint.source_id, "revision": checkpoint.revision},
         palionnx_version=__version__,
     )
+
+
+def _method(plan: CpuKernels | None) -> str:
+    """The operators, in words: MatMulNBits everywhere, or which parts run on DynamicQuantizeMatMul."""
+    method = "MatMulNBits + GatherBlockQuantized"
+    if plan is None:
+        return method
+    parts = [name for name, kernel in (("vision", plan.vision), ("prefill", plan.prefill), ("decode", plan.decode))
+             if kernel == quantize.QGEMM.name]
+    return method + (f"; DynamicQuantizeMatMul for {', '.join(parts)}" if parts else "")
 
 
 def _quiet_exporters() -> None:

@@ -16,6 +16,11 @@ model builder assembles Gemma the same way; this module follows PaliGemma's sema
   `decoder_windowed`, sharing the same weights file, whose sliding layers are causal with
   `local_window_size`: the runtime uses it for decode steps whenever a sequence can outgrow the window.
 
+Kernels: int8/int4 linear layers run on `Precision.kernel` (MatMulNBits, or for CPU int8 possibly int8 QGEMM);
+when `Precision.prefill_kernel` differs (CPU folders, chosen by measurement in export/tune.py), a third graph,
+`decoder_prefill`, is the same decoder with its linear layers on that kernel, sharing every other weight
+(embedding table, norms, rotary tables) in the same weights file; the runtime runs prompts on it.
+
 Precision: fp32 and CPU-targeted int8/int4 compute in float32. Half precision (fp16, and CUDA-targeted
 int8/int4) computes matmuls, attention and the KV cache in float16; Gemma 2 keeps its residual stream and
 norms in float32, because it overflows float16 there (the tests provoke it); Gemma keeps everything in
@@ -30,7 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..runtime.contract import DECODER, DECODER_WINDOWED, GRAPH_FILES, data_file, graph_io
+from ..runtime.contract import DECODER, DECODER_PREFILL, DECODER_WINDOWED, GRAPH_FILES, data_file, graph_io
 from ..runtime.manifest import GraphInfo
 from . import quantize
 from .onnx_builder import GraphBuilder, Weights
@@ -90,21 +95,37 @@ class Precision:
     weights: str  # "fp32", "fp16", "int8" or "int4"
     compute: Any  # F32 or F16: matmuls, attention, KV cache
     residual: Any  # F32 or F16: the residual stream and the norms' outputs feeding it
-    block_size: int = 32  # int8/int4
+    block_size: int = 32  # int8/int4: MatMulNBits' block (the tied embedding table's, and `kernel`'s default)
     accuracy_level: int = 0  # int8/int4: 4 lets CPU kernels use int8 activations
+    kernel: quantize.Kernel | None = None  # int8/int4: the linear layers' (default: MatMulNBits, block_size)
+    prefill_kernel: quantize.Kernel | None = None  # a different one: the decoder_prefill graph's
 
     @property
     def compute_dtype(self) -> str:
         """"float32" or "float16": the KV cache's and the matmuls' element type."""
         return np.dtype(self.compute).name
 
+    @property
+    def linear_kernel(self) -> quantize.Kernel:
+        """The kernel of the decoder graph's linear layers (int8/int4)."""
+        return self.kernel or quantize.nbits(self.weights, self.block_size)
+
+    @property
+    def table_kernel(self) -> quantize.Kernel:
+        """The tied embedding / lm_head table's: MatMulNBits (GatherBlockQuantized reads the same blob)."""
+        return quantize.nbits(self.weights, self.block_size)
+
     @classmethod
-    def for_level(cls, level: str, device: str, gemma2: bool, block_size: int) -> Precision:
+    def for_level(cls, level: str, device: str, gemma2: bool, block_size: int,
+                  kernel: quantize.Kernel | None = None, prefill_kernel: quantize.Kernel | None = None) -> Precision:
         half = level == "fp16" or (level in quantize.BITS and device == "cuda")
         compute = F16 if half else F32
         residual = F32 if (compute == F32 or gemma2) else F16
         accuracy = quantize.CPU_ACCURACY_LEVEL if device == "cpu" else 0
-        return cls(level, compute, residual, block_size, accuracy)
+        if device != "cpu" and any(k and k.cpu_only for k in (kernel, prefill_kernel)):
+            raise ValueError(f"{device} folders cannot use CPU-only kernels")
+        prefill = prefill_kernel if prefill_kernel != kernel else None
+        return cls(level, compute, residual, block_size, accuracy, kernel, prefill)
 
 
 class DecoderWeights(Protocol):
@@ -125,14 +146,17 @@ class DecoderWeights(Protocol):
 
 def build_decoder(folder: Path, config: DecoderConfig, precision: Precision,
                   source: DecoderWeights) -> dict[str, GraphInfo]:
-    """Write the decoder graph (and, for Gemma 2, the windowed one) with their shared weights file."""
+    """Write the decoder graph (for Gemma 2 also the windowed one, and with a prefill kernel of its own the
+    prefill one) with their shared weights file."""
     weights = Weights(folder / data_file(GRAPH_FILES[DECODER]))
-    roles = [DECODER, DECODER_WINDOWED] if config.gemma2 else [DECODER]
+    roles = [DECODER] + [DECODER_WINDOWED] * config.gemma2 + [DECODER_PREFILL] * bool(precision.prefill_kernel)
     graphs = {}
     try:
         for role in roles:
             builder = GraphBuilder(weights)
-            _DecoderGraph(builder, config, precision, source, windowed=role == DECODER_WINDOWED).build()
+            kernel = precision.prefill_kernel if role == DECODER_PREFILL else None
+            _DecoderGraph(builder, config, precision, source, windowed=role == DECODER_WINDOWED,
+                          kernel=kernel).build()
             builder.save(folder / GRAPH_FILES[role], quantize.OPSET)
             io = graph_io(role, config.layers)
             graphs[role] = GraphInfo(file=GRAPH_FILES[role], inputs=io.inputs, outputs=io.outputs)
@@ -145,8 +169,9 @@ class _DecoderGraph:
     """Builds one decoder graph into a GraphBuilder (see the module docstring for its structure)."""
 
     def __init__(self, g: GraphBuilder, config: DecoderConfig, precision: Precision, source: DecoderWeights,
-                 windowed: bool):
+                 windowed: bool, kernel: quantize.Kernel | None = None):
         self.g, self.c, self.p, self.src, self.windowed = g, config, precision, source, windowed
+        self.kernel = kernel  # the linear layers' (int8/int4; default: the precision's)
 
     def build(self) -> None:
         c, p, g = self.c, self.p, self.g
@@ -184,7 +209,8 @@ class _DecoderGraph:
             table, scales = self._quantized_embedding()
             flat = g.op("Reshape", [table, g.constant("embed/rows", [c.vocab, -1], np.int64)], "embed/table")[0]
             text = g.op("GatherBlockQuantized", [flat, safe, scales], "embed/gather", domain="com.microsoft",
-                        gather_axis=0, quantize_axis=1, block_size=p.block_size, bits=quantize.BITS[p.weights])[0]
+                        gather_axis=0, quantize_axis=1, block_size=p.table_kernel.block_size,
+                        bits=p.table_kernel.bits)[0]
         else:
             text = g.op("Gather", [self._embedding(), safe], "embed/gather")[0]
         text = g.op("Mul", [text, g.constant("embed/scale", c.hidden**0.5, p.compute)], "embed/scale")[0]
@@ -241,9 +267,8 @@ class _DecoderGraph:
         x = self._cast(x, p.residual, p.compute, "head/cast_in")
         if p.weights in quantize.BITS:
             table, scales = self._quantized_embedding()
-            logits = g.op("MatMulNBits", [x, table, scales], "head/lm_head", domain="com.microsoft", K=c.hidden,
-                          N=c.vocab, bits=quantize.BITS[p.weights], block_size=p.block_size,
-                          accuracy_level=p.accuracy_level)[0]
+            op_type, attributes = p.table_kernel.operator(c.hidden, c.vocab, p.accuracy_level)
+            logits = g.op(op_type, [x, table, scales], "head/lm_head", domain="com.microsoft", **attributes)[0]
         else:
             logits = g.op("Gemm", [x, self._embedding()], "head/lm_head", transB=1)[0]
         if c.final_softcap:
@@ -294,27 +319,32 @@ class _DecoderGraph:
             w = g.weight(f"{key}.weight", lambda: weight().T.astype(p.compute))
             return g.op("MatMul", [x, w], name)[0]
         n, k = sum(self.c.linear_shape(part)[0] for part in parts), self.c.linear_shape(parts[0])[1]
-        packed, scales = self._quantized(key, weight)
-        return g.op("MatMulNBits", [x, packed, scales], name, domain="com.microsoft", K=k, N=n,
-                    bits=quantize.BITS[p.weights], block_size=p.block_size, accuracy_level=p.accuracy_level)[0]
+        kernel = self.kernel or p.linear_kernel
+        packed, scales = self._quantized(key, weight, kernel)
+        op_type, attributes = kernel.operator(k, n, p.accuracy_level)
+        return g.op(op_type, [x, packed, scales], name, domain="com.microsoft", **attributes)[0]
 
-    def _quantized(self, key: str, weight: Any) -> tuple[str, str]:
-        """The MatMulNBits blob and scales of a [N, K] weight (quantized once, shared by both graphs)."""
+    def _quantized(self, key: str, weight: Any, kernel: quantize.Kernel) -> tuple[str, str]:
+        """The quantized weight and scales of a [N, K] weight on `kernel` (quantized once, shared by every
+        graph on the same kernel)."""
         p, g = self.p, self.g
         blobs: dict[str, np.ndarray] = {}
 
         def quantized(part: str) -> np.ndarray:
             if not blobs:
-                blobs["packed"], scales = quantize.quantize_blocks(weight(), quantize.BITS[p.weights], p.block_size)
-                blobs["scales"] = scales.astype(p.compute)
+                blobs["packed"], scales = kernel.arrays(weight())
+                # DynamicQuantizeMatMul takes float32 scales; MatMulNBits the compute type
+                blobs["scales"] = scales.astype(F32 if kernel.op == "qgemm" else p.compute)
             return blobs[part]
 
-        packed = g.weight(f"{key}.q{quantize.BITS[p.weights]}", lambda: quantized("packed"))
-        return packed, g.weight(f"{key}.scales", lambda: quantized("scales"))
+        # named as before for MatMulNBits at the table's block size (folders stay byte-identical)
+        suffix = "" if kernel == p.table_kernel else f".{kernel.name}"
+        packed = g.weight(f"{key}.q{kernel.bits}{suffix}", lambda: quantized("packed"))
+        return packed, g.weight(f"{key}.scales{suffix}", lambda: quantized("scales"))
 
     def _quantized_embedding(self) -> tuple[str, str]:
         """One quantized table for the embedding (GatherBlockQuantized) and the tied lm_head (MatMulNBits)."""
-        return self._quantized("embed_tokens", self.src.embedding)
+        return self._quantized("embed_tokens", self.src.embedding, self.p.table_kernel)
 
     def _embedding(self) -> str:
         return self.g.weight("embed_tokens.weight", lambda: self.src.embedding().astype(self.p.compute))

@@ -1,15 +1,26 @@
-"""Weight-only block quantization (MatMulNBits), with onnxruntime's own blockwise quantizer.
+"""How linear layers are quantized: the kernels a matrix product can run on, and their weights.
 
-`quantize_blocks` turns one [N, K] weight into MatMulNBits' blob and scales (symmetric, along K); the
-decoder builder calls it per weight, and `quantize_graph` applies it to every MatMul of an exported graph
-(the vision encoder). Unlike `quantize_dynamic` (MatMulInteger), MatMulNBits runs on the CUDA provider too.
-The same blob serves GatherBlockQuantized, so the decoder's tied embedding is stored once.
+Two formulations (`Kernel`):
+
+- `nbits` (MatMulNBits): weight-only block quantization, `bits` (4 or 8) per weight, symmetric, one scale
+  per block of `block_size` along K (onnxruntime's own blockwise quantizer). Runs on the CPU (with
+  accuracy_level 4 its kernels quantize the activations to int8 per block) and on CUDA. The same blob
+  serves GatherBlockQuantized, so the decoder's tied embedding is stored once.
+- `qgemm` (DynamicQuantizeMatMul): int8 weights with one scale per output column, times the activations
+  quantized to uint8 per tensor at run time: onnxruntime's integer GEMM (MLAS QGEMM, VNNI where the CPU
+  has it). CPU only: it must never reach a folder built for CUDA (it would run on the CPU there).
+
+`quantize_graph` applies a kernel to every MatMul by a constant weight of an exported graph (the vision
+encoder); the decoder builder (export/decoder.py) calls `Kernel.arrays` per weight.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -20,6 +31,54 @@ BITS = {"int8": 8, "int4": 4}
 # accuracy_level 4: MatMulNBits may compute with int8 activations (VNNI / AVX-512 on CPU), the fast path on
 # x86; the CUDA kernels ignore the attribute (0 is written for CUDA-targeted folders).
 CPU_ACCURACY_LEVEL = 4
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One formulation of a linear layer: "nbits" (MatMulNBits) or "qgemm" (DynamicQuantizeMatMul)."""
+
+    op: str
+    bits: int
+    block_size: int = 0  # nbits only
+
+    @property
+    def name(self) -> str:
+        """"nbits4-b32", "nbits8-b128", "qgemm8": how manifests and the CLI spell it."""
+        return f"nbits{self.bits}-b{self.block_size}" if self.op == "nbits" else f"qgemm{self.bits}"
+
+    @classmethod
+    def parse(cls, name: str) -> Kernel:
+        match = re.fullmatch(r"nbits([48])-b(\d+)|qgemm(8)", name)
+        if not match:
+            raise ValueError(f"unknown kernel {name!r}: nbitsB-bN (B 4 or 8, N a block size) or qgemm8")
+        if match[3]:
+            return cls("qgemm", 8)
+        return cls("nbits", int(match[1]), int(match[2]))
+
+    @property
+    def cpu_only(self) -> bool:
+        return self.op == "qgemm"
+
+    def arrays(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[N, K] float weight -> (quantized weight, float32 scales) in the operator's layouts."""
+        if self.op == "qgemm":
+            return quantize_columns(weight)
+        return quantize_blocks(weight, self.bits, self.block_size)
+
+    def operator(self, k: int, n: int, accuracy_level: int) -> tuple[str, dict[str, Any]]:
+        """(op_type, attributes) of the node computing x @ W.T with inputs [x, quantized, scales]."""
+        if self.op == "qgemm":
+            return "DynamicQuantizeMatMul", {}
+        return "MatMulNBits", dict(K=k, N=n, bits=self.bits, block_size=self.block_size,
+                                   accuracy_level=accuracy_level)
+
+
+def nbits(level: str, block_size: int) -> Kernel:
+    """The MatMulNBits kernel of an int8/int4 level."""
+    return Kernel("nbits", BITS[level], block_size)
+
+
+QGEMM = Kernel("qgemm", 8)
 
 
 def quantize_blocks(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -42,6 +101,16 @@ def quantize_blocks(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.
     return packed, scales
 
 
+def quantize_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N, K] float weight -> (int8 [K, N], scales float32 [N]): symmetric, one scale per output column,
+    values in -127 .. 127 (DynamicQuantizeMatMul's B and b_scale)."""
+    weight = weight.astype(np.float32, copy=False)
+    peak = np.abs(weight).max(axis=1)
+    scales = np.where(peak > 0, peak / 127, 1.0).astype(np.float32)
+    quantized = np.clip(np.rint(weight / scales[:, None]), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(quantized.T), scales
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Save with all weights in one `<name>.data` file beside the graph (needed past 2 GB)."""
     data = path.name + ".data"
@@ -51,14 +120,13 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
                     location=data, size_threshold=1024)
 
 
-def quantize_graph(src: Path, dst: Path, level: str, block_size: int, accuracy_level: int) -> None:
-    """Write `dst`: `src` with every MatMul by a constant weight as MatMulNBits.
+def quantize_graph(src: Path, dst: Path, kernel: Kernel, accuracy_level: int) -> None:
+    """Write `dst`: `src` with every MatMul by a constant weight on `kernel`.
 
     Weights are streamed: the graph is read without its external data and each weight is loaded,
     quantized and dropped, so memory holds one float weight at a time plus the quantized results.
     """
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    bits = BITS[level]
     model = onnx.load(str(src), load_external_data=False)
     graph, base = model.graph, str(src.parent)
     weights = {init.name: init for init in graph.initializer}
@@ -73,14 +141,14 @@ def quantize_graph(src: Path, dst: Path, level: str, block_size: int, accuracy_l
         tensor.CopyFrom(weights[name])
         external_data_helper.load_external_data_for_tensor(tensor, base)
         weight = numpy_helper.to_array(tensor)  # [K, N]
-        packed, scales = quantize_blocks(weight.T.astype(np.float32), bits, block_size)
-        added += [numpy_helper.from_array(packed, name + "_Q"),
-                  numpy_helper.from_array(scales.astype(weight.dtype), name + "_scales")]
-        nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], name + "_Q", name + "_scales"], list(node.output),
-            name=(node.name or name) + "_Q", domain="com.microsoft", K=weight.shape[0], N=weight.shape[1],
-            bits=bits, block_size=block_size, accuracy_level=accuracy_level,
-        ))
+        quantized, scales = kernel.arrays(weight.T.astype(np.float32))
+        # DynamicQuantizeMatMul's scales are float32 always; MatMulNBits' take the activations' type
+        scale_type = np.float32 if kernel.op == "qgemm" else weight.dtype
+        added += [numpy_helper.from_array(quantized, name + "_Q"),
+                  numpy_helper.from_array(scales.astype(scale_type), name + "_scales")]
+        op_type, attributes = kernel.operator(weight.shape[0], weight.shape[1], accuracy_level)
+        nodes.append(helper.make_node(op_type, [node.input[0], name + "_Q", name + "_scales"], list(node.output),
+                                      name=(node.name or name) + "_Q", domain="com.microsoft", **attributes))
 
     used = {name for node in nodes for name in node.input}
     kept = [init for init in graph.initializer if init.name in used]

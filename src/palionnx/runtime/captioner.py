@@ -62,14 +62,16 @@ class Captioner:
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "auto", threads: int | None = None,
-             cuda_graph: bool = True) -> Captioner:
+             cuda_graph: bool = True, prefill_graph: bool = True) -> Captioner:
         """Open an exported model folder on "auto", "cuda" or "cpu".
 
         "auto" runs a folder built for CUDA on CUDA when it works (else on the CPU) and a folder built for
-        the CPU on the CPU. `cuda_graph=False` turns off capturing the decode step as a CUDA graph.
+        the CPU on the CPU. `cuda_graph=False` turns off capturing the decode step as a CUDA graph;
+        `prefill_graph=False` runs prompts on the decoder graph even where the folder has a faster
+        decoder_prefill graph (which then takes no memory).
         """
         manifest = Manifest.load(folder)
-        return cls(folder, manifest, OnnxPaliGemma(folder, manifest, device, threads, cuda_graph))
+        return cls(folder, manifest, OnnxPaliGemma(folder, manifest, device, threads, cuda_graph, prefill_graph))
 
     @property
     def device(self) -> str:

@@ -15,14 +15,18 @@ TOKENIZER_NAME = "tokenizer.json"
 # 3: typed quant settings, prompt_template applied as written ({image}, {bos}, {prompt} anywhere).
 # 4: fused decoder (GroupQueryAttention, in-place KV cache, embedding inside), no embed_tokens graph;
 #    files (size and SHA-256 of every file), max_positions, device (what the graphs are built for).
-SCHEMA_VERSION = 4
+# 5: CPU kernels chosen by measurement (quant.cpu_kernels), optional decoder_prefill graph.
+SCHEMA_VERSION = 5
 
 VISION_ENCODER, DECODER, DECODER_WINDOWED = "vision_encoder", "decoder", "decoder_windowed"
+DECODER_PREFILL = "decoder_prefill"
 GRAPH_FILES = {
     VISION_ENCODER: "vision_encoder.onnx",
     DECODER: "decoder.onnx",
     DECODER_WINDOWED: "decoder_windowed.onnx",  # Gemma 2 only: decode steps once the sliding window can bind
+    DECODER_PREFILL: "decoder_prefill.onnx",  # CPU int8/int4, when measured faster: prompts on int8 QGEMM
 }
+DECODER_GRAPHS = (DECODER, DECODER_WINDOWED, DECODER_PREFILL)  # one contract, one weights file
 REQUIRED_GRAPHS = (VISION_ENCODER, DECODER)
 
 
@@ -49,8 +53,8 @@ def graph_io(role: str, layers: int) -> GraphIO:
 
     - vision_encoder: pixel_values [b, 3, H, W] float32 -> image_features [b, image_seq_length, hidden] float32
       (not scaled).
-    - decoder (and decoder_windowed, the same contract): one call feeds `s` new tokens per row into a KV
-      cache that rows fill from slot 0 (prompts are right-padded):
+    - decoder (and decoder_windowed and decoder_prefill, the same contract): one call feeds `s` new tokens per
+      row into a KV cache that rows fill from slot 0 (prompts are right-padded):
       input_ids [b, s] int64 (negative where an image feature goes: -1 - id is its row in the flattened
       image_features), image_features [n, tokens, hidden] float32 (the vision encoder's output as it is; a
       decode step binds one zero row), seqlens_k [b] int32 (tokens of the row in the cache after this
@@ -60,11 +64,13 @@ def graph_io(role: str, layers: int) -> GraphIO:
       logits [b, vocab] float32, next_token [b] int64 (their argmax) and present.N.key / .value: the same
       buffers as the past ones (bind one buffer to both; the call writes its keys at slots
       seqlens_k - s + 1 .. seqlens_k of each row). The first call of a sequence feeds its whole prompt
-      (bidirectional attention); later calls feed one token each.
+      (bidirectional attention); later calls feed one token each. decoder_prefill, where a folder has it,
+      is the decoder with other kernels for its linear layers: the runtime runs prompts on it, with the
+      same cache buffers.
     """
     if role == VISION_ENCODER:
         return GraphIO(["pixel_values"], ["image_features"])
-    if role in (DECODER, DECODER_WINDOWED):
+    if role in DECODER_GRAPHS:
         return GraphIO(
             ["input_ids", "image_features", "seqlens_k", "total_sequence_length", "last_index",
              *past_names(layers)],
@@ -74,8 +80,9 @@ def graph_io(role: str, layers: int) -> GraphIO:
 
 
 def data_file(graph_file: str) -> str:
-    """The external-data file holding a graph's weights (the windowed decoder shares the decoder's)."""
-    return GRAPH_FILES[DECODER] + ".data" if graph_file == GRAPH_FILES[DECODER_WINDOWED] else graph_file + ".data"
+    """The external-data file holding a graph's weights (every decoder graph shares the decoder's)."""
+    shared = {GRAPH_FILES[role] for role in DECODER_GRAPHS}
+    return GRAPH_FILES[DECODER] + ".data" if graph_file in shared else graph_file + ".data"
 
 
 def graph_files(folder: str | Path, role: str) -> list[Path]:

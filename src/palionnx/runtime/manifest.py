@@ -36,6 +36,31 @@ class GraphInfo:
 
 
 @dataclass
+class CpuKernels:
+    """The matrix-product kernels of a CPU-built int8/int4 folder, and how they were chosen.
+
+    Kernels are spelt "nbitsB-bN" (MatMulNBits, B bits, blocks of N along K) or "qgemm8" (DynamicQuantizeMatMul:
+    int8 weights per column x activations quantized per tensor at run time, onnxruntime's integer GEMM).
+    """
+
+    vision: str  # the vision encoder's linear layers
+    decode: str  # the decoder graph's linear layers: decode steps, and prefill when `prefill` is the same
+    prefill: str  # the kernel prefill runs on; when it differs from `decode`, in the decoder_prefill graph
+    chosen_by: str  # "measurement" (timed at export), "user" (export options) or "default" (not measured)
+    cpu: str = ""  # the CPU that measured (model name, cores)
+    # ms per layer of each candidate, as measured: prefill (the prompt's tokens), decode (one token, weights
+    # from memory), vision (the image's tokens); and each candidate's largest relative error against float
+    probe_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    probe_error: dict[str, float] = field(default_factory=dict)
+
+    def gain(self, phase: str, baseline: str) -> float | None:
+        """How many times faster the chosen kernel ran `phase` than `baseline` did, if both were measured."""
+        chosen = {"vision": self.vision, "prefill": self.prefill, "decode": self.decode}[phase]
+        times = [self.probe_ms.get(kernel, {}).get(phase) for kernel in (baseline, chosen)]
+        return times[0] / times[1] if times[0] and times[1] else None
+
+
+@dataclass
 class QuantInfo:
     """How the weights were stored. Fields that do not apply to a level are None (and left out of the file)."""
 
@@ -46,6 +71,7 @@ class QuantInfo:
     accuracy_level: int | None = None  # int8/int4: MatMulNBits accuracy_level (4 = int8 activations on CPU)
     method: str | None = None  # int8/int4: the operators used, e.g. "MatMulNBits + GatherBlockQuantized"
     fp32_kept: list[str] | None = None  # fp16: the parts of the network kept in float32
+    cpu_kernels: CpuKernels | None = None  # int8/int4 built for the CPU: the kernels chosen (see CpuKernels)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

@@ -6,6 +6,7 @@ the process that reports; `measure_in_subprocess` gives each folder a fresh inte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -49,7 +50,8 @@ def measure(folder: Path, *, images: int, max_new_tokens: int, batch_size: int, 
 
     Returns load s, vision ms per image, prefill ms, decode ms per token, tokens/s, images/s (static
     batches of one length), images/s and slot occupancy with continuous batching over lengths that vary
-    (`continuous`), peak RSS MB, GPU MB (on CUDA) and size on disk, with the settings.
+    (`continuous`), peak RSS MB, GPU MB (on CUDA) and size on disk, with the settings; for CPU int8/int4
+    folders the kernels the export chose, and (with a decoder_prefill graph) the prefill's ms without it.
     """
     from ..samples import sample_images
 
@@ -75,9 +77,12 @@ def measure(folder: Path, *, images: int, max_new_tokens: int, batch_size: int, 
     median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
     decode_ms = median["decode_ms_per_token"]
     continuous_rate, occupancy = continuous(captioner, inputs, max_new_tokens, batch_size)
+    kernels = captioner.manifest.quant.cpu_kernels
     return {
         "model": str(folder),
         "quant": captioner.manifest.quant.level,
+        "cpu_kernels": dataclasses.asdict(kernels) if kernels else None,
+        "prefill_ms_on_decoder": prefill_on_decoder_ms(captioner, inputs[:batch_size]),
         "device": captioner.device,
         "providers": captioner.providers,
         "load_s": load_s,
@@ -93,6 +98,22 @@ def measure(folder: Path, *, images: int, max_new_tokens: int, batch_size: int, 
         "size_on_disk_mb": folder_size(folder) / 1e6,
         "images": images, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "repeats": repeats,
     }
+
+
+def prefill_on_decoder_ms(captioner: Captioner, images: list[Any]) -> float | None:
+    """Where the folder runs prompts on a decoder_prefill graph: the prefill's ms on the decoder graph
+    instead (best of two), to show what the prefill graph buys. None for folders without one."""
+    model = captioner.model
+    if model.prefill_decoder is model.decoder:
+        return None
+    prefill_graph = model.prefill_decoder
+    model.prefill_decoder = model.decoder
+    try:
+        runs = [captioner.caption(images, max_new_tokens=2, batch_size=len(images), ignore_eos=True)
+                for _ in range(2)]
+    finally:
+        model.prefill_decoder = prefill_graph
+    return 1000 * min(run[0].timings.prefill_s for run in runs)
 
 
 def continuous(captioner: Captioner, images: list[Any], max_new_tokens: int, slots: int) -> tuple[float, float]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .contract import DECODER, DECODER_WINDOWED, VISION_ENCODER, graph_io
+from .contract import DECODER, DECODER_PREFILL, DECODER_WINDOWED, VISION_ENCODER, graph_io
 from .generate import PromptBatch
 from .manifest import Manifest
 from .sessions import DeviceError, open_sessions, requested_device
@@ -38,18 +38,24 @@ def model_device(manifest: Manifest, device: str) -> str:
 
 
 class OnnxPaliGemma:
-    """The vision encoder and decoder sessions of an exported folder, all on one device."""
+    """The vision encoder and decoder sessions of an exported folder, all on one device.
+
+    Prompts run on `prefill_decoder`: the folder's decoder_prefill graph where it has one (CPU folders whose
+    prefill measured faster on other kernels; `prefill_graph=False` leaves it unloaded, saving its memory),
+    else the decoder itself.
+    """
 
     def __init__(self, folder: str | Path, manifest: Manifest, device: str = "auto", threads: int | None = None,
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, prefill_graph: bool = True):
         self.folder, self.manifest, self.threads = Path(folder), manifest, threads
-        roles = (VISION_ENCODER, DECODER)
+        roles = [VISION_ENCODER, DECODER] + [DECODER_PREFILL] * (prefill_graph and DECODER_PREFILL in manifest.graphs)
         paths = {role: self.folder / manifest.graphs[role].file for role in roles}
         wanted = model_device(manifest, device)
         self.cuda_graph = cuda_graph and requested_device(wanted) == "cuda"
         sessions, self.device = open_sessions(paths, wanted, threads, manifest, self._graph_roles())
         self.cuda_graph = self.cuda_graph and self.device == "cuda"
         self.vision, self.decoder = sessions[VISION_ENCODER], sessions[DECODER]
+        self.prefill_decoder = sessions.get(DECODER_PREFILL, self.decoder)
         self.windowed: ort.InferenceSession | None = None  # Gemma 2, opened when first needed
         self.providers = self.decoder.get_providers()
         self.io = graph_io(DECODER, manifest.layers)
@@ -106,7 +112,9 @@ class OnnxPaliGemma:
         """Reopen the decoders without CUDA graph capture (when capture fails)."""
         self.cuda_graph = False
         paths = {DECODER: self.folder / self.manifest.graphs[DECODER].file}
+        uses_decoder = self.prefill_decoder is self.decoder
         self.decoder = open_sessions(paths, self.device, self.threads, self.manifest)[0][DECODER]
+        self.prefill_decoder = self.decoder if uses_decoder else self.prefill_decoder
         self.windowed = None
 
 
@@ -174,7 +182,7 @@ class DecoderState:
     def _prefill(self, prompt: PromptBatch, start: int, stop: int, into: int) -> None:
         lengths = prompt.lengths[start:stop]
         width = int(lengths.max())
-        session = self.model.decoder
+        session = self.model.prefill_decoder
         binding = session.io_binding()
         inputs, outputs = self.model.io.inputs, self.model.io.outputs
         arrays = [prompt.input_ids[start:stop, :width], None, (lengths - 1).astype(np.int32),
