@@ -61,3 +61,34 @@ def reference(checkpoints):
 def model(exported) -> Path:
     """The tiny PaliGemma 1 fp32 folder the CLI tests caption with."""
     return exported("tiny-pg1", "fp32")
+
+
+@pytest.fixture(scope="session")
+def shapes_pg1() -> Path:
+    """The trained shapes-pg1 checkpoint, from the palionnx cache (trained there on first use: minutes)."""
+    from palionnx.cli.models import cache_root
+    from palionnx.export.trained import trained_checkpoint
+
+    return trained_checkpoint("shapes-pg1", cache_root() / "trained")
+
+
+@pytest.fixture(scope="session")
+def shapes_exported(tmp_path_factory, shapes_pg1):
+    """shapes_exported(quant, block_size) -> the trained shapes-pg1 exported for the CPU, on first use.
+
+    int8/int4 use MatMulNBits at the given block size (no measured choice: the quality tests compare levels)."""
+    from palionnx.export.convert import export
+
+    root = tmp_path_factory.mktemp("shapes")
+    cache: dict[tuple[str, int], Path] = {}
+
+    def get(quant: str = "fp32", block_size: int = 32) -> Path:
+        if (quant, block_size) not in cache:
+            folder = root / f"shapes-pg1-{quant}-b{block_size}"
+            quantized = quant in ("int8", "int4")
+            export(shapes_pg1, folder, quant=quant, device="cpu", block_size=block_size if quantized else None,
+                   kernels="nbits" if quantized else "auto")
+            cache[quant, block_size] = folder
+        return cache[quant, block_size]
+
+    return get

@@ -8,6 +8,7 @@ PaliGemma id layout: text pieces, then 1024 `<locNNNN>` and 128 `<segNNN>` token
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,24 +101,54 @@ def _pseudo_words(count: int) -> list[str]:
     return words
 
 
-def build_tokenizer(geometry: Geometry) -> Tokenizer:
-    """A Gemma-style BPE tokenizer (byte fallback, '▁' for spaces) with PaliGemma's special tokens."""
+def _word_merges(words: Sequence[str], bare_words: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """BPE pieces and merges that make each of `words` one piece after a space ("▁red") and each of
+    `bare_words` one piece at the start of a text ("three", no space before it).
+
+    Each word is built left to right ("▁" + "r" -> "▁r", "▁r" + "e" -> "▁re", ...). Spaced forms rank first
+    (their merges only apply at a word start); bare forms follow, longest first, so that a short word's
+    merges never split a longer one before its own merges complete.
+    """
+    pieces: list[str] = []
+    merges: list[tuple[str, str]] = []
+    for word in ["▁" + w for w in words] + sorted(bare_words, key=len, reverse=True):
+        for end in range(2, len(word) + 1):
+            merge = (word[: end - 1], word[end - 1])
+            if merge not in merges:
+                merges.append(merge)
+                pieces.append(word[:end])
+    return list(dict.fromkeys(pieces)), merges
+
+
+def build_tokenizer(geometry: Geometry, words: Sequence[str] = (), bare_words: Sequence[str] = ()) -> Tokenizer:
+    """A Gemma-style BPE tokenizer (byte fallback, '▁' for spaces) with PaliGemma's special tokens.
+
+    `words` become whole pieces after a space and `bare_words` at the start of a text (see `_word_merges`);
+    all other text is split into characters.
+    """
     pieces = list(SPECIALS)
     pieces += [f"<unused{i}>" for i in range(START_OF_TURN_ID - len(pieces))]
     pieces += ["<start_of_turn>", "<end_of_turn>", "\n"]
     pieces += [f"<0x{b:02X}>" for b in range(256)]
     pieces += ["▁"] + [chr(c) for c in range(33, 127)]
-    pieces += _pseudo_words(geometry.text_vocab - len(pieces))
-    assert len(pieces) == geometry.text_vocab, "text_vocab too small for the base pieces"
+    word_pieces, merges = _word_merges(words, bare_words)
+    pieces += [p for p in word_pieces if p not in pieces]
+    taken = set(pieces)
+    pieces += [w for w in _pseudo_words(geometry.text_vocab) if w not in taken][: geometry.text_vocab - len(pieces)]
+    if len(pieces) != geometry.text_vocab:
+        raise ValueError(f"text_vocab {geometry.text_vocab} is too small for {len(pieces)} base and word pieces")
     pieces += EXTRA_TOKENS + [IMAGE_TOKEN]
     vocab = {piece: i for i, piece in enumerate(pieces)}
 
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
     tokenizer.normalizer = normalizers.Replace(" ", "▁")
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     specials = SPECIALS + ["<start_of_turn>", "<end_of_turn>", IMAGE_TOKEN]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in EXTRA_TOKENS])
+    split = [w for w in [" " + w for w in words] + list(bare_words) if len(tokenizer.encode(w).ids) != 1]
+    if split:
+        raise ValueError(f"these words do not come out as one piece: {split}")
     return tokenizer
 
 
@@ -180,31 +211,31 @@ def write_checkpoint(geometry: str | Geometry, outdir: str | Path, seed: int = 0
     """Write a random-weight PaliGemma checkpoint (weights, config, processor) that
     `PaliGemmaForConditionalGeneration.from_pretrained(outdir)` and `AutoProcessor` load."""
     import torch
-    from transformers import (
-        GenerationConfig,
-        PaliGemmaForConditionalGeneration,
-        PaliGemmaProcessor,
-        PreTrainedTokenizerFast,
-        SiglipImageProcessor,
-    )
+    from transformers import PaliGemmaForConditionalGeneration
 
     g = GEOMETRIES[geometry] if isinstance(geometry, str) else geometry
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    config = make_config(g)
     with torch.device("meta"):
-        model = PaliGemmaForConditionalGeneration(config)
+        model = PaliGemmaForConditionalGeneration(make_config(g))
     model.to_empty(device="cpu")
     model.tie_weights()
     scale = 1.0 if g.hidden >= 1024 else 2.0
     _randomise(model, seed, scale=scale, embed_scale=scale * (0.25 if g.family == "pg2" else 1.0))
     model.to(getattr(torch, dtype))
-    eos = config.text_config.eos_token_id
+    return save_checkpoint(model, g, build_tokenizer(g), outdir)
+
+
+def save_checkpoint(model: Any, g: Geometry, tokenizer: Tokenizer, outdir: str | Path) -> Path:
+    """Save `model` with its tokenizer and image processor as a transformers PaliGemma checkpoint folder."""
+    from transformers import GenerationConfig, PaliGemmaProcessor, PreTrainedTokenizerFast, SiglipImageProcessor
+
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    eos = model.config.text_config.eos_token_id
     model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=eos, pad_token_id=0)
     model.save_pretrained(outdir)
 
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=build_tokenizer(g), bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
         unk_token="<unk>", padding_side="left", extra_special_tokens={"image_token": IMAGE_TOKEN},
     )
     image_processor = SiglipImageProcessor(
@@ -212,6 +243,6 @@ def write_checkpoint(geometry: str | Geometry, outdir: str | Path, seed: int = 0
         resample=3, do_convert_rgb=True,
     )
     setattr(image_processor, "image_seq_length", g.image_seq_length)  # noqa: B010 (not a declared attribute)
-    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=fast)
     processor.save_pretrained(outdir)
     return outdir

