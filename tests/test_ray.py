@@ -104,3 +104,16 @@ def test_ray_refuses_a_bad_prompt_before_starting_ray(tmp_path, model):
     run = palionnx("caption", tmp_path, "--model", model, *RAY, "--prompt", "<image> caption", env=RAY_ENV)
     assert run.returncode == 2 and "special token <image>" in run.stderr and "Traceback" not in run.stderr
     assert "on Ray" not in run.stderr
+
+
+def test_ray_captions_short_captions_again(tmp_path, model):
+    """--min-words / --retries act in the Ray actors as in a plain run: 6 tokens never make 50 words, so every
+    image is captioned 1 + 2 times, and --jsonl says so."""
+    data = tmp_path / "data"
+    make_dataset(data)
+    run = palionnx("caption", data, "--model", model, "--max-new-tokens", 6, "--temperature", 0.7, "--seed", 0,
+                   "--min-words", 50, "--retries", 2, *RAY, "--jsonl", tmp_path / "ray.jsonl", env=RAY_ENV)
+    assert run.returncode == 1, run.stderr  # the broken files fail, as in a plain run
+    rows = [json.loads(line) for line in (tmp_path / "ray.jsonl").read_text().splitlines()]
+    assert sorted(r["attempts"] for r in rows if r["status"] == "captioned") == [3] * (len(rows) - len(BAD))
+    assert all(r["attempts"] == 1 for r in rows if r["status"] == "failed")

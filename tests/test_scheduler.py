@@ -5,8 +5,8 @@ import pytest
 
 from palionnx import Captioner
 from palionnx.runtime.generate import make_logits_processors, make_sampler
-from palionnx.runtime.preprocess import image_pixels
-from palionnx.runtime.scheduler import Request, Scheduler
+from palionnx.runtime.preprocess import Pixels, image_pixels
+from palionnx.runtime.scheduler import CaptionStream, Request, Retry, Scheduler
 from palionnx.samples import sample_images
 
 PROMPTS = ["caption en", "describe this picture in great detail", "x", "caption en"]
@@ -74,3 +74,32 @@ def test_request_too_long_for_a_slot_is_refused(exported):
     with pytest.raises(ValueError, match="exceed a slot"):
         Scheduler(captioner, slots=2, max_len=40).submit(request)
     assert np.all(Scheduler(captioner, slots=2, max_len=80).state.lengths == 0)
+
+
+def test_short_captions_are_captioned_again_and_the_longest_kept(exported):
+    """CaptionStream with a Retry resubmits a short caption's pixels as a new request, at most `retries` more
+    times, and gives back the caption with the most words with the attempts counted."""
+    captioner = Captioner.load(exported("tiny-pg1", "fp32"), device="cpu")
+    images = [Pixels(image_pixels(image, captioner.image_spec), f"image{i}")
+              for i, image in enumerate(sample_images(5, size=48))]
+    lengths = {}  # words of every caption generated, per image
+
+    def words(text: str) -> int:
+        return len(text.split())
+
+    class Counting(Retry):
+        def better(self, best, latest):
+            lengths.setdefault(latest.source, [words(best.text)]).append(words(latest.text))
+            return super().better(best, latest)
+
+    stream = CaptionStream(captioner, [(i, image) for i, image in enumerate(images)], slots=2, max_new_tokens=12,
+                           sampler=make_sampler(0.9, seed=0), retry=Counting(min_words=1000, retries=3, words=words))
+    results = dict(stream)
+    assert sorted(results) == list(range(5))
+    for result in results.values():
+        assert result.ok and result.attempts == 4
+        assert words(result.text) == max(lengths[result.source]) and len(lengths[result.source]) == 4
+
+    never = CaptionStream(captioner, [(0, images[0])], max_new_tokens=12, sampler=make_sampler(0.9, seed=0),
+                          retry=Retry(min_words=1, retries=3))
+    assert [result.attempts for _, result in never] == [1]  # long enough at once: captioned once

@@ -18,6 +18,7 @@ from .batch import BatchOptions, Plan, Summary
 from .files import ImageJob
 from .helpformat import CleanGroup
 from .models import DEFAULT_MODEL
+from .presets import apply_preset
 
 app = typer.Typer(
     cls=CleanGroup,
@@ -75,7 +76,7 @@ ParquetOpt = Annotated[Path | None, typer.Option(metavar="FILE", rich_help_panel
 PrefixOpt = Annotated[str, typer.Option(metavar="TEXT", rich_help_panel=IO_PANEL,
                                         help='Text put before every caption, e.g. "sks, ".')]
 SuffixOpt = Annotated[str, typer.Option(metavar="TEXT", rich_help_panel=IO_PANEL, help="Text put after every caption.")]
-CleanOpt = Annotated[bool, typer.Option("--clean", rich_help_panel=IO_PANEL, help=(
+CleanOpt = Annotated[bool, typer.Option("--clean/--no-clean", rich_help_panel=IO_PANEL, help=(
     "Post-process raw captions: drop bracketed text, cut back to the last '.' or ',', collapse whitespace."))]
 RecursiveOpt = Annotated[bool, typer.Option("--recursive/--no-recursive", rich_help_panel=IO_PANEL,
                                             help="Search folders recursively.")]
@@ -106,6 +107,16 @@ RepetitionOpt = Annotated[float, typer.Option(metavar="X", rich_help_panel=GENER
                                               help="Above 1 discourages repeats (1 = off; must be above 0).")]
 NgramOpt = Annotated[int, typer.Option(min=0, metavar="N", rich_help_panel=GENERATION_PANEL,
                                        help="Never repeat an n-gram of this size (0 = off).")]
+MinWordsOpt = Annotated[int, typer.Option(min=0, metavar="N", rich_help_panel=GENERATION_PANEL, help=(
+    "With --retries and sampling: caption an image again while its caption has fewer words (counted after "
+    "--clean); the longest caption is kept."))]
+RetriesOpt = Annotated[int, typer.Option(min=0, metavar="N", rich_help_panel=GENERATION_PANEL, help=(
+    "With --min-words: at most this many more captions per image (--jsonl records the attempts)."))]
+PresetOpt = Annotated[str | None, typer.Option(
+    metavar="NAME", is_eager=True, callback=apply_preset, rich_help_panel=GENERATION_PANEL, show_default=False,
+    help=("origin: the origin script's settings (--temperature 0.7 --top-k 50 --top-p 0.9 --repetition-penalty "
+          "1.15 --no-repeat-ngram-size 2 --max-new-tokens 256 --min-words 20 --retries 10 --clean); options "
+          "given explicitly win."))]
 BatchOpt = Annotated[int | None, typer.Option(min=1, metavar="N", rich_help_panel=PERFORMANCE_PANEL, help=(
     "Captions decoded together (default 64 on CUDA, 4 on the CPU); each slot takes the next image as soon as "
     "its caption ends."), show_default=False)]
@@ -135,6 +146,7 @@ def caption(
     repetition_penalty: RepetitionOpt = 1.0, no_repeat_ngram_size: NgramOpt = 0, quiet: QuietOpt = False,
     max_memory: MaxMemoryOpt = None, parquet: ParquetOpt = None, ray: RayOpt = None, workers: WorkersOpt = 1,
     gpus_per_worker: GpusOpt = 0.0, cpus_per_worker: CpusOpt = 1.0, cuda_graph: CudaGraphOpt = True,
+    min_words: MinWordsOpt = 0, retries: RetriesOpt = 0, preset: PresetOpt = None,
 ) -> None:
     """Caption images, writing a caption file beside each one (images that have one are skipped).
 
@@ -148,21 +160,24 @@ def caption(
 
         palionnx caption input/
         palionnx caption input/ --model models/pg-int4 --prefix "sks, " --jsonl run.jsonl
+        palionnx caption input/ --preset origin --seed 0     # the origin script's sampling, retries, clean-up
         palionnx caption "photos/**/*.png" --output-dir captions/ --ext .caption
         palionnx caption /shared/dataset --ray auto --workers 8 --gpus-per-worker 1
     """
     from ..runtime.generate import make_logits_processors, make_sampler
     from .batch import plan_run
-    from .checks import CheckError, check_outputs, check_sampling
+    from .checks import CheckError, check_outputs, check_retries, check_sampling
 
     try:
         check_sampling(temperature, top_k, top_p, seed, repetition_penalty)
+        check_retries(min_words, retries, temperature)
         jobs = _find_jobs(inputs, ext, device, recursive)
         options = BatchOptions(
             ext=ext, output_dir=output_dir, overwrite=overwrite, jsonl=jsonl, parquet=parquet, prefix=prefix,
             suffix=suffix, clean=clean, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
             sampler=make_sampler(temperature, top_k, top_p, seed),
             logits_processors=make_logits_processors(repetition_penalty, no_repeat_ngram_size),
+            min_words=min_words, retries=retries,
         )
         plan = plan_run(jobs, options, quiet)  # reports name clashes before any model is loaded
         check_outputs(options, plan)

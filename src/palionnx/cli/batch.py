@@ -3,19 +3,21 @@ report progress, --jsonl and a summary."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from ..runtime.captioner import Captioner, CaptionResult
 from ..runtime.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from ..runtime.generate import LogitsProcessor, Sampler, greedy
-from ..runtime.scheduler import CaptionStream
+from ..runtime.preprocess import ImageInput
+from ..runtime.scheduler import CaptionStream, Retry
 from .claims import CLAIM_SUFFIX, Claims, recover_stale
 from .files import ImageJob, append_line, caption_path, clean_caption, remove_stale_temp_files, write_atomic
 from .progress import Progress, print_line
@@ -40,6 +42,8 @@ class BatchOptions:
     batch_size: int | None = None  # None: the device's default (Captioner.default_batch_size)
     sampler: Sampler = greedy  # from make_sampler
     logits_processors: list[LogitsProcessor] = field(default_factory=list)  # from make_logits_processors
+    min_words: int = 0  # caption again (sampling) while the caption has fewer words than this ...
+    retries: int = 0  # ... at most this many more times
 
 
 @dataclass
@@ -75,6 +79,7 @@ class Record:
     output: str | None = None
     caption: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    attempts: int = 1  # captions generated for the image (more than one with --min-words and --retries)
 
     def line(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -136,9 +141,30 @@ def _recover_claims(folders: set[Path]) -> None:
                 recover_stale(claim, claim.with_name(claim.name[1 : -len(CLAIM_SUFFIX)]))
 
 
+def caption_body(text: str, options: BatchOptions) -> str:
+    """A raw caption as the caption file holds it, before the prefix and suffix (--clean applied)."""
+    return clean_caption(text) if options.clean else text
+
+
 def caption_text(result: CaptionResult, options: BatchOptions) -> str:
     """The caption file's text: prefix, the caption (--clean applied), suffix."""
-    return options.prefix + (clean_caption(result.text) if options.clean else result.text) + options.suffix
+    return options.prefix + caption_body(result.text, options) + options.suffix
+
+
+def retry_policy(options: BatchOptions) -> Retry | None:
+    """--min-words / --retries as a `Retry`: words are counted in the caption as written (--clean applied,
+    without the prefix and suffix)."""
+    if not (options.min_words and options.retries):
+        return None
+    return Retry(options.min_words, options.retries, words=lambda text: len(caption_body(text, options).split()))
+
+
+def caption_stream(captioner: Captioner, items: Iterable[tuple[Any, ImageInput] | None], options: BatchOptions
+                   ) -> CaptionStream:
+    """A CaptionStream over `items` with the run's generation options, --min-words / --retries included."""
+    return CaptionStream(captioner, items, slots=options.batch_size, prompt=options.prompt,
+                         max_new_tokens=options.max_new_tokens, sampler=options.sampler,
+                         logits_processors=options.logits_processors, retry=retry_policy(options))
 
 
 def publish(result: CaptionResult, target: Path, options: BatchOptions, exclusive: bool = False,
@@ -150,7 +176,7 @@ def publish(result: CaptionResult, target: Path, options: BatchOptions, exclusiv
     written still gets its --jsonl line (see `palionnx.cli.claims`).
     """
     record = Record(path=str(result.source), status="captioned" if result.ok else "failed",
-                    tokens=len(result.tokens), error=result.error,
+                    tokens=len(result.tokens), error=result.error, attempts=result.attempts,
                     timings={"vision_s": round(result.timings.vision_s, 4),
                              "prefill_s": round(result.timings.prefill_s, 4),
                              "decode_ms_per_token": round(result.timings.decode_ms_per_token, 3)})
@@ -261,11 +287,8 @@ def caption_files(captioner: Captioner, plan: Plan, options: BatchOptions, quiet
     claims = Claims(options.jsonl)
     with recording(plan, options, started, quiet) as recorder:
         try:
-            stream = CaptionStream(
-                captioner, claimed_units(list(units.values()), plan, claims, options, recorder),
-                slots=options.batch_size, prompt=options.prompt, max_new_tokens=options.max_new_tokens,
-                sampler=options.sampler, logits_processors=options.logits_processors,
-            )
+            stream = caption_stream(captioner, claimed_units(list(units.values()), plan, claims, options, recorder),
+                                    options)
             for unit, result in stream:
                 for job in unit.jobs:
                     target = plan.targets[job]
@@ -282,7 +305,7 @@ def _for_path(result: CaptionResult, job: ImageJob) -> CaptionResult:
     if result.source == str(job.image):
         return result
     error = result.error.replace(result.source, str(job.image), 1) if result.error else None
-    return CaptionResult(str(job.image), result.text, result.tokens, error, result.timings)
+    return dataclasses.replace(result, source=str(job.image), error=error)
 
 
 def claimed_units(units: list[Unit], plan: Plan, claims: Claims, options: BatchOptions,

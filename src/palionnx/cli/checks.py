@@ -30,6 +30,16 @@ def check_sampling(temperature: float, top_k: int, top_p: float, seed: int | Non
                          f"{'them' if len(ignored) > 1 else 'it'} for greedy captions")
 
 
+def check_retries(min_words: int, retries: int, temperature: float) -> None:
+    """--min-words and --retries act together, and only when sampling (greedy gives the same caption again)."""
+    if bool(min_words) != bool(retries):
+        given, missing = ("--min-words", "--retries") if min_words else ("--retries", "--min-words")
+        raise CheckError(f"{given} only acts with {missing} (e.g. --min-words 20 --retries 10)")
+    if min_words and temperature <= 0:
+        raise CheckError("--min-words and --retries need sampling (--temperature above 0, e.g. 0.7): greedy "
+                         "decoding gives the same caption every time")
+
+
 def check_outputs(options: BatchOptions, plan: Plan) -> None:
     """--jsonl, --parquet, --output-dir and the folders captions go into must be writable, now."""
     if options.jsonl:

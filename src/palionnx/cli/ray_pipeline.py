@@ -20,7 +20,7 @@ import numpy as np
 from ..runtime.defaults import DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE
 from ..runtime.manifest import Manifest
 from ..runtime.preprocess import ImageSpec
-from .batch import BatchOptions, Plan, Record, Summary, plan_run, publish, recording
+from .batch import BatchOptions, Plan, Record, Summary, caption_stream, plan_run, publish, recording
 from .files import ImageJob
 
 
@@ -57,12 +57,9 @@ class CaptionActor:
         from ..runtime.preprocess import Pixels
 
         options = self.options
-        good = [i for i, error in enumerate(batch["error"]) if not error]
-        images = [Pixels(batch["pixels"][i], str(batch["image"][i])) for i in good]
-        results = dict(zip(good, self.captioner.caption(
-            images, prompt=options.prompt, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
-            sampler=options.sampler, logits_processors=options.logits_processors,
-        )))
+        good = [(i, Pixels(batch["pixels"][i], str(batch["image"][i])))
+                for i, error in enumerate(batch["error"]) if not error]
+        results = dict(caption_stream(self.captioner, good, options))  # as a plain run: --min-words included
         records = []
         for i, path in enumerate(batch["image"]):
             result = results.get(i) or CaptionResult(source=str(path), error=str(batch["error"][i]))

@@ -43,6 +43,7 @@ class CaptionResult:
     tokens: list[int] = field(default_factory=list)  # generated ids, the stop token excluded
     error: str | None = None
     timings: Timings = field(default_factory=Timings)
+    attempts: int = 1  # captions generated for this input (more than one when a `Retry` asked again)
 
     @property
     def ok(self) -> bool:

@@ -74,6 +74,39 @@ class Occupancy:
         return self.busy / (self.steps * slots) if self.steps else 0.0
 
 
+def word_count(text: str) -> int:
+    return len(text.split())
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Caption an image again while its caption is short: fewer than `min_words` words (as `words` counts
+    them), at most `retries` more times. The caption with the most words is kept (the first among equals)."""
+
+    min_words: int
+    retries: int
+    words: Callable[[str], int] = word_count
+
+    def again(self, result: CaptionResult) -> bool:
+        """Whether `result` (after `result.attempts` captions) is short and may be captioned again."""
+        return result.ok and result.attempts <= self.retries and self.words(result.text) < self.min_words
+
+    def better(self, best: CaptionResult, latest: CaptionResult) -> CaptionResult:
+        """The caption to keep of the best so far and the latest one, counting both attempts."""
+        keep = latest if latest.ok and self.words(latest.text) > self.words(best.text) else best
+        return dataclasses.replace(keep, attempts=latest.attempts)
+
+
+@dataclass
+class _Ticket:
+    """A CaptionStream request's tag: the caller's tag, the image's name and the captions so far."""
+
+    tag: Any
+    source: str
+    attempts: int = 1
+    best: CaptionResult | None = None
+
+
 IDLE_S = 0.2  # how long run() waits when nothing is in flight and the source has nothing ready
 _END: Any = object()  # the end of a source (None means "nothing ready yet")
 
@@ -242,6 +275,8 @@ class CaptionStream:
 
     Images are decoded a few slots ahead on the captioner's threads; an unreadable one comes back at once
     as a result with `error` set. `items` may yield None for "nothing ready yet" (see `Scheduler.run`).
+    With `retry`, a short caption goes back to the scheduler as a new request for the same pixels, and the
+    image's result comes once it is long enough or out of retries (`CaptionResult.attempts` counts them).
     `occupancy` says how full the slots were so far.
     """
 
@@ -249,8 +284,8 @@ class CaptionStream:
                  slots: int | None = None,
                  prompt: str = DEFAULT_PROMPT, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  sampler: Sampler | None = None, logits_processors: Sequence[LogitsProcessor] | None = None,
-                 ignore_eos: bool = False):
-        self.captioner, self.items = captioner, items
+                 ignore_eos: bool = False, retry: Retry | None = None):
+        self.captioner, self.items, self.retry = captioner, items, retry
         self.slots = slots or captioner.default_batch_size
         self.template = Request(np.empty(0), prompt, max_new_tokens, sampler or greedy, logits_processors or (),
                                 ignore_eos)
@@ -265,11 +300,21 @@ class CaptionStream:
     def __iter__(self) -> Iterator[tuple[Any, CaptionResult]]:
         for completion in self.scheduler.run(self._requests()):
             yield from self._drain_failed()
-            tag, source = completion.request.tag
+            ticket: _Ticket = completion.request.tag
             timings = Timings(vision_s=completion.vision_s, prefill_s=completion.prefill_s,
                               decode_s=completion.decode_s, decode_steps=completion.steps)
-            error = f"{source}: {completion.error}" if completion.error else None
-            yield tag, CaptionResult(source, completion.text, completion.tokens, error, timings)
+            error = f"{ticket.source}: {completion.error}" if completion.error else None
+            result = CaptionResult(ticket.source, completion.text, completion.tokens, error, timings, ticket.attempts)
+            if self.retry is None:
+                yield ticket.tag, result
+                continue
+            if ticket.best is not None:
+                result = self.retry.better(ticket.best, result)
+            if self.retry.again(result):
+                again = _Ticket(ticket.tag, ticket.source, ticket.attempts + 1, result)
+                self.scheduler.submit(dataclasses.replace(completion.request, tag=again))
+            else:
+                yield ticket.tag, result
         yield from self._drain_failed()
 
     def _drain_failed(self) -> Iterator[tuple[Any, CaptionResult]]:
@@ -301,4 +346,4 @@ class CaptionStream:
             if isinstance(pixels, ImageLoadError):
                 self._failed.append((tag, CaptionResult(source_name(image), error=str(pixels))))
                 continue
-            yield dataclasses.replace(self.template, pixels=pixels, tag=(tag, source_name(image)))
+            yield dataclasses.replace(self.template, pixels=pixels, tag=_Ticket(tag, source_name(image)))
