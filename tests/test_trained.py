@@ -38,7 +38,7 @@ def test_trained_checkpoint_exports_exactly(shapes_pg1, shapes_exported):
 
 
 TINY = Recipe(geometry=dataclasses.replace(GEOMETRIES["tiny-pg1"], image_size=96, patch_size=32, text_vocab=1024),
-              vision_steps=2, steps=2, batch_size=4, lr=1e-3, vision_lr=1e-3, warmup=1, max_shapes=2)
+              vision_steps=2, steps=2, batch_size=4, lr=1e-3, vision_lr=1e-3, warmup=1, scenes=8)
 
 
 def test_training_is_deterministic_for_a_seed():

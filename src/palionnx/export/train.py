@@ -2,15 +2,22 @@
 
     model = train(recipe, tokenizer, progress=print)
 
-Two stages, both on fresh scenes from the training stream (no evaluation scene is ever seen):
+A run draws its training set once from the training stream (no evaluation scene is ever seen), renders it,
+and trains in two stages on random batches of it:
 
 1. Vision: the SigLIP tower and the projector learn what each grid cell holds (colour, kind and size of its
-   shape, or nothing) and the background, through small linear heads that are then thrown away. A freshly
-   initialised decoder otherwise learns the caption template long before it finds anything in random
-   image features, and it then learns to ignore the image (measured: exact match stays at 0 %).
+   shape, and the shape's rank in reading order, or nothing) and the background, through small linear heads
+   that are then thrown away. A freshly initialised decoder otherwise learns the caption template long
+   before it finds anything in random image features, and then learns to ignore the image (measured: exact
+   match stays at 0 %). The rank tells the decoder which cell holds the k-th shape it must name: without
+   it a 4-layer decoder skipped or repeated shapes far longer.
 2. Captioning: PaliGemma's prefix-LM. The image tokens, `<bos>`, the prompt and `\\n` attend to each other
-   bidirectionally (token type 0), the caption causally (type 1); the loss is on the caption and its `<eos>`.
-   The cell heads stay on as an auxiliary loss so the image features cannot collapse to a constant.
+   bidirectionally (token type 0), the caption causally (type 1); the loss is on the caption and its `<eos>`
+   only (the tied lm_head runs on those positions alone). A batch has one prompt (they alternate), so its
+   rows have similar lengths and little padding is computed. The cell heads stay on as an auxiliary loss
+   so the image features cannot collapse to a constant.
+
+Training uses `THREADS` torch threads whatever the machine, so that a seed gives the same weights.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from ..scenes import (
     BACKGROUNDS,
     COLOURS,
     KINDS,
+    MAX_SHAPES,
     POSITIONS,
     PROMPTS,
     SIZES,
@@ -39,7 +47,9 @@ from ..scenes import (
 from .synth import Geometry
 
 Progress = Callable[[str], None]
-CELL_CLASSES = (len(COLOURS) + 1, len(KINDS) + 1, len(SIZES) + 1)  # class 0: an empty cell
+# per cell: colour, kind, size, rank of the shape in reading order; class 0: an empty cell
+CELL_CLASSES = (len(COLOURS) + 1, len(KINDS) + 1, len(SIZES) + 1, MAX_SHAPES + 1)
+THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -53,8 +63,7 @@ class Recipe:
     lr: float
     vision_lr: float
     warmup: int
-    max_shapes: int
-    curriculum: int = 0  # stage-2 steps over which the most shapes per scene grows from 1 to max_shapes
+    scenes: int  # the training set
     aux_weight: float = 1.0  # weight of the cell loss during captioning
     weight_decay: float = 0.01
     seed: int = 0
@@ -64,7 +73,7 @@ class Recipe:
 class Batch:
     scenes: list[Scene]
     pixel_values: Any  # torch tensors from here on
-    cells: Any  # [b, 9, 3] class of each cell's colour, kind, size
+    cells: Any  # [b, 9, 4]: CELL_CLASSES of each cell
     background: Any  # [b]
     input_ids: Any = None
     attention_mask: Any = None
@@ -72,41 +81,45 @@ class Batch:
     labels: Any = None
 
 
-def image_batch(recipe: Recipe, rng: np.random.Generator, max_shapes: int) -> Batch:
-    """`batch_size` fresh scenes: pixel values (as the runtime makes them) and per-cell labels."""
+class TrainingSet:
+    """`count` scenes from the training stream, rendered once, with their per-cell labels."""
+
+    def __init__(self, recipe: Recipe, rng: np.random.Generator):
+        import torch
+
+        self.scenes = [random_scene(rng) for _ in range(recipe.scenes)]
+        size = recipe.geometry.image_size
+        pixels = np.stack([np.asarray(render(s, size), dtype=np.float32) for s in self.scenes])
+        self.pixel_values = torch.from_numpy((pixels / 255.0 - 0.5) / 0.5).permute(0, 3, 1, 2).contiguous()
+        cells = np.zeros((len(self.scenes), len(POSITIONS), len(CELL_CLASSES)), dtype=np.int64)
+        for i, scene in enumerate(self.scenes):
+            for rank, shape in enumerate(scene.shapes, start=1):  # shapes are in reading order
+                cells[i, POSITIONS.index(shape.position)] = (
+                    1 + list(COLOURS).index(shape.colour), 1 + KINDS.index(shape.kind), 1 + SIZES.index(shape.size),
+                    rank)
+        self.cells = torch.from_numpy(cells)
+        self.background = torch.tensor([BACKGROUNDS.index(s.background) for s in self.scenes])
+
+    def batch(self, rng: np.random.Generator, size: int) -> Batch:
+        """`size` random scenes of the set."""
+        pick = rng.integers(0, len(self.scenes), size)
+        return Batch(scenes=[self.scenes[i] for i in pick], pixel_values=self.pixel_values[pick],
+                     cells=self.cells[pick], background=self.background[pick])
+
+
+def add_captions(batch: Batch, geometry: Geometry, tokenizer: Any, prompt: str) -> Batch:
+    """Fill the prefix-LM inputs of `batch` for `prompt`, right-padded."""
     import torch
 
-    scenes = [random_scene(rng, max_shapes) for _ in range(recipe.batch_size)]
-    pixels = np.stack([np.asarray(render(s, recipe.geometry.image_size), dtype=np.float32) for s in scenes])
-    cells = np.zeros((len(scenes), len(POSITIONS), 3), dtype=np.int64)
-    for i, scene in enumerate(scenes):
-        for shape in scene.shapes:
-            cells[i, POSITIONS.index(shape.position)] = (
-                1 + list(COLOURS).index(shape.colour), 1 + KINDS.index(shape.kind), 1 + SIZES.index(shape.size))
-    return Batch(
-        scenes=scenes,
-        pixel_values=torch.from_numpy((pixels / 255.0 - 0.5) / 0.5).permute(0, 3, 1, 2).contiguous(),
-        cells=torch.from_numpy(cells),
-        background=torch.tensor([BACKGROUNDS.index(s.background) for s in scenes]),
-    )
-
-
-def add_captions(batch: Batch, geometry: Geometry, tokenizer: Any, rng: np.random.Generator) -> Batch:
-    """Fill the prefix-LM inputs of `batch`, right-padded, each scene with a random prompt."""
-    import torch
-
-    rows = []
-    for scene in batch.scenes:
-        prompt = PROMPTS[int(rng.integers(len(PROMPTS)))]
-        prefix = [geometry.image_token_id] * geometry.image_seq_length + [2] + tokenizer.encode(prompt + "\n").ids
-        rows.append((prefix, tokenizer.encode(scene.truth(prompt)).ids + [1]))  # <bos> = 2, <eos> = 1
-    width = max(len(p) + len(s) for p, s in rows)
+    prefix = [geometry.image_token_id] * geometry.image_seq_length + [2] + tokenizer.encode(prompt + "\n").ids
+    rows = [tokenizer.encode(scene.truth(prompt)).ids + [1] for scene in batch.scenes]  # <bos> = 2, <eos> = 1
+    n, width = len(prefix), len(prefix) + max(len(row) for row in rows)
     batch.input_ids = torch.zeros(len(rows), width, dtype=torch.long)
     batch.attention_mask = torch.zeros_like(batch.input_ids)
     batch.token_type_ids = torch.zeros_like(batch.input_ids)
     batch.labels = torch.full_like(batch.input_ids, -100)
-    for i, (prefix, suffix) in enumerate(rows):
-        n, m = len(prefix), len(suffix)
+    for i, suffix in enumerate(rows):
+        m = len(suffix)
         batch.input_ids[i, : n + m] = torch.tensor(prefix + suffix)
         batch.attention_mask[i, : n + m] = 1
         batch.token_type_ids[i, n : n + m] = 1
@@ -114,8 +127,25 @@ def add_captions(batch: Batch, geometry: Geometry, tokenizer: Any, rng: np.rando
     return batch
 
 
+def caption_loss(model: Any, batch: Batch) -> Any:
+    """Cross-entropy of the next token at the caption's positions only (Gemma 2's final soft-capping kept)."""
+    import torch
+    import torch.nn.functional as F
+
+    hidden = model.model(input_ids=batch.input_ids, pixel_values=batch.pixel_values,
+                         attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids,
+                         use_cache=False).last_hidden_state
+    labels = batch.labels[:, 1:]
+    keep = labels != -100
+    logits = model.lm_head(hidden[:, :-1][keep])
+    cap = getattr(model.config.text_config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, labels[keep])
+
+
 class CellHeads:
-    """Linear heads on the projected image features: per cell colour / kind / size, and the background."""
+    """Linear heads on the projected image features: per cell colour / kind / size / rank, and the background."""
 
     def __init__(self, hidden: int):
         import torch
@@ -151,13 +181,6 @@ def learning_rate(peak: float, step: int, steps: int, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)))
 
 
-def shapes_at(recipe: Recipe, step: int) -> int:
-    """The most shapes per scene at captioning step `step` (the curriculum)."""
-    if step >= recipe.curriculum:
-        return recipe.max_shapes
-    return 1 + (recipe.max_shapes - 1) * step // recipe.curriculum
-
-
 def _optimizer(params: list, lr: float, weight_decay: float) -> Any:
     import torch
 
@@ -178,33 +201,39 @@ def train(recipe: Recipe, tokenizer: Any, progress: Progress | None = None,
 
     from .synth import make_config
 
-    torch.manual_seed(recipe.seed)
-    model = PaliGemmaForConditionalGeneration(make_config(recipe.geometry)).train()
-    heads = CellHeads(recipe.geometry.hidden)
-    rng = scene_rng(recipe.seed, TRAIN_STREAM)
-    clock = _Clock(progress)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        torch.manual_seed(recipe.seed)
+        model = PaliGemmaForConditionalGeneration(make_config(recipe.geometry)).train()
+        heads = CellHeads(recipe.geometry.hidden)
+        rng = scene_rng(recipe.seed, TRAIN_STREAM)
+        clock = _Clock(progress)
+        data = TrainingSet(recipe, rng)
 
-    vision = [p for name, p in model.named_parameters() if "language_model" not in name] + heads.parameters()
-    optimizer = _optimizer(vision, recipe.vision_lr, recipe.weight_decay)
-    for step in range(recipe.vision_steps):
-        _set_lr(optimizer, learning_rate(recipe.vision_lr, step, recipe.vision_steps, recipe.warmup))
-        loss = heads.loss(model, image_batch(recipe, rng, recipe.max_shapes))
-        _update(optimizer, loss, vision)
-        clock.report("vision", step, recipe.vision_steps, loss.item())
+        vision = [p for name, p in model.named_parameters() if "language_model" not in name] + heads.parameters()
+        optimizer = _optimizer(vision, recipe.vision_lr, recipe.weight_decay)
+        for step in range(recipe.vision_steps):
+            _set_lr(optimizer, learning_rate(recipe.vision_lr, step, recipe.vision_steps, recipe.warmup))
+            loss = heads.loss(model, data.batch(rng, recipe.batch_size))
+            _update(optimizer, loss, vision)
+            clock.report("vision", step, recipe.vision_steps, loss.item())
 
-    everything = list(model.parameters()) + heads.parameters()
-    optimizer = _optimizer(everything, recipe.lr, recipe.weight_decay)
-    for step in range(recipe.steps):
-        _set_lr(optimizer, learning_rate(recipe.lr, step, recipe.steps, recipe.warmup))
-        batch = add_captions(image_batch(recipe, rng, shapes_at(recipe, step)), recipe.geometry, tokenizer, rng)
-        loss = model(input_ids=batch.input_ids, pixel_values=batch.pixel_values, attention_mask=batch.attention_mask,
-                     token_type_ids=batch.token_type_ids, labels=batch.labels).loss
-        if recipe.aux_weight:
-            loss = loss + recipe.aux_weight * heads.loss(model, batch)
-        _update(optimizer, loss, everything)
-        clock.report("caption", step, recipe.steps, loss.item())
-        if on_step:
-            on_step(step, model)
+        everything = list(model.parameters()) + heads.parameters()
+        optimizer = _optimizer(everything, recipe.lr, recipe.weight_decay)
+        for step in range(recipe.steps):
+            _set_lr(optimizer, learning_rate(recipe.lr, step, recipe.steps, recipe.warmup))
+            batch = add_captions(data.batch(rng, recipe.batch_size), recipe.geometry, tokenizer,
+                                 PROMPTS[step % len(PROMPTS)])
+            loss = caption_loss(model, batch)
+            if recipe.aux_weight:
+                loss = loss + recipe.aux_weight * heads.loss(model, batch)
+            _update(optimizer, loss, everything)
+            clock.report("caption", step, recipe.steps, loss.item())
+            if on_step:
+                on_step(step, model)
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 
