@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,12 +65,37 @@ def model(exported) -> Path:
     return exported("tiny-pg1", "fp32")
 
 
+_TRAINING: dict[str, subprocess.Popen] = {}  # trained checkpoint name -> the child training it
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """When some test needs the trained shapes-pg1 and it is not cached, start training it in a child process
+    now: it trains (minutes, once per machine) while the tests that do not need it run."""
+    if not any("shapes_pg1" in item.fixturenames for item in items):
+        return
+    from palionnx.cli.models import cache_root
+    from palionnx.export.trained import cache_key
+
+    if not (cache_root() / "trained" / f"shapes-pg1-{cache_key('shapes-pg1')}" / "config.json").is_file():
+        code = ("from palionnx.cli.models import cache_root; from palionnx.export.trained import trained_checkpoint; "
+                "trained_checkpoint('shapes-pg1', cache_root() / 'trained')")
+        _TRAINING["shapes-pg1"] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    for child in _TRAINING.values():
+        child.kill()
+
+
 @pytest.fixture(scope="session")
 def shapes_pg1() -> Path:
     """The trained shapes-pg1 checkpoint, from the palionnx cache (trained there on first use: minutes)."""
     from palionnx.cli.models import cache_root
     from palionnx.export.trained import trained_checkpoint
 
+    child = _TRAINING.pop("shapes-pg1", None)
+    if child is not None:
+        child.wait()  # had it failed, the same error comes again from training here
     return trained_checkpoint("shapes-pg1", cache_root() / "trained")
 
 
