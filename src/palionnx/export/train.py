@@ -89,8 +89,8 @@ class TrainingSet:
 
         self.scenes = [random_scene(rng) for _ in range(recipe.scenes)]
         size = recipe.geometry.image_size
-        pixels = np.stack([np.asarray(render(s, size), dtype=np.float32) for s in self.scenes])
-        self.pixel_values = torch.from_numpy((pixels / 255.0 - 0.5) / 0.5).permute(0, 3, 1, 2).contiguous()
+        pixels = np.stack([np.asarray(render(s, size)) for s in self.scenes])  # uint8: a quarter of float32
+        self.pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
         cells = np.zeros((len(self.scenes), len(POSITIONS), len(CELL_CLASSES)), dtype=np.int64)
         for i, scene in enumerate(self.scenes):
             for rank, shape in enumerate(scene.shapes, start=1):  # shapes are in reading order
@@ -103,8 +103,9 @@ class TrainingSet:
     def batch(self, rng: np.random.Generator, size: int) -> Batch:
         """`size` random scenes of the set."""
         pick = rng.integers(0, len(self.scenes), size)
-        return Batch(scenes=[self.scenes[i] for i in pick], pixel_values=self.pixel_values[pick],
-                     cells=self.cells[pick], background=self.background[pick])
+        pixel_values = (self.pixels[pick].float() / 255.0 - 0.5) / 0.5  # as the runtime's preprocessing
+        return Batch(scenes=[self.scenes[i] for i in pick], pixel_values=pixel_values, cells=self.cells[pick],
+                     background=self.background[pick])
 
 
 def add_captions(batch: Batch, geometry: Geometry, tokenizer: Any, prompt: str) -> Batch:
