@@ -1,0 +1,153 @@
+"""Quality per quant level on the trained test models: what each level costs in right captions.
+
+    python benchmarks/trained_quality.py                        # shapes-pg1 and shapes-pg2, 200 scenes, CPU
+    python benchmarks/trained_quality.py --families pg1 --scenes 50 --levels fp32 int4:128
+
+For each family (`shapes-pg1`, `shapes-pg2`, trained on first use into the palionnx cache) every level is
+exported afresh and captions the same held-out scenes with `caption en`, greedy, through `Captioner.caption`
+(`palionnx eval`'s numbers: exact match, token accuracy, per-attribute accuracy). Second column group:
+teacher-forced along fp32's captions (and their eos), the share of positions whose next token equals fp32's
+and the mean cosine of the logits with fp32's.
+
+Levels: fp32, fp16 (built for CUDA, run here on the CPU), LEVEL:BLOCK for int8/int4 on MatMulNBits at that
+block size (int4:128), LEVEL:auto for the block size and kernels the export measures on this CPU, and
+LEVEL:qgemm for int8 QGEMM (dynamically quantized activations) in the vision encoder and prefill.
+Writes benchmarks/results/trained-quality-cpu.{json,md} (--name to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from palionnx import Captioner
+from palionnx.evaluation import evaluate
+from palionnx.runtime.preprocess import image_pixels
+from palionnx.scenes import CAPTION_PROMPT, make_scenes, render
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LEVELS = ["fp32", "fp16", "int8:32", "int8:64", "int8:128", "int4:32", "int4:64", "int4:128", "int4:auto",
+          "int8:qgemm", "int4:qgemm"]
+
+
+def forced_logits(captioner: Captioner, images: list, tokens: list[list[int]]) -> list[np.ndarray]:
+    """Per image, the logits [positions, vocab] along `tokens`: each position is fed the given token, whatever
+    the model would have picked."""
+    out = []
+    for image, forced in zip(images, tokens):
+        batch = captioner.prompt_batch(image_pixels(image, captioner.image_spec)[None], [CAPTION_PROMPT])
+        state = captioner.model.new_state(1, batch.input_ids.shape[1] + len(forced))
+        output = state.prefill(batch)
+        rows = []
+        for position, token in enumerate(forced):
+            rows.append(output.logits()[0].astype(np.float32))
+            if position + 1 < len(forced):
+                output = state.step(np.array([token], dtype=np.int64))
+        out.append(np.stack(rows))
+    return out
+
+
+def agreement(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[float, float]:
+    """(share of positions with the same argmax, mean logit cosine) over all positions of all images."""
+    a, b = np.concatenate(reference), np.concatenate(other)
+    cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    return float((a.argmax(-1) == b.argmax(-1)).mean()), float(cosine.mean())
+
+
+def export_level(checkpoint: Path, level: str, folder: Path) -> None:
+    """Export `checkpoint` at `level` (fp32, fp16, int8:BLOCK, int4:BLOCK, int8:auto, int4:auto, int8:qgemm,
+    int4:qgemm)."""
+    from palionnx.export.convert import export
+
+    quant, _, block = level.partition(":")
+    if quant in ("fp32", "fp16"):
+        export(checkpoint, folder, quant=quant, device="auto")
+    elif block == "auto":
+        export(checkpoint, folder, quant=quant, device="cpu")
+    elif block == "qgemm":  # int8 QGEMM for the vision encoder and prefill, decode at the measured block
+        export(checkpoint, folder, quant=quant, device="cpu", kernels="qgemm")
+    else:
+        export(checkpoint, folder, quant=quant, device="cpu", block_size=int(block), kernels="nbits")
+
+
+def measure_family(family: str, args: argparse.Namespace, work: Path) -> list[dict]:
+    from palionnx.cli.models import cache_root
+    from palionnx.export.trained import trained_checkpoint
+
+    checkpoint = trained_checkpoint(f"shapes-{family}", cache_root() / "trained", progress=print)
+    rows: list[dict] = []
+    reference: tuple[list[list[int]], list[np.ndarray]] | None = None
+    for level in args.levels:
+        folder = work / f"shapes-{family}-{level.replace(':', '-')}"
+        export_level(checkpoint, level, folder)
+        captioner = Captioner.load(folder, device="cpu")
+        report = evaluate(captioner, count=args.scenes, seed=args.seed, prompt=CAPTION_PROMPT, batch_size=16)
+        images = [render(scene, captioner.manifest.image_size) for scene in make_scenes(args.forced, args.seed)]
+        if reference is None:  # fp32 comes first: its captions and logits are the reference
+            eos = captioner.manifest.eos_token_ids[0]
+            tokens = [s.tokens + [eos] for s in captioner.caption(images, prompt=CAPTION_PROMPT, batch_size=16,
+                                                                  max_new_tokens=args.max_new_tokens)]
+            reference = (tokens, forced_logits(captioner, images, tokens))
+        same, cosine = agreement(reference[1], forced_logits(captioner, images, reference[0]))
+        quant = captioner.manifest.quant
+        kernels = quant.cpu_kernels
+        rows.append({"family": family, "level": level, "block_size": quant.block_size,
+                     "kernels": f"{kernels.vision} / {kernels.prefill} / {kernels.decode}" if kernels else None,
+                     **report.summary(), "forced_next_token_agreement": same, "forced_logit_cosine": cosine})
+        print({k: v for k, v in rows[-1].items() if k != "folder"}, flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
+def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    lines = [f"Trained test models, {args.scenes} held-out scenes (seed {args.seed}), `caption en`, greedy, on "
+             f"the CPU ({platform.processor() or platform.machine()}); teacher-forced columns over {args.forced} "
+             "scenes along fp32's captions. int LEVEL:BLOCK is MatMulNBits at that block; :auto is the export's "
+             "measured choice (block, kernels vision / prefill / decode in brackets).", "",
+             "| family | level | exact match | token accuracy | kind | colour | count | position | size | background "
+             "| next token = fp32 (forced) | logit cosine vs fp32 (forced) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        a = r["attributes"]
+        level = r["level"]
+        if level.endswith((":auto", ":qgemm")):
+            level += f" (block {r['block_size']}, {r['kernels']})"
+        cells = [r["family"], level, f"{r['exact_match']:.1%}", f"{r['token_accuracy']:.1%}",
+                 *(f"{a[name]:.1%}" for name in ("kind", "colour", "count", "position", "size", "background")),
+                 f"{r['forced_next_token_agreement']:.2%}", f"{r['forced_logit_cosine']:.5f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", nargs="+", default=["pg1", "pg2"], choices=["pg1", "pg2"])
+    parser.add_argument("--levels", nargs="+", default=LEVELS)
+    parser.add_argument("--scenes", type=int, default=200)
+    parser.add_argument("--forced", type=int, default=50, help="scenes for the teacher-forced columns")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="fp32's reference captions")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="trained-quality-cpu", help="results file name (without extension)")
+    args = parser.parse_args()
+    if args.levels[0] != "fp32":
+        parser.error("the first level must be fp32 (the reference)")
+
+    work = Path(tempfile.mkdtemp(prefix="palionnx-quality-"))
+    try:
+        rows = [row for family in args.families for row in measure_family(family, args, work)]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(rows, args))
+    print(markdown(rows, args))
+
+
+if __name__ == "__main__":
+    main()
