@@ -68,18 +68,19 @@ def test_each_shape_is_drawn_in_its_cell_in_its_colour():
 
 
 def test_scoring():
-    scene = next(s for s in make_scenes(50, seed=5) if len(s.shapes) == 3)
+    scene = max(make_scenes(50, seed=5), key=lambda s: len(s.shapes))  # as many shapes as MAX_SHAPES allows
+    n = len(scene.shapes)
     truth = scene.truth()
     perfect = score_scene(0, scene, CAPTION_PROMPT, truth, [5, 6, 7], [5, 6, 7])
     assert perfect.exact and perfect.token_accuracy == 1.0
     assert perfect.right == perfect.asked
 
-    shape = scene.shapes[1]
+    shape = scene.shapes[-1]
     other = next(c for c in COLOURS if c not in {s.colour for s in scene.shapes})
     wrong = truth.replace(f"{shape.size} {shape.colour} {shape.kind}", f"{shape.size} {other} {shape.kind}")
     scored = score_scene(0, scene, CAPTION_PROMPT, wrong, [5, 9, 7, 8], [5, 6, 7])
     assert not scored.exact and scored.token_accuracy == 0.5
-    assert scored.right["colour"] == 2 and scored.asked["colour"] == 3
+    assert scored.right["colour"] == n - 1 and scored.asked["colour"] == n
     assert all(scored.right[a] == scored.asked[a] for a in ("kind", "size", "position", "count", "background"))
 
     garbage = score_scene(0, scene, CAPTION_PROMPT, "", [], [5, 6, 7])
