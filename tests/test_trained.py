@@ -14,9 +14,11 @@ from palionnx.export.train import Recipe, train
 from palionnx.export.validate import validate
 from palionnx.scenes import make_scenes, render
 
-# TODO lead: measured minimums with margin
-FP32_MIN = 0.0
-INT4_MIN = 0.0
+# Measured on the AMD EPYC VM (2 cores): fp32 96.0 %, int4 block 128 96.5 % (benchmarks/trained_quality.py).
+# Asserted with a 6-point margin (another CPU's kernels train slightly different weights); 0.90 is also the
+# exact-match rate the recipe was made to reach.
+FP32_MIN = 0.90
+INT4_MIN = 0.90
 
 
 def test_fp32_export_captions_held_out_scenes(shapes_exported):

@@ -109,7 +109,7 @@ def random_scene(rng: np.random.Generator, max_shapes: int = MAX_SHAPES) -> Scen
             kind=KINDS[pair // len(COLOURS)], colour=colours[pair % len(COLOURS)],
             size=SIZES[int(rng.integers(len(SIZES)))], position=POSITIONS[cell],
             dx=float(rng.uniform(-0.04, 0.04)), dy=float(rng.uniform(-0.04, 0.04)),
-            scale=float(rng.uniform(0.95, 1.05)),
+            scale=float(rng.uniform(0.88, 1.12)),
             tint=tuple(int(v) for v in rng.integers(-20, 21, size=3)),  # type: ignore[arg-type]
         ))
     base = np.clip(rng.uniform(110, 180) + rng.uniform(-25, 25, size=3), 0, 255)
@@ -129,7 +129,8 @@ def render(scene: Scene, size: int) -> Image.Image:
     for shape in scene.shapes:
         row, col = divmod(POSITIONS.index(shape.position), 3)
         centre = ((col + 0.5 + shape.dx) * cell, (row + 0.5 + shape.dy) * cell)
-        radius = cell * (0.36 if shape.size == "large" else 0.2) * shape.scale
+        # small 0.19-0.25 of a cell, large 0.28-0.36: close enough that quantization noise shows in the sizes
+        radius = cell * (0.32 if shape.size == "large" else 0.22) * shape.scale
         colour = tuple(int(np.clip(c + t, 0, 255)) for c, t in zip(COLOURS[shape.colour], shape.tint))
         _draw_shape(draw, shape.kind, centre, radius, colour)
     return image.resize((size, size), Image.Resampling.BOX)

@@ -30,7 +30,7 @@ _TRAINING: dict[str, Any] = dict(vision_steps=150, steps=1000, batch_size=32, lr
                                  scenes=8192)
 RECIPES: dict[str, Recipe] = {  # measured: see the README's "Trained test models"
     "shapes-pg1": Recipe(geometry=Geometry("pg1", **_VISION, **_DECODER, kv_heads=1), **_TRAINING),
-    "shapes-pg2": Recipe(geometry=Geometry("pg2", **_VISION, **_DECODER, kv_heads=2, sliding_window=32), **_TRAINING),
+    "shapes-pg2": Recipe(geometry=Geometry("pg2", **_VISION, **_DECODER, kv_heads=2, sliding_window=48), **_TRAINING),
 }
 
 
