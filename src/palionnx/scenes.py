@@ -1,12 +1,12 @@
 """Procedural scenes with known captions: the task the trained test models learn (numpy + Pillow only).
 
-A scene is a textured background and one to four shapes, each in its own cell of a 3 x 3 grid. A shape has
-a kind, a colour and a size; its cell names its position. The truth for a scene comes from a small grammar,
+A scene is a textured background and one or two shapes (MAX_SHAPES), each in its own cell of a 3 x 3 grid.
+A shape has a kind, a colour and a size; its cell names its position. The truth for a scene comes from a small grammar,
 in the origin model's style (tags, then a description), chosen by the prompt:
 
-    tags en      three shapes, red circle, blue square, green cross, striped background
-    caption en   the tags, then: an image of three shapes on a striped background. a large red circle is
-                 at the top left. a small blue square is at the center. a large green cross is at the bottom.
+    tags en      two shapes, red circle, blue square, striped background
+    caption en   the tags, then: an image of two shapes on a striped background. a large red circle is
+                 at the top left. a small blue square is at the center.
 
 Shapes are listed in reading order (row by row). No two shapes of a scene share both kind and colour.
 Everything is drawn from a seeded numpy generator, so `make_scenes(n, seed)` gives the same scenes on
