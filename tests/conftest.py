@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,7 +80,10 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     if not (cache_root() / "trained" / f"shapes-pg1-{cache_key('shapes-pg1')}" / "config.json").is_file():
         code = ("from palionnx.cli.models import cache_root; from palionnx.export.trained import trained_checkpoint; "
                 "trained_checkpoint('shapes-pg1', cache_root() / 'trained')")
-        _TRAINING["shapes-pg1"] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL)
+        # at the lowest priority, so that it only takes the CPU the tests leave (timing-sensitive tests such as
+        # the interrupted run see an idle machine); it gets all of it while shapes_pg1 waits for it
+        _TRAINING["shapes-pg1"] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                                                   preexec_fn=lambda: os.nice(19))
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
