@@ -63,8 +63,8 @@ def test_each_shape_is_drawn_in_its_cell_in_its_colour():
             block = pixels[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell]
             distance = np.abs(block - np.array(COLOURS[shape.colour])).max(axis=-1)
             covered = (distance <= 25).mean()  # the shape's colour jitter is at most 20 per channel
-            # measured minimums at 96 px: large 0.106 (cross, diamond, triangle), small 0.004 (a cross)
-            assert covered > (0.0 if shape.size == "small" else 0.08), (shape, covered)
+            # measured minimums over 400 scenes at 96 px: large 0.059, small 0.014 (outlines take a thin shape's inside)
+            assert covered > (0.01 if shape.size == "small" else 0.05), (shape, covered)
 
 
 def test_scoring():
