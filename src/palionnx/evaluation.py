@@ -12,12 +12,10 @@ Captions go through the normal runtime (`Captioner.caption`), greedy unless a sa
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from .runtime.captioner import Captioner
-from .runtime.contract import TOKENIZER_NAME
 from .runtime.generate import Sampler
 from .scenes import CAPTION_PROMPT, TAGS_PROMPT, Scene, make_scenes, read_caption, render
 
@@ -92,11 +90,6 @@ def score_scene(index: int, scene: Scene, prompt: str, caption: str, tokens: lis
                       token_accuracy=same / max(len(tokens), len(truth_ids), 1), right=right, asked=asked)
 
 
-def folder_tokenizer(folder: str | Path) -> Tokenizer:
-    """The tokenizer of a model folder, to count a truth's tokens."""
-    return Tokenizer.from_file(str(Path(folder) / TOKENIZER_NAME))
-
-
 def text_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False).ids
 
@@ -109,7 +102,7 @@ def evaluate(captioner: Captioner, count: int = 200, seed: int = 0, prompt: str 
     `max_new_tokens` defaults to the longest truth among the scenes plus `SLACK_TOKENS` (a caption that
     runs on past its truth is wrong either way)."""
     scenes = make_scenes(count, seed)
-    tokenizer = folder_tokenizer(captioner.folder)
+    tokenizer = captioner.text.tokenizer
     truth_ids = [text_ids(tokenizer, scene.truth(prompt)) for scene in scenes]
     size = captioner.manifest.image_size
     results = captioner.caption([render(scene, size) for scene in scenes], prompt=prompt,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from ..evaluation import Report, folder_tokenizer, score_scene, text_ids
+from ..evaluation import Report, score_scene, text_ids
 from ..runtime.captioner import Captioner
 from ..runtime.contract import MANIFEST_NAME
 from ..scenes import CAPTION_PROMPT, Scene, make_scenes, render
@@ -69,7 +69,7 @@ def run_demo(captioner: Captioner, folder: Path, count: int, seed: int) -> Repor
     jobs = write_scenes(scenes, folder, captioner.manifest.image_size)
     options = BatchOptions(overwrite=True, prompt=CAPTION_PROMPT)
     caption_files(captioner, plan_run(jobs, options, quiet=True), options, quiet=True)
-    tokenizer = folder_tokenizer(captioner.folder)
+    tokenizer = captioner.text.tokenizer
     report = Report(folder=str(captioner.folder), prompt=CAPTION_PROMPT, seed=seed)
     for i, (scene, job) in enumerate(zip(scenes, jobs)):
         caption_file = job.image.with_suffix(".txt")

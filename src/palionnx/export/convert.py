@@ -143,7 +143,7 @@ def _precision(quant: str, target: str, config: DecoderConfig, block_size: int |
                plan: CpuKernels | None) -> Precision:
     if plan is None:
         return Precision.for_level(quant, target, config.gemma2, block_size or DEFAULT_BLOCK_SIZE)
-    table_block = tune.table_block_size(plan, quant, block_size)
+    table_block = tune.table_block_size(plan, block_size)
     return Precision.for_level(quant, target, config.gemma2, table_block, Kernel.parse(plan.decode),
                                Kernel.parse(plan.prefill))
 

@@ -108,7 +108,7 @@ class Precision:
     @property
     def linear_kernel(self) -> quantize.Kernel:
         """The kernel of the decoder graph's linear layers (int8/int4)."""
-        return self.kernel or quantize.nbits(self.weights, self.block_size)
+        return self.kernel or self.table_kernel
 
     @property
     def table_kernel(self) -> quantize.Kernel:

@@ -185,7 +185,7 @@ def _plan(decode: Kernel, prefill: Kernel, vision: Kernel, chosen_by: str) -> Cp
     return CpuKernels(vision=vision.name, decode=decode.name, prefill=prefill.name, chosen_by=chosen_by)
 
 
-def table_block_size(plan: CpuKernels, level: str, block_size: int | None) -> int:
+def table_block_size(plan: CpuKernels, block_size: int | None) -> int:
     """The block size of the tied embedding / lm_head table (always MatMulNBits): the decode kernel's, or
     for a QGEMM decoder the fastest MatMulNBits block measured at decode."""
     decode = Kernel.parse(plan.decode)

@@ -125,12 +125,6 @@ class Scheduler:
         self._tokens = np.zeros(slots, dtype=np.int64)  # each slot's next input token
         self._admitting: list[Request] = []
 
-    @classmethod
-    def for_requests(cls, captioner: Captioner, slots: int, prompt_tokens: int, max_new_tokens: int) -> Scheduler:
-        """A scheduler whose slots fit prompts of `prompt_tokens` (image tokens included) and captions of
-        `max_new_tokens`."""
-        return cls(captioner, slots, prompt_tokens + max_new_tokens)
-
     def prompt_tokens(self, prompt: str) -> int:
         return len(self.captioner.text.prompt_ids(prompt))
 

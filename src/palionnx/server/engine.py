@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
@@ -26,10 +25,9 @@ class Rejected(ValueError):
 
 @dataclass
 class Submitted:
-    """What the engine keeps of a request: its future and when it arrived."""
+    """What the engine keeps of a request: its future."""
 
     future: Future[Completion]
-    arrived: float
 
 
 class Engine:
@@ -51,14 +49,15 @@ class Engine:
         """Queue a request (thread-safe); QueueFull when the queue is at --max-queue, Rejected when it cannot
         fit a slot."""
         try:  # special-token text, the model's context: checked here, so a bad prompt never reaches a step
-            check_request(self.captioner.manifest, self.captioner.text, [request.prompt], request.max_new_tokens, 1)
+            prompt_tokens = check_request(self.captioner.manifest, self.captioner.text, [request.prompt],
+                                          request.max_new_tokens, 1)
         except RequestError as exc:
             raise Rejected(str(exc)) from None
-        needed = self.scheduler.prompt_tokens(request.prompt) + request.max_new_tokens
+        needed = prompt_tokens + request.max_new_tokens
         if needed > self.scheduler.max_len:
             raise Rejected(f"prompt + max_new_tokens = {needed} tokens exceed the server's {self.scheduler.max_len}")
         future: Future[Completion] = Future()
-        request.tag = Submitted(future, time.perf_counter())
+        request.tag = Submitted(future)
         with self.lock:
             if self.stopping:
                 raise QueueFull("the server is shutting down")

@@ -25,7 +25,6 @@ class Metrics:
         self.busy = self.slots = 0
         self.occupancy = 0.0
         self.steps = self.busy_steps = 0  # decode steps, and busy slots summed over them
-        self.queue_depth = 0
 
     def record_request(self, route: str, outcome: str, seconds: float) -> None:
         with self.lock:
