@@ -24,7 +24,6 @@ the manifest (`CpuKernels`) and shown by `palionnx bench`. Never imports torch.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import system
 from ..runtime.defaults import DEFAULT_BLOCK_SIZE
 from ..runtime.manifest import CpuKernels
 from .quantize import BITS, CPU_ACCURACY_LEVEL, OPSET, QGEMM, Kernel
@@ -300,19 +300,10 @@ def _cache_bytes() -> int:
 
 def physical_memory() -> int:
     """Bytes of memory this machine has (0 where unknown, which allows no prefill graph)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
+    found = system.memory()
+    return found.total if found else 0
 
 
 def cpu_name() -> str:
     """The CPU's model name and the cores this process may use."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-
-        name = platform.processor() or platform.machine()
-    return f"{name}, {len(os.sched_getaffinity(0))} cores"
+    return f"{system.cpu_name()}, {system.cpu_count()} cores"
