@@ -2,15 +2,19 @@
 
     python benchmarks/gpu_check.py --work DIR [--out DIR] [--device cuda]
 
-Expects in DIR what `benchmarks/gpu_check.sh prep` made: `pg1-3b-224-fp16`, `pg1-3b-224-int4` (built for
-CUDA) and `tiny-{pg1,pg2}-{fp16,int4}` folders. Prints and writes (JSON + Markdown under --out):
+Expects in DIR what `benchmarks/gpu_check.sh prep` made: `pg1-3b-224-{fp16,int4,int4-b128,bf16}` (built
+for CUDA; int4 at block 32 and 128), `tiny-{pg1,pg2}-{fp32,fp16,int4,bf16}` and `hot-pg2-{fp32,fp16,bf16}`
+folders. Prints and writes (JSON + Markdown under --out):
 
-1. parity: greedy tokens of the tiny models on CUDA against the same folder on the CPU (batch 1 and 4),
-   and with the CUDA graph on against off;
-2. placement: the decoder's nodes per execution provider in a decode step (onnxruntime's profiler);
-3. pg1-3b-224, 260-token prompt, 64 new tokens (eos ignored): vision, prefill, decode ms/token at batch 1
-   with the CUDA graph on and off, the first 64 decode steps with room for 64 and for 1024 new tokens,
-   images/s at batch 8/16/32/64, GPU memory.
+1. parity: greedy tokens of the tiny models on CUDA against the same folder on the CPU (bf16, which the
+   CPU cannot run: against the fp32 folder), batch 1 and 4, and with the CUDA graph on against off;
+2. range: a Gemma 2 checkpoint whose residual stream outgrows float16 (`hot-pg2`), fp16 and bf16 on CUDA
+   against fp32 on the CPU;
+3. placement: the bf16 decoder's nodes per execution provider in a decode step (onnxruntime's profiler);
+4. pg1-3b-224, 260-token prompt, 64 new tokens (eos ignored): vision, prefill, decode ms/token at batch 1,
+   the first 64 decode steps with room for 64 and for 1024 new tokens, images/s at batch 8/16/32/64, GPU
+   memory; and the cache-length sweep: batch-1 decode (first 64 steps, and through the caption loop) and
+   batch-8 decode with the KV cache at least 0 / 1024 / 4096 slots (`OnnxPaliGemma.min_cache_slots`).
 """
 
 from __future__ import annotations
@@ -34,18 +38,21 @@ from palionnx.runtime.measure import decode_step_ms, gpu_memory_mb
 from palionnx.samples import sample_images
 
 PROMPTS = ["caption en", "describe this picture in great detail", "caption en", "x"]
+BIG = ("pg1-3b-224-fp16", "pg1-3b-224-int4", "pg1-3b-224-bf16", "pg1-3b-224-int4-b128")
+CACHE_FLOORS = (0, 1024, 4096)
 
 
 def parity(work: Path, device: str) -> list[dict[str, Any]]:
     """Greedy tokens on `device` (graph on and off) against the CPU, tiny models, batch 1 and 4."""
     rows = []
     images = sample_images(4)
-    for name in ("tiny-pg1-fp16", "tiny-pg1-int4", "tiny-pg2-fp16", "tiny-pg2-int4"):
+    for name in [f"tiny-{family}-{level}" for family in ("pg1", "pg2") for level in ("fp16", "int4", "bf16")]:
         folder = work / name
+        reference = work / name.replace("bf16", "fp32")  # the CPU cannot run bf16: compare with fp32
         runs, logits = {}, {}
-        for label, kwargs in (("cpu", dict(device="cpu")), ("graph", dict(device=device)),
-                              ("plain", dict(device=device, cuda_graph=False))):
-            captioner = Captioner.load(folder, **kwargs)
+        for label, path, kwargs in (("cpu", reference, dict(device="cpu")), ("graph", folder, dict(device=device)),
+                                    ("plain", folder, dict(device=device, cuda_graph=False))):
+            captioner = Captioner.load(path, **kwargs)
             logits[label] = captioner.prefill_logits(images, PROMPTS)
             batch4 = captioner.caption(images, prompt=PROMPTS, max_new_tokens=24, batch_size=4)
             batch1 = captioner.caption(images, prompt=PROMPTS, max_new_tokens=24, batch_size=1)
@@ -57,6 +64,38 @@ def parity(work: Path, device: str) -> list[dict[str, Any]]:
                      "graph_equals_plain": sum(a == b for a, b in zip(runs["graph"], runs["plain"]))})
         print(rows[-1], flush=True)
     return rows
+
+
+def overflow_check(work: Path, device: str) -> list[dict[str, Any]]:
+    """`hot-pg2` (a Gemma 2 whose residual stream outgrows float16) at fp16 and bf16 on `device` against fp32
+    on the CPU: prefill logits finite, their largest difference, the same next token."""
+    images = sample_images(4)
+    reference = Captioner.load(work / "hot-pg2-fp32", device="cpu").prefill_logits(images, PROMPTS)
+    rows = []
+    for level in ("fp16", "bf16"):
+        logits = Captioner.load(work / f"hot-pg2-{level}", device=device).prefill_logits(images, PROMPTS)
+        rows.append({"model": f"hot-pg2-{level}", "finite": bool(np.isfinite(logits).all()),
+                     "max_logit_diff": float(np.abs(logits - reference).max()),
+                     "logit_scale": float(np.abs(reference).max()),
+                     "same_next_token": int((logits.argmax(-1) == reference.argmax(-1)).sum())})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def make_hot_checkpoint(target: Path) -> None:
+    """tiny-pg2 with its post-feedforward norms scaled so that the residual stream outgrows float16 (what
+    tests/test_export.py's overflow test builds)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from palionnx.export.synth import write_checkpoint
+
+    checkpoint = write_checkpoint("tiny-pg2", target, seed=3)
+    weights = load_file(checkpoint / "model.safetensors")
+    for name in weights:
+        if "post_feedforward_layernorm" in name:
+            weights[name] = torch.full_like(weights[name], 4.0e4)
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
 
 
 def placement(folder: Path, device: str) -> dict[str, Any]:
@@ -110,6 +149,26 @@ def throughput(captioner: Captioner, batch: int, tokens: int) -> float:
     return 2 * batch / seconds
 
 
+def batch_decode_ms(captioner: Captioner, batch: int, tokens: int = 64) -> float:
+    """Decode ms per step at `batch` rows through the caption loop (after a warm-up batch)."""
+    images = sample_images(batch, size=captioner.manifest.image_size)
+    timed_caption(captioner, images, batch, tokens)
+    return timed_caption(captioner, images, batch, tokens)[1][0].timings.decode_ms_per_token
+
+
+def cache_floor_sweep(captioner: Captioner) -> list[dict[str, float]]:
+    """Decode with the KV cache at least `floor` slots long, for each of CACHE_FLOORS."""
+    default, rows = captioner.model.min_cache_slots, []
+    for floor in CACHE_FLOORS:
+        captioner.model.min_cache_slots = floor
+        rows.append({"min_cache_slots": floor, "step_ms_b1": decode_step_ms(captioner, 64),
+                     "loop_ms_b1": phases(captioner, 64)["decode_ms_per_token"],
+                     "loop_ms_b8": batch_decode_ms(captioner, 8)})
+        print(captioner.folder.name, rows[-1], flush=True)
+    captioner.model.min_cache_slots = default
+    return rows
+
+
 def bench(folder: Path, device: str, batches: list[int]) -> dict[str, Any]:
     row: dict[str, Any] = {"model": folder.name}
     started = time.perf_counter()
@@ -118,12 +177,12 @@ def bench(folder: Path, device: str, batches: list[int]) -> dict[str, Any]:
     row.update(phases(captioner, 64))
     row["decode_ms_first64_of_64"] = decode_step_ms(captioner, 64)
     row["decode_ms_first64_of_1024"] = decode_step_ms(captioner, 1024)
+    row["min_cache_slots"] = captioner.model.min_cache_slots
+    row["cache_floor_sweep"] = cache_floor_sweep(captioner)
     for batch in batches:
         row[f"images_per_s_b{batch}"] = throughput(captioner, batch, 64)
         print(folder.name, f"batch {batch}: {row[f'images_per_s_b{batch}']:.1f} images/s", flush=True)
     row["gpu_memory_mb"] = gpu_memory_mb()
-    plain = Captioner.load(folder, device=device, cuda_graph=False)
-    row["decode_ms_per_token_no_graph"] = phases(plain, 64)["decode_ms_per_token"]
     print(row, flush=True)
     return row
 
@@ -133,22 +192,44 @@ def in_subprocess(folder: Path, device: str, batches: list[int]) -> dict[str, An
     out = subprocess.run([sys.executable, __file__, "--bench-one", str(folder), "--device", device, "--batches",
                           *map(str, batches), "--work", str(folder.parent)], capture_output=True, text=True)
     print(out.stdout, out.stderr[-2000:] if out.returncode else "", flush=True)
+    if out.returncode:
+        return {"model": folder.name, "error": out.stderr.strip().splitlines()[-1:] or [f"exit {out.returncode}"]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"{report['gpu']}, onnxruntime {report['onnxruntime']}. `pg1-3b-224` random weights, 260-token prompt, "
              "64 new tokens (eos ignored), decode batch 1 unless stated.", "",
-             "| level | vision ms | prefill ms | decode ms/tok | no CUDA graph | first 64 of 64 / of 1024 | "
+             "| level | vision ms | prefill ms | decode ms/tok | first 64 of 64 / of 1024 | "
              "images/s b8 | b16 | b32 | b64 | GPU MB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for row in report["bench"]:
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    measured = [row for row in report["bench"] if "error" not in row]
+    for row in measured:
         cells = [row.get(f"images_per_s_b{b}") for b in (8, 16, 32, 64)]
         lines.append(f"| {row['model']} | {row['vision_ms']:.1f} | {row['prefill_ms']:.1f} | "
-                     f"{row['decode_ms_per_token']:.2f} | {row['decode_ms_per_token_no_graph']:.2f} | "
+                     f"{row['decode_ms_per_token']:.2f} | "
                      f"{row['decode_ms_first64_of_64']:.2f} / {row['decode_ms_first64_of_1024']:.2f} | "
                      + " | ".join("—" if c is None else f"{c:.1f}" for c in cells)
                      + f" | {row['gpu_memory_mb'] or 0:.0f} |")
+    lines += ["", "Decode ms/step with the KV cache at least N slots (batch 1: first 64 steps / through the caption "
+              "loop; batch 8: through the loop):", "",
+              "| level | " + " | ".join(f"N = {floor}" for floor in CACHE_FLOORS) + " |",
+              "| --- |" + " ---: |" * len(CACHE_FLOORS)]
+    for row in measured:
+        cells = [f"{r['step_ms_b1']:.2f} / {r['loop_ms_b1']:.2f}; b8 {r['loop_ms_b8']:.2f}"
+                 for r in row["cache_floor_sweep"]]
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    lines += ["", "Parity, tiny models, greedy, 24 tokens, batch 4 and batch 1 (8 sequences): the same tokens as the "
+              "reference (the folder on the CPU; for bf16 the fp32 folder), and CUDA graph on = off:", "",
+              "| model | = reference | graph = plain | max prefill logit diff (scale) |",
+              "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {r['model']} | {r['cuda_equals_cpu']}/{r['sequences']} | "
+              f"{r['graph_equals_plain']}/{r['sequences']} | {r['prefill_logit_diff']:.3f} ({r['logit_scale']:.1f}) |"
+              for r in report.get("parity", [])]
+    lines += ["", "A Gemma 2 whose residual stream outgrows float16 (`hot-pg2`) against fp32 on the CPU:", "",
+              "| model | finite | max logit diff (scale) | same next token |", "| --- | --- | ---: | ---: |"]
+    lines += [f"| {r['model']} | {r['finite']} | {r['max_logit_diff']:.3f} ({r['logit_scale']:.1f}) | "
+              f"{r['same_next_token']}/4 |" for r in report.get("overflow", [])]
     return "\n".join(lines) + "\n"
 
 
@@ -159,7 +240,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batches", type=int, nargs="*", default=[8, 16, 32, 64])
     parser.add_argument("--bench-one", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--make-hot", type=Path, help="write the hot-pg2 checkpoint here and exit")
     args = parser.parse_args()
+    if args.make_hot:
+        make_hot_checkpoint(args.make_hot)
+        return
     if args.bench_one:
         print(json.dumps(bench(args.bench_one, args.device, args.batches)))
         return
@@ -167,11 +252,16 @@ def main() -> None:
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                          text=True).stdout.strip() if args.device == "cuda" else "CPU"
     report: dict[str, Any] = {"gpu": gpu, "onnxruntime": ort.__version__}
+    save = lambda: (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")  # noqa: E731
     report["parity"] = parity(args.work, args.device)
-    big = [args.work / name for name in ("pg1-3b-224-fp16", "pg1-3b-224-int4") if (args.work / name).is_dir()]
-    report["placement"] = [placement(folder, args.device) for folder in big or [args.work / "tiny-pg1-int4"]]
-    report["bench"] = [in_subprocess(folder, args.device, args.batches) for folder in big]
-    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    report["overflow"] = overflow_check(args.work, args.device)
+    save()
+    big = [args.work / name for name in BIG if (args.work / name).is_dir()]
+    report["placement"] = [placement(args.work / "pg1-3b-224-bf16", args.device)]
+    report["bench"] = []
+    for folder in big:  # saved after each folder: a run cut short keeps what it measured
+        report["bench"].append(in_subprocess(folder, args.device, args.batches))
+        save()
     table = markdown(report)
     (args.out / "gpu_check.md").write_text(table)
     print(table)

@@ -13,6 +13,12 @@ Levels: fp32, fp16 (built for CUDA, run here on the CPU), LEVEL:BLOCK for int8/i
 block size (int4:128), LEVEL:auto for the block size and kernels the export measures on this CPU, and
 LEVEL:qgemm for int8 QGEMM (dynamically quantized activations) in the vision encoder and prefill.
 Writes benchmarks/results/trained-quality-cpu.{json,md} (--name to change).
+
+On a GPU: `--device cuda --levels fp32 fp16 bf16 int8:cuda int4:cuda` runs every level but fp32 (the CPU
+reference) on CUDA (LEVEL:cuda: int8/int4 built for CUDA, block 32). `--checkpoints DIR` takes the trained
+checkpoints from DIR/shapes-pg1 and DIR/shapes-pg2 instead of the cache (a machine with other torch or
+transformers versions would otherwise train its own); `--work DIR --export-only` exports every level there
+first, and a later run with the same `--work` reuses those folders.
 """
 
 from __future__ import annotations
@@ -61,13 +67,18 @@ def agreement(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[flo
 
 
 def export_level(checkpoint: Path, level: str, folder: Path) -> None:
-    """Export `checkpoint` at `level` (fp32, fp16, int8:BLOCK, int4:BLOCK, int8:auto, int4:auto, int8:qgemm,
-    int4:qgemm)."""
+    """Export `checkpoint` at `level` (fp32, fp16, bf16, int8:BLOCK, int4:BLOCK, int8:auto, int4:auto,
+    int8:qgemm, int4:qgemm, int8:cuda, int4:cuda) unless `folder` holds that export already."""
     from palionnx.export.convert import export
+    from palionnx.runtime.contract import MANIFEST_NAME
 
+    if (folder / MANIFEST_NAME).exists():  # exported by an earlier --export-only run
+        return
     quant, _, block = level.partition(":")
-    if quant in ("fp32", "fp16"):
+    if quant in ("fp32", "fp16", "bf16"):
         export(checkpoint, folder, quant=quant, device="auto")
+    elif block == "cuda":
+        export(checkpoint, folder, quant=quant, device="cuda")
     elif block == "auto":
         export(checkpoint, folder, quant=quant, device="cpu")
     elif block == "qgemm":  # int8 QGEMM for the vision encoder and prefill, decode at the measured block
@@ -76,17 +87,27 @@ def export_level(checkpoint: Path, level: str, folder: Path) -> None:
         export(checkpoint, folder, quant=quant, device="cpu", block_size=int(block), kernels="nbits")
 
 
-def measure_family(family: str, args: argparse.Namespace, work: Path) -> list[dict]:
+def checkpoint_of(family: str, args: argparse.Namespace) -> Path:
     from palionnx.cli.models import cache_root
     from palionnx.export.trained import trained_checkpoint
 
-    checkpoint = trained_checkpoint(f"shapes-{family}", cache_root() / "trained", progress=print)
+    if args.checkpoints:
+        return args.checkpoints / f"shapes-{family}"
+    return trained_checkpoint(f"shapes-{family}", cache_root() / "trained", progress=print)
+
+
+def level_folder(work: Path, family: str, level: str) -> Path:
+    return work / f"shapes-{family}-{level.replace(':', '-')}"
+
+
+def measure_family(family: str, args: argparse.Namespace, work: Path) -> list[dict]:
+    checkpoint = checkpoint_of(family, args)
     rows: list[dict] = []
     reference: tuple[list[list[int]], list[np.ndarray]] | None = None
     for level in args.levels:
-        folder = work / f"shapes-{family}-{level.replace(':', '-')}"
+        folder = level_folder(work, family, level)
         export_level(checkpoint, level, folder)
-        captioner = Captioner.load(folder, device="cpu")
+        captioner = Captioner.load(folder, device="cpu" if level == "fp32" else args.device)
         report = evaluate(captioner, count=args.scenes, seed=args.seed, prompt=CAPTION_PROMPT, batch_size=16)
         images = [render(scene, captioner.manifest.image_size) for scene in make_scenes(args.forced, args.seed)]
         if reference is None:  # fp32 comes first: its captions and logits are the reference
@@ -101,13 +122,23 @@ def measure_family(family: str, args: argparse.Namespace, work: Path) -> list[di
                      "kernels": f"{kernels.vision} / {kernels.prefill} / {kernels.decode}" if kernels else None,
                      **report.summary(), "forced_next_token_agreement": same, "forced_logit_cosine": cosine})
         print({k: v for k, v in rows[-1].items() if k != "folder"}, flush=True)
-        shutil.rmtree(folder, ignore_errors=True)
+        if not args.work:
+            shutil.rmtree(folder, ignore_errors=True)
     return rows
 
 
+def gpu_name() -> str:
+    import subprocess
+
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    return out.stdout.strip() or "CUDA"
+
+
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
-    lines = [f"Trained test models, {args.scenes} held-out scenes (seed {args.seed}), `caption en`, greedy, on "
-             f"the CPU ({platform.processor() or platform.machine()}); teacher-forced columns over {args.forced} "
+    where = (f"on {args.device_name} (fp32 on the CPU)" if args.device == "cuda"
+             else f"on the CPU ({platform.processor() or platform.machine()})")
+    lines = [f"Trained test models, {args.scenes} held-out scenes (seed {args.seed}), `caption en`, greedy, "
+             f"{where}; teacher-forced columns over {args.forced} "
              "scenes along fp32's captions. int LEVEL:BLOCK is MatMulNBits at that block; :auto is the export's "
              "measured choice (block, kernels vision / prefill / decode in brackets).", "",
              "| family | level | exact match | token accuracy | kind | colour | count | position | size | background "
@@ -133,18 +164,33 @@ def main() -> None:
     parser.add_argument("--forced", type=int, default=50, help="scenes for the teacher-forced columns")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="fp32's reference captions")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default="trained-quality-cpu", help="results file name (without extension)")
+    parser.add_argument("--name", help="results file name without extension (default trained-quality-DEVICE)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every level but fp32 runs")
+    parser.add_argument("--checkpoints", type=Path, help="a folder with shapes-pg1/ and shapes-pg2/ checkpoints")
+    parser.add_argument("--work", type=Path, help="export the levels here and keep them (default: a temp dir)")
+    parser.add_argument("--export-only", action="store_true", help="with --work: export every level, then stop")
     args = parser.parse_args()
     if args.levels[0] != "fp32":
         parser.error("the first level must be fp32 (the reference)")
+    if args.export_only and not args.work:
+        parser.error("--export-only needs --work")
+    args.name = args.name or f"trained-quality-{args.device}"
+    if args.export_only:
+        for family in args.families:
+            for level in args.levels:
+                export_level(checkpoint_of(family, args), level, level_folder(args.work, family, level))
+        return
+    args.device_name = gpu_name() if args.device == "cuda" else "CPU"
 
-    work = Path(tempfile.mkdtemp(prefix="palionnx-quality-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="palionnx-quality-"))
     try:
         rows = [row for family in args.families for row in measure_family(family, args, work)]
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    report = {"args": vars(args), "rows": rows}
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (RESULTS / f"{args.name}.md").write_text(markdown(rows, args))
     print(markdown(rows, args))
 

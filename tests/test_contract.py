@@ -13,7 +13,7 @@ from palionnx.runtime.text import TextCodec
 
 
 @pytest.mark.parametrize("family", ["tiny-pg1", "tiny-pg2"])
-@pytest.mark.parametrize("quant", ["fp32", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("quant", ["fp32", "fp16", "bf16", "int8", "int4"])
 def test_exported_graphs_follow_the_contract(family, quant, exported):
     folder = exported(family, quant)
     manifest = Manifest.load(folder)

@@ -172,6 +172,79 @@ def test_fp16_graphs_store_half_weights(exported):
     assert Manifest.load(folder).kv_dtype == "float16"
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_folder_is_bfloat16_for_cuda_only(family, exported, tmp_path):
+    """bf16: every decoder weight and the KV cache in bfloat16 with no Cast inside a layer (Gemma 2's
+    residual stream stays in bfloat16: it has float32's range), the fp16 vision encoder, built for CUDA; a
+    CPU run or a CPU export is refused in one line."""
+    from palionnx.export.convert import ExportError, export
+    from palionnx.runtime.sessions import DeviceError
+
+    folder = exported(family, "bf16")
+    manifest = Manifest.load(folder)
+    assert (manifest.quant.level, manifest.kv_dtype, manifest.device) == ("bf16", "bfloat16", "cuda")
+    decoder = onnx.load(str(folder / "decoder.onnx"), load_external_data=False).graph
+    big = [i for i in decoder.initializer if np.prod(i.dims) >= 64]
+    assert big and {i.data_type for i in big} == {onnx.TensorProto.BFLOAT16}
+    assert {i.type.tensor_type.elem_type for i in decoder.input if i.name.startswith("past")} == {
+        onnx.TensorProto.BFLOAT16}
+    assert not [n for n in decoder.node if n.op_type == "Cast" and n.name.startswith("layers.")]
+    vision = onnx.load(str(folder / "vision_encoder.onnx"), load_external_data=False).graph
+    assert onnx.TensorProto.FLOAT16 in {i.data_type for i in vision.initializer}
+    with pytest.raises(DeviceError, match="CUDA only"):
+        Captioner.load(folder, device="cpu")
+    with pytest.raises(DeviceError, match="CUDA only"):
+        Captioner.load(folder)  # auto, and this onnxruntime has no CUDA
+    with pytest.raises(ExportError, match="CUDA only"):
+        export(folder, tmp_path / "x", quant="bf16", device="cpu")
+
+
+def _widened_to_float32(folder, target):
+    """A copy of a bf16 folder whose decoder computes in float32 from the same bfloat16-rounded weights:
+    the graph's wiring, run on this CPU."""
+    import shutil
+
+    from onnx import numpy_helper
+
+    from palionnx.runtime.integrity import record_files
+
+    shutil.copytree(folder, target)
+    model = onnx.load(str(folder / "decoder.onnx"))
+    bf16, f32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    for i, tensor in enumerate(model.graph.initializer):
+        if tensor.data_type == bf16:
+            wide = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name)
+            model.graph.initializer[i].CopyFrom(wide)
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.type.tensor_type.elem_type == bf16:
+            value.type.tensor_type.elem_type = f32
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "Cast" and attribute.name == "to" and attribute.i == bf16:
+                attribute.i = f32
+    for path in target.glob("decoder.onnx*"):
+        path.unlink()
+    onnx.save_model(model, str(target / "decoder.onnx"), save_as_external_data=True, location="decoder.onnx.data")
+    data = json.loads((target / "palionnx.json").read_text())
+    files = record_files(target, skip=("palionnx.json",))
+    data.update(kv_dtype="float32", device="cpu", files={name: vars(info) for name, info in files.items()})
+    (target / "palionnx.json").write_text(json.dumps(data))
+    return target
+
+
+def test_bf16_graph_computes_what_fp32_does(exported, tmp_path):
+    """The bf16 decoder (windowed graph aside), widened to float32 so this CPU can run it, gives the fp32
+    folder's next-token logits up to bfloat16 weight rounding."""
+    images = sample_images(4)
+    for family in FAMILIES:
+        wide = _widened_to_float32(exported(family, "bf16"), tmp_path / family)
+        got = Captioner.load(wide, device="cpu").prefill_logits(images, PROMPTS)
+        ref = Captioner.load(exported(family, "fp32"), device="cpu").prefill_logits(images, PROMPTS)
+        cosine = (ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
+        assert cosine.min() > 0.995, (family, cosine)  # bfloat16 keeps 8 bits of mantissa
+        assert (ref.argmax(-1) == got.argmax(-1)).mean() >= 0.75
+
+
 def test_pg2_fp16_survives_activations_beyond_fp16_range(tmp_path):
     """Gemma 2's residual stream outgrows fp16 in trained models; blow it up on purpose here.
 
@@ -283,7 +356,8 @@ def _nodes_per_layer(path) -> dict[int, int]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize(("quant", "device"), [("fp32", "auto"), ("fp16", "auto"), ("int4", "cpu"), ("int4", "cuda")])
+@pytest.mark.parametrize(("quant", "device"), [("fp32", "auto"), ("fp16", "auto"), ("bf16", "auto"), ("int4", "cpu"),
+                                               ("int4", "cuda")])
 def test_decoder_layers_are_fused(family, quant, device, exported):
     """At most 15 nodes per decoder layer (a decode step launches few kernels): one packed QKV MatMul, one
     GroupQueryAttention with the cache in place, fused residual + RMSNorm, no attention pieces left over."""

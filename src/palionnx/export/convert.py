@@ -92,7 +92,8 @@ def _write_folder(
     staging = outdir / ".staging"
     staging.mkdir(exist_ok=True)
     try:
-        vision = _export_in_child(checkpoint.folder, staging, quant == "fp16", progress, started)
+        # bf16 folders keep the fp16 vision encoder: onnxruntime's CUDA Conv has bfloat16 from opset 22 only
+        vision = _export_in_child(checkpoint.folder, staging, quant in ("fp16", "bf16"), progress, started)
         if quant in quantize.BITS:
             vision_kernel = Kernel.parse(plan.vision) if plan else precision.table_kernel
             say(f"quantizing the vision encoder to {quant} ({vision_kernel.name})")
@@ -229,8 +230,8 @@ def _manifest(checkpoint: Checkpoint, graphs: dict[str, GraphInfo], precision: P
         quant_info = QuantInfo(level=quant, bits=quantize.BITS[quant], block_size=precision.block_size,
                                symmetric=True, accuracy_level=precision.accuracy_level,
                                method=_method(plan), cpu_kernels=plan)
-    elif quant == "fp16":
-        kept = ["residual stream and RMSNorm (Gemma 2)"] if is_pg2 else []
+    elif quant in ("fp16", "bf16"):
+        kept = ["residual stream and RMSNorm (Gemma 2)"] if is_pg2 and quant == "fp16" else []
         quant_info = QuantInfo(level=quant, fp32_kept=kept + ["attention softmax (inside the kernel)", "logits"])
     return Manifest(
         family="pg2" if is_pg2 else "pg1",

@@ -24,7 +24,8 @@ when `Precision.prefill_kernel` differs (CPU folders, chosen by measurement in e
 Precision: fp32 and CPU-targeted int8/int4 compute in float32. Half precision (fp16, and CUDA-targeted
 int8/int4) computes matmuls, attention and the KV cache in float16; Gemma 2 keeps its residual stream and
 norms in float32, because it overflows float16 there (the tests provoke it); Gemma keeps everything in
-float16 (its fused norms accumulate in float32 internally).
+float16 (its fused norms accumulate in float32 internally). bf16 (CUDA only) computes everything in
+bfloat16, the checkpoints' own type, whose float32 range lets Gemma 2's residual stream stay in it too.
 """
 
 from __future__ import annotations
@@ -33,14 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import ml_dtypes
 import numpy as np
+from onnx import helper
 
 from ..runtime.contract import DECODER, DECODER_PREFILL, DECODER_WINDOWED, GRAPH_FILES, data_file, graph_io
 from ..runtime.manifest import GraphInfo
 from . import quantize
 from .onnx_builder import GraphBuilder, Weights
 
-F32, F16 = np.float32, np.float16
+F32, F16, BF16 = np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -92,9 +95,9 @@ class DecoderConfig:
 class Precision:
     """How the graph stores weights and computes."""
 
-    weights: str  # "fp32", "fp16", "int8" or "int4"
-    compute: Any  # F32 or F16: matmuls, attention, KV cache
-    residual: Any  # F32 or F16: the residual stream and the norms' outputs feeding it
+    weights: str  # "fp32", "fp16", "bf16", "int8" or "int4"
+    compute: np.dtype  # F32, F16 or BF16: matmuls, attention, KV cache
+    residual: np.dtype  # F32, F16 or BF16: the residual stream and the norms' outputs feeding it
     block_size: int = 32  # int8/int4: MatMulNBits' block (the tied embedding table's, and `kernel`'s default)
     accuracy_level: int = 0  # int8/int4: 4 lets CPU kernels use int8 activations
     kernel: quantize.Kernel | None = None  # int8/int4: the linear layers' (default: MatMulNBits, block_size)
@@ -102,8 +105,8 @@ class Precision:
 
     @property
     def compute_dtype(self) -> str:
-        """"float32" or "float16": the KV cache's and the matmuls' element type."""
-        return np.dtype(self.compute).name
+        """"float32", "float16" or "bfloat16": the KV cache's and the matmuls' element type."""
+        return self.compute.name
 
     @property
     def linear_kernel(self) -> quantize.Kernel:
@@ -119,8 +122,8 @@ class Precision:
     def for_level(cls, level: str, device: str, gemma2: bool, block_size: int,
                   kernel: quantize.Kernel | None = None, prefill_kernel: quantize.Kernel | None = None) -> Precision:
         half = level == "fp16" or (level in quantize.BITS and device == "cuda")
-        compute = F16 if half else F32
-        residual = F32 if (compute == F32 or gemma2) else F16
+        compute = BF16 if level == "bf16" else F16 if half else F32
+        residual = F32 if (compute == F32 or (compute == F16 and gemma2)) else compute
         accuracy = quantize.CPU_ACCURACY_LEVEL if device == "cpu" else 0
         if device != "cpu" and any(k and k.cpu_only for k in (kernel, prefill_kernel)):
             raise ValueError(f"{device} folders cannot use CPU-only kernels")
@@ -299,7 +302,7 @@ class _DecoderGraph:
     def _cast(self, x: str, have: Any, want: Any, name: str) -> str:
         if have == want:
             return x
-        return self.g.op("Cast", [x], name, to=1 if want == F32 else 10)[0]
+        return self.g.op("Cast", [x], name, to=helper.np_dtype_to_tensor_dtype(np.dtype(want)))[0]
 
     def _gain(self, layer: int | None, norm: str, dtype: Any) -> str:
         """Gemma's RMSNorm gain 1 + w, computed in float32 as transformers does, stored in `dtype`."""

@@ -24,7 +24,7 @@ EXPECTED_DIMS: dict[str, Dims] = {
     r"(past_key_values|present)\.\d+\.(key|value)": lambda m: [None, m.kv_heads, None, m.head_dim],
     r"logits": lambda m: [None, m.vocab_size],
 }
-_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)"}
 
 
 def graph_problems(m: Manifest, sessions: dict[str, Any]) -> list[str]:

@@ -28,7 +28,7 @@ class RequestError(ValueError):
 
 def kv_cache_bytes(m: Manifest, batch: int, max_len: int) -> int:
     """The decoder's preallocated KV cache (keys and values of every layer) for `batch` rows of `max_len`."""
-    element = 2 if m.kv_dtype == "float16" else 4
+    element = 4 if m.kv_dtype == "float32" else 2
     return m.layers * 2 * batch * m.kv_heads * max_len * m.head_dim * element
 
 

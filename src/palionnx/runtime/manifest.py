@@ -18,7 +18,7 @@ from .levels import QUANT_LEVELS
 from .preprocess import RESAMPLE, ImageSpec
 
 FAMILIES = ("pg1", "pg2")
-KV_DTYPES = ("float32", "float16")
+KV_DTYPES = ("float32", "float16", "bfloat16")
 BUILT_FOR = ("cpu", "cuda")
 
 
@@ -102,7 +102,7 @@ class Manifest:
     max_positions: int  # the decoder's context: prompt + generated tokens never go beyond it
     sliding_window: int | None  # Gemma 2: window of the sliding layers; None for Gemma
     quant: QuantInfo
-    device: str  # one of BUILT_FOR: what the graphs are built for (float32 compute on cpu, float16 on cuda)
+    device: str  # one of BUILT_FOR: what the graphs are built for (float32 compute on cpu, 16-bit on cuda)
     kv_dtype: str  # one of KV_DTYPES: the KV cache's (and the decoder's compute) element type
     graphs: dict[str, GraphInfo]  # by role (see contract.GRAPH_FILES); decoder_windowed for Gemma 2 only
     opset: int  # ONNX opset of the graphs

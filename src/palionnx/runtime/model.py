@@ -15,17 +15,28 @@ import numpy as np
 import onnxruntime as ort
 
 from .contract import DECODER, DECODER_PREFILL, DECODER_WINDOWED, VISION_ENCODER, graph_io
+from .defaults import CUDA_MIN_CACHE_SLOTS, CUDA_SMALL_BATCH
 from .generate import PromptBatch
 from .manifest import Manifest
 from .sessions import DeviceError, open_sessions, requested_device
 
-_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-_ELEMENT = {**_NUMPY, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16: numpy has no bfloat16, so such buffers are held as uint16
+# A graph tensor type -> (the numpy type its buffers are made of, the element type they are bound as).
+_CACHE_TYPES = {"tensor(float)": (np.float32, np.float32), "tensor(float16)": (np.float16, np.float16),
+                "tensor(bfloat16)": (np.uint16, BFLOAT16)}
+_ELEMENT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+            "tensor(int32)": np.int32}
 
 
 def model_device(manifest: Manifest, device: str) -> str:
     """The device to run a folder on: "auto" follows the folder (a CPU-built folder stays on the CPU even
     where CUDA exists); "cuda" for a CPU-built folder is a DeviceError saying how to export for CUDA."""
+    if manifest.kv_dtype == "bfloat16" and device in ("auto", "cpu"):
+        if device == "cpu" or requested_device("auto") != "cuda":
+            raise DeviceError("this folder is bf16, which runs on CUDA only (onnxruntime's CPU attention has no "
+                              "bfloat16 kernel): run it where onnxruntime-gpu sees a GPU, or export fp32, int8 or "
+                              "int4 for the CPU")
+        return "cuda"
     if device == "auto" and manifest.device == "cpu":
         return "cpu"
     if device == "cuda" and manifest.device == "cpu":
@@ -59,12 +70,17 @@ class OnnxPaliGemma:
         self.windowed: ort.InferenceSession | None = None  # Gemma 2, opened when first needed
         self.providers = self.decoder.get_providers()
         self.io = graph_io(DECODER, manifest.layers)
-        self.kv_dtype = _NUMPY[{i.name: i.type for i in self.decoder.get_inputs()}[self.io.inputs[5]]]
+        # the cache's storage type and the element type it is bound as (they differ for bfloat16)
+        self.kv_storage, self.kv_element = _CACHE_TYPES[
+            {i.name: i.type for i in self.decoder.get_inputs()}[self.io.inputs[5]]]
         # onnxruntime-gpu 1.31's GroupQueryAttention ignores the padding of shorter rows when soft-capping
         # (Gemma 2) is combined with bidirectional attention: prefill such batches one row at a time.
         self.prefill_rows_alone = self.device == "cuda" and manifest.family == "pg2"
         self._states: dict[tuple[int, int], DecoderState] = {}
         self._graph_ids = 0
+        # On CUDA, small batches get a cache of at least this many slots (see `cache_slots`).
+        self.min_cache_slots = CUDA_MIN_CACHE_SLOTS if self.device == "cuda" else 0
+        self.small_batch = CUDA_SMALL_BATCH
 
     def _graph_roles(self) -> set[str]:
         return {DECODER, DECODER_WINDOWED} if self.cuda_graph else set()
@@ -97,12 +113,21 @@ class OnnxPaliGemma:
         if max_len > self.manifest.max_positions:
             raise ValueError(f"prompt + new tokens ({max_len}) exceed the model's {self.manifest.max_positions} "
                              "positions")
-        key = (batch, max_len)
-        state = self._states.pop(key, None) or DecoderState(self, batch, max_len, self._next_graph_id())
+        key = (batch, self.cache_slots(batch, max_len))
+        state = self._states.pop(key, None) or DecoderState(self, *key, self._next_graph_id())
         self._states[key] = state
         while len(self._states) > 2:
             self._states.pop(next(iter(self._states)))
         return state
+
+    def cache_slots(self, batch: int, max_len: int) -> int:
+        """Slots per row of the cache for `max_len` tokens: on CUDA, small batches get at least
+        `min_cache_slots`, because GroupQueryAttention splits a decode step's attention over the cache's
+        length (its total_sequence_length, fixed in the captured graph): a longer cache spreads one row's
+        few heads over more of the GPU, while the work still follows each row's filled length."""
+        if batch > self.small_batch:
+            return max_len
+        return min(max(max_len, self.min_cache_slots), self.manifest.max_positions)
 
     def _next_graph_id(self) -> int:
         self._graph_ids += 1
@@ -145,7 +170,7 @@ class DecoderState:
             return ort.OrtValue.ortvalue_from_numpy(array, device, 0)
 
         # Zero-filled once; GroupQueryAttention only reads the slots a row has filled.
-        self.cache = [on_device(np.zeros(shape, dtype=model.kv_dtype)) for _ in model.io.inputs[5:]]
+        self.cache = [on_device(np.zeros(shape, dtype=model.kv_storage)) for _ in model.io.inputs[5:]]
         self.token_ids = on_device(np.zeros((batch, 1), dtype=np.int64))
         self.no_features = on_device(np.zeros((1, 1, m.hidden), dtype=np.float32))  # decode steps add no image
         self.seqlens = on_device(np.zeros(batch, dtype=np.int32))
@@ -194,19 +219,21 @@ class DecoderState:
                 binding.bind_cpu_input(name, np.ascontiguousarray(array))
         rows = stop - start
         for past, present, value in zip(inputs[5:], outputs[2:], self.cache):
-            self._bind_rows(binding, past, value, into, rows, output=False)
-            self._bind_rows(binding, present, value, into, rows, output=True)
+            self._bind_rows(binding, past, value, into, rows, output=False, element=self.model.kv_element)
+            self._bind_rows(binding, present, value, into, rows, output=True, element=self.model.kv_element)
         self._bind_rows(binding, outputs[0], self.logits, into, rows, output=True)
         self._bind_rows(binding, outputs[1], self.next_token, into, rows, output=True)
         session.run_with_iobinding(binding, self._run_options(capture=False))
 
     def _bind_rows(self, binding: ort.IOBinding, name: str, value: ort.OrtValue, first: int, rows: int,
-                   output: bool) -> None:
-        """Bind `rows` rows of a buffer from row `first` by address (a view: nothing is copied)."""
+                   output: bool, element: object = None) -> None:
+        """Bind `rows` rows of a buffer from row `first` by address (a view: nothing is copied), as `element`
+        (default: the buffer's own type)."""
         shape = value.shape()
-        dtype = _ELEMENT[value.data_type()]
-        row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
-        args = (name, self.model.device, 0, dtype, [rows, *shape[1:]], value.data_ptr() + first * row_bytes)
+        storage = _ELEMENT[value.data_type()] if element is None else self.model.kv_storage
+        row_bytes = int(np.prod(shape[1:])) * np.dtype(storage).itemsize
+        args = (name, self.model.device, 0, element or storage, [rows, *shape[1:]],
+                value.data_ptr() + first * row_bytes)
         (binding.bind_output if output else binding.bind_input)(*args)
 
     def step(self, token_ids: np.ndarray, active: np.ndarray | None = None) -> StepOutput:
@@ -253,8 +280,9 @@ class DecoderState:
     def _bind_cache_and_outputs(self, binding: ort.IOBinding) -> None:
         io = self.model.io
         for past, present, value in zip(io.inputs[5:], io.outputs[2:], self.cache):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)  # the same buffer: the cache is updated in place
+            # the same buffer: the cache is updated in place
+            self._bind_rows(binding, past, value, 0, self.batch, output=False, element=self.model.kv_element)
+            self._bind_rows(binding, present, value, 0, self.batch, output=True, element=self.model.kv_element)
         binding.bind_ortvalue_output(io.outputs[0], self.logits)
         binding.bind_ortvalue_output(io.outputs[1], self.next_token)
 
