@@ -2,8 +2,8 @@
 
     python benchmarks/gpu_check.py --work DIR [--out DIR] [--device cuda]
 
-Expects in DIR what `benchmarks/gpu_check.sh prep` made: `pg1-3b-224-{fp16,int4,int4-b128,bf16}` (built
-for CUDA; int4 at block 32 and 128), `tiny-{pg1,pg2}-{fp32,fp16,int4,bf16}` and `hot-pg2-{fp32,fp16,bf16}`
+Expects in DIR what `benchmarks/gpu_check.sh prep` made: `pg1-3b-224-{fp16,int4,bf16}` (built for CUDA),
+`tiny-{pg1,pg2}-{fp32,fp16,int4,bf16}` and `hot-pg2-{fp32,fp16,bf16}`
 folders. Prints and writes (JSON + Markdown under --out):
 
 1. parity: greedy tokens of the tiny models on CUDA against the same folder on the CPU (bf16, which the
@@ -38,7 +38,7 @@ from palionnx.runtime.measure import decode_step_ms, gpu_memory_mb
 from palionnx.samples import sample_images
 
 PROMPTS = ["caption en", "describe this picture in great detail", "caption en", "x"]
-BIG = ("pg1-3b-224-fp16", "pg1-3b-224-int4", "pg1-3b-224-bf16", "pg1-3b-224-int4-b128")
+BIG = ("pg1-3b-224-fp16", "pg1-3b-224-int4", "pg1-3b-224-bf16")
 CACHE_FLOORS = (0, 1024, 4096)
 
 

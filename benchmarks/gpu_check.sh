@@ -10,13 +10,15 @@
 # xz-packed to fit the transfer), into /tmp/gpu; the piece-2
 # call then starts exporting the trained models (benchmarks/trained_quality.py --export-only), detached.
 # prep (started detached by call 1, on the machine's CPUs while the pieces arrive) synthesises pg1-3b-224 and
-# the tiny test models and exports them for CUDA (fp16, bf16, int4 at blocks 32 and 128). With HOST_CPU_CORES
-# set (e.g. "14,15"), it also runs benchmarks/compare.py for the CPU (transformers fp32 and palionnx int4,
-# exported and kernel-tuned on those cores only) on that slice of the host's CPU, with the image's CPU
-# onnxruntime. measure waits for prep, runs benchmarks/gpu_check.py (every figure of the README's GPU table,
-# parity, the float16-range check, the cache-length sweep), benchmarks/gpu_dtypes.py (float16 vs bfloat16
-# products), benchmarks/trained_quality.py on CUDA when the trained models came, and, with
-# STEP_KERNELS=1 where Nsight Compute runs, benchmarks/gpu_step_kernels.py; everything lands in $OUT.
+# the tiny test models and exports them for CUDA (fp16, bf16, int4). With HOST_CPU_CORES set (e.g. "14,15"),
+# it also runs benchmarks/compare.py for the CPU (transformers fp32 and palionnx int4, exported and
+# kernel-tuned on those cores only) on that slice of the host's CPU, with the image's CPU onnxruntime.
+# measure waits for prep, runs benchmarks/gpu_check.py (every figure of the README's GPU table, parity, the
+# float16-range check, the cache-length sweep) and benchmarks/trained_quality.py on CUDA when the trained
+# models came; everything lands in $OUT. Seen on an H200 (2026-11-26): prep ≈ 3 minutes, gpu_check ≈ 5, the
+# trained models ≈ 1.5 per family, the host-CPU comparison ≈ 7 from prep's start: one measure call of at most
+# 600 s holds gpu_check and one family (QUALITY_FAMILIES, default pg1), so run the other in a second call:
+#   bash benchmarks/gpu_check.sh quality pg2
 set -euo pipefail
 work=/tmp/gpu/work
 gpu_cores=0-11
@@ -36,27 +38,31 @@ case "${1:-}" in
     ;;
   prep)
     mkdir -p "$work"
-    python3 -m palionnx synth pg1-3b-224 -o "$work/pg1-3b-224" --dtype bfloat16
+    # the library, not the CLI: the GPU image's typer may differ from the one the CLI is written for
+    synth() { python3 -c "import sys; from palionnx.export.synth import write_checkpoint as w; w(*sys.argv[1:3], dtype=sys.argv[3])" "$@"; }
+    synth pg1-3b-224 "$work/pg1-3b-224" bfloat16
     if [ -n "${HOST_CPU_CORES:-}" ]; then
       mkdir -p /tmp/gpu/cpu && ln -sfn "$work/pg1-3b-224" /tmp/gpu/cpu/pg1-3b-224
       (set +e; taskset -c "$HOST_CPU_CORES" python3 benchmarks/compare.py --geometry pg1-3b-224 --levels int4 \
          --new-tokens 64 --images 1 --work /tmp/gpu/cpu --stem host-cpu-pg1-3b-224-64tok > /tmp/gpu/cpu.log 2>&1;
        echo $? > /tmp/gpu/cpu.rc) &
     fi
-    for family in tiny-pg1 tiny-pg2; do python3 -m palionnx synth "$family" -o "$work/$family"; done
+    for family in tiny-pg1 tiny-pg2; do synth "$family" "$work/$family" float32; done
     python3 benchmarks/gpu_check.py --work "$work" --make-hot "$work/hot-pg2"
-    export_for_cuda() { taskset -c "$gpu_cores" python3 -m palionnx export "$@"; }
+    export_for_cuda() {  # SOURCE OUT QUANT [DEVICE [BLOCK]]
+      taskset -c "$gpu_cores" python3 -c "import sys; from palionnx.export.convert import export
+a = sys.argv[1:]; export(a[0], a[1], quant=a[2], device=a[3], block_size=int(a[4]) if a[4] else None, progress=print)" \
+        "$1" "$2" "$3" "${4:-auto}" "${5:-}"
+    }
     pids=()
-    export_for_cuda "$work/pg1-3b-224" -o "$work/pg1-3b-224-fp16" --quant fp16 & pids+=($!)
-    export_for_cuda "$work/pg1-3b-224" -o "$work/pg1-3b-224-bf16" --quant bf16 & pids+=($!)
-    export_for_cuda "$work/pg1-3b-224" -o "$work/pg1-3b-224-int4" --quant int4 --device cuda & pids+=($!)
-    export_for_cuda "$work/pg1-3b-224" -o "$work/pg1-3b-224-int4-b128" --quant int4 --device cuda --block-size 128 &
-    pids+=($!)
+    export_for_cuda "$work/pg1-3b-224" "$work/pg1-3b-224-fp16" fp16 & pids+=($!)
+    export_for_cuda "$work/pg1-3b-224" "$work/pg1-3b-224-bf16" bf16 & pids+=($!)
+    export_for_cuda "$work/pg1-3b-224" "$work/pg1-3b-224-int4" int4 cuda & pids+=($!)
     for family in tiny-pg1 tiny-pg2; do
-      for level in fp32 fp16 bf16; do export_for_cuda "$work/$family" -o "$work/$family-$level" --quant "$level"; done
-      export_for_cuda "$work/$family" -o "$work/$family-int4" --quant int4 --device cuda
+      for level in fp32 fp16 bf16; do export_for_cuda "$work/$family" "$work/$family-$level" "$level"; done
+      export_for_cuda "$work/$family" "$work/$family-int4" int4 cuda
     done
-    for level in fp32 fp16 bf16; do export_for_cuda "$work/hot-pg2" -o "$work/hot-pg2-$level" --quant "$level"; done
+    for level in fp32 fp16 bf16; do export_for_cuda "$work/hot-pg2" "$work/hot-pg2-$level" "$level"; done
     for pid in "${pids[@]}"; do wait "$pid"; done
     echo "prep done"
     ;;
@@ -68,24 +74,7 @@ case "${1:-}" in
     log="$out/all.log"
     set +e
     taskset -c "$gpu_cores" python3 benchmarks/gpu_check.py --work "$work" --out "$out" 2>&1 | tee -a "$log"
-    taskset -c "$gpu_cores" timeout 150 python3 benchmarks/gpu_dtypes.py --out "$out" 2>&1 | tee -a "$log"
-    if [ -f /tmp/gpu/quality.log ]; then
-      while [ ! -f /tmp/gpu/quality.rc ] && [ $(($(date +%s) - started)) -lt 400 ]; do sleep 3; done
-      tail -n 3 /tmp/gpu/quality.log | tee -a "$log"
-      taskset -c "$gpu_cores" timeout 240 python3 benchmarks/trained_quality.py --device cuda --checkpoints \
-        /tmp/gpu/checkpoints --work /tmp/gpu/quality --levels "${quality_levels[@]}" 2>&1 | tee -a "$log"
-      cp benchmarks/results/trained-quality-cuda.json benchmarks/results/trained-quality-cuda.md "$out"/ 2>/dev/null
-    fi
-    ncu=$([ "${STEP_KERNELS:-0}" = 1 ] && { command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null; } || true)
-    for level in fp16 int4; do
-      [ -n "$ncu" ] || break
-      csv="$out/kernels-$level.csv"
-      taskset -c "$gpu_cores" timeout 120 "$ncu" --clock-control none --nvtx --nvtx-include "decode_step/" \
-        --metrics gpu__time_duration.sum --print-units base --csv --log-file "$csv" \
-        python3 benchmarks/gpu_step_kernels.py "$work/pg1-3b-224-$level" >> "$log" 2>&1
-      echo "== decode-step kernels, $level" | tee -a "$log"
-      python3 benchmarks/gpu_step_kernels.py --summarize "$csv" 2>&1 | tee -a "$log"
-    done
+    [ -f /tmp/gpu/quality.log ] && bash "$0" quality ${QUALITY_FAMILIES:-pg1} 2>&1 | tee -a "$log"
     if [ -f /tmp/gpu/cpu.log ]; then  # wait for the CPU comparison, within this call's time
       while [ ! -f /tmp/gpu/cpu.rc ] && [ $(($(date +%s) - started)) -lt "${CPU_WAIT_UNTIL_S:-540}" ]; do sleep 5; done
       echo "== host CPU comparison (exit $(cat /tmp/gpu/cpu.rc 2>/dev/null || echo 'still running'))" | tee -a "$log"
@@ -96,8 +85,18 @@ case "${1:-}" in
     tail -n 40 /tmp/gpu/prep.log >> "$log"
     cat "$out/gpu_check.md"
     ;;
+  quality)  # FAMILY...: the trained models' quality table on CUDA (after the piece-2 exports)
+    shift
+    source /tmp/gpu/kit/env.sh > /dev/null
+    out=${OUT:-/tmp/gpu-out}
+    mkdir -p "$out"
+    while [ ! -f /tmp/gpu/quality.rc ]; do sleep 3; done
+    taskset -c "$gpu_cores" python3 benchmarks/trained_quality.py --device cuda --checkpoints /tmp/gpu/checkpoints \
+      --work /tmp/gpu/quality --families "$@" --levels "${quality_levels[@]}" --name "trained-quality-cuda-$*"
+    cp benchmarks/results/trained-quality-cuda-"$*".* "$out"/
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_check.sh prep|measure (see the comments at the top)" >&2
+    echo "usage: bash benchmarks/gpu_check.sh piece N|prep|measure|quality FAMILY... (see the comments at the top)" >&2
     exit 2
     ;;
 esac

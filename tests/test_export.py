@@ -370,6 +370,15 @@ def test_decoder_layers_are_fused(family, quant, device, exported):
         assert not ops & {"Softmax", "ScatterElements", "Transpose", "ReduceMean", "Concat"}
 
 
+def test_cuda_block_size_defaults():
+    """int4 folders for CUDA default to block 128 (measured faster on an H200) where the hidden size allows;
+    int8 stays at 32."""
+    from palionnx.export.convert import cuda_block_size
+
+    assert cuda_block_size("int4", 2048) == 128 and cuda_block_size("int4", 64) == 32
+    assert cuda_block_size("int8", 2048) == 32
+
+
 def test_int4_for_cuda_computes_in_float16_and_runs_anywhere(exported):
     folder = exported("tiny-pg2", "int4", "cuda")
     manifest = Manifest.load(folder)

@@ -13,7 +13,7 @@ import typer
 
 from ..runtime.captioner import Captioner
 from ..runtime.contract import folder_size
-from ..runtime.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
+from ..runtime.defaults import CUDA_INT4_BLOCK_SIZE, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from .batch import BatchOptions, Plan, Summary
 from .files import ImageJob
 from .helpformat import CleanGroup
@@ -288,8 +288,8 @@ def export(
         "cuda. fp32 is the CPU level, fp16 the CUDA one; int8/int4 compute in float32 for the CPU and in "
         "float16 for CUDA."))] = "auto",
     block_size: Annotated[int | None, typer.Option(metavar="N", show_default=False, help=(
-        "Block size of int8/int4 weight quantization (default: measured on this CPU for a CPU folder, "
-        f"{DEFAULT_BLOCK_SIZE} for CUDA)."))] = None,
+        "Block size of int8/int4 weight quantization (default: measured on this CPU for a CPU folder; for "
+        f"CUDA {CUDA_INT4_BLOCK_SIZE} at int4, {DEFAULT_BLOCK_SIZE} at int8)."))] = None,
     cpu_kernels: Annotated[str, typer.Option(metavar="KERNELS", help=(
         "int8/int4 for the CPU: auto (time the candidates here and keep the fastest), nbits (MatMulNBits "
         "only: one decoder graph, least memory) or qgemm (int8 QGEMM for the vision encoder and prefill)."))

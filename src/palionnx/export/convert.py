@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import __version__
 from ..runtime.contract import GRAPH_FILES, MANIFEST_NAME, TOKENIZER_NAME, VISION_ENCODER, graph_io
-from ..runtime.defaults import DEFAULT_BLOCK_SIZE
+from ..runtime.defaults import CUDA_INT4_BLOCK_SIZE, DEFAULT_BLOCK_SIZE
 from ..runtime.integrity import record_files
 from ..runtime.levels import LevelError, target_device
 from ..runtime.manifest import CpuKernels, GraphInfo, Manifest, QuantInfo
@@ -53,7 +53,8 @@ def export(
     kernels: str = "auto",
 ) -> Manifest:
     """Export `source` (a local checkpoint folder or a hub id) to `outdir` at `quant` precision, built for
-    `device` (see `target_device`). int8/int4: `block_size` None is measured on the CPU (32 for CUDA);
+    `device` (see `target_device`). int8/int4: `block_size` None is measured on the CPU (for CUDA: int4 128
+    where the hidden size allows, else 32);
     `kernels` "auto" (measured), "nbits" (MatMulNBits only) or "qgemm" (int8 QGEMM for the vision encoder
     and prefill: CPU only)."""
     if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
@@ -143,10 +144,15 @@ def _cpu_kernels(checkpoint: Checkpoint, config: DecoderConfig, quant: str, kern
 def _precision(quant: str, target: str, config: DecoderConfig, block_size: int | None,
                plan: CpuKernels | None) -> Precision:
     if plan is None:
-        return Precision.for_level(quant, target, config.gemma2, block_size or DEFAULT_BLOCK_SIZE)
+        return Precision.for_level(quant, target, config.gemma2, block_size or cuda_block_size(quant, config.hidden))
     table_block = tune.table_block_size(plan, block_size)
     return Precision.for_level(quant, target, config.gemma2, table_block, Kernel.parse(plan.decode),
                                Kernel.parse(plan.prefill))
+
+
+def cuda_block_size(quant: str, hidden: int) -> int:
+    """The default block of a CUDA folder's int8/int4 weights (see runtime/defaults.py)."""
+    return CUDA_INT4_BLOCK_SIZE if quant == "int4" and hidden % CUDA_INT4_BLOCK_SIZE == 0 else DEFAULT_BLOCK_SIZE
 
 
 def _export_in_child(folder: Path, staging: Path, fp16: bool, progress: Progress | None,
