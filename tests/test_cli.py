@@ -222,3 +222,18 @@ def test_install_scripts_exist():
     readme = (root / "README.md").read_text()
     assert "scripts/test.sh" in readme and "scripts/caption.sh" in readme
     assert shutil.which("bash")
+
+
+@pytest.mark.parametrize("command", [["caption", "--model"], ["bench"], ["eval"]])
+def test_bf16_folder_on_the_cpu_is_one_line_exit_2(command, exported, tmp_path):
+    """A bf16 folder (CUDA only) run on a machine without CUDA: one line naming the problem, exit 2."""
+    folder = exported("tiny-pg1", "bf16")
+    images = tmp_path / "images"
+    images.mkdir()
+    sample_images(1, size=40)[0].save(images / "a.png")
+    args = [*command, folder] + ([images] if command[0] == "caption" else [])
+    if command[0] == "bench":
+        args += ["--max-new-tokens", 2]
+    run = palionnx(*args)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error")]
+    assert run.returncode == 2 and errors and "CUDA only" in errors[-1] and "Traceback" not in run.stderr

@@ -103,3 +103,28 @@ def test_short_captions_are_captioned_again_and_the_longest_kept(exported):
     never = CaptionStream(captioner, [(0, images[0])], max_new_tokens=12, sampler=make_sampler(0.9, seed=0),
                           retry=Retry(min_words=1, retries=3))
     assert [result.attempts for _, result in never] == [1]  # long enough at once: captioned once
+
+
+def test_engine_frees_the_slot_of_a_request_its_caller_gave_up(exported):
+    """The server's engine drops a cancelled request (an HTTP timeout) at its next step: with one slot, a
+    long caption whose caller gave up does not hold back the next request."""
+    import time
+
+    from palionnx.server.engine import Engine
+    from palionnx.server.metrics import Metrics
+
+    captioner = Captioner.load(exported("tiny-pg1", "fp32"), device="cpu")
+    engine = Engine(captioner, slots=1, max_len=4096, max_queue=4, metrics=Metrics())
+    engine.start()
+    try:
+        pixels = image_pixels(sample_images(1)[0], captioner.image_spec)
+        long = engine.submit(Request(pixels, max_new_tokens=3000, ignore_eos=True))
+        deadline = time.monotonic() + 30
+        while not engine.scheduler.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.scheduler.busy == 1 and long.cancel()
+        short = engine.submit(Request(pixels, max_new_tokens=4, ignore_eos=True))
+        assert len(short.result(timeout=60).tokens) == 4
+        assert engine.scheduler.occupancy.steps < 1500  # the long caption's 3000 steps were not run
+    finally:
+        engine.stop()

@@ -86,7 +86,7 @@ ModelOpt = Annotated[str, typer.Option(metavar="MODEL", rich_help_panel=MODEL_PA
     "An exported model folder, or a hub id OWNER/NAME: a pre-exported repository is downloaded as it is, a "
     "checkpoint is exported once into the cache (~/.cache/palionnx or $PALIONNX_CACHE; needs palionnx[export])."))]
 QuantOpt = Annotated[str | None, typer.Option(metavar="LEVEL", rich_help_panel=MODEL_PANEL, help=(
-    "auto, fp32, fp16, int8 or int4: the level a hub checkpoint is exported at on first use (default auto: fp16 "
+    "auto, fp32, fp16, bf16, int8 or int4: the level a hub checkpoint is exported at on first use (default auto: fp16 "
     "where CUDA runs, int4 on the CPU), or picked among a pre-exported repository's levels."), show_default=False)]
 DeviceOpt = Annotated[str, typer.Option(metavar="DEVICE", rich_help_panel=MODEL_PANEL, help=(
     "auto (CUDA if it works, else CPU), cpu, cuda, directml (Windows) or coreml (macOS). An accelerator asked "
@@ -282,10 +282,10 @@ def export(
     output: Annotated[Path, typer.Option("--output", "-o", metavar="FOLDER", help=(
         "Model folder to write. It appears only when complete; a model folder there is replaced."))],
     quant: Annotated[str, typer.Option(metavar="LEVEL", help=(
-        "Precision: auto (fp16 for CUDA, int4 for the CPU), fp32, fp16, int8 or int4."))] = "auto",
+        "Precision: auto (fp16 for CUDA, int4 for the CPU), fp32, fp16, bf16 (CUDA only), int8 or int4."))] = "auto",
     device: Annotated[str, typer.Option(metavar="DEVICE", help=(
         "What the folder is built for: auto (CUDA if this machine's onnxruntime has it, else the CPU), cpu or "
-        "cuda. fp32 is the CPU level, fp16 the CUDA one; int8/int4 compute in float32 for the CPU and in "
+        "cuda. fp32 is the CPU level, fp16 and bf16 the CUDA ones; int8/int4 compute in float32 for the CPU and in "
         "float16 for CUDA."))] = "auto",
     block_size: Annotated[int | None, typer.Option(metavar="N", show_default=False, help=(
         "Block size of int8/int4 weight quantization (default: measured on this CPU for a CPU folder; for "
@@ -535,7 +535,7 @@ def bench(
     import json
 
     from ..runtime.manifest import Manifest, ModelFolderError
-    from ..runtime.measure import measure_in_subprocess
+    from ..runtime.measure import MeasureRefused, measure_in_subprocess
     from ..runtime.sessions import DEVICES
     from .bench import kernels, table_cells
     from .tables import print_table
@@ -558,6 +558,9 @@ def bench(
         try:
             rows.append(measure_in_subprocess(folder, images=images, max_new_tokens=max_new_tokens,
                                               batch_size=batch_size, device=device, repeats=repeats))
+        except MeasureRefused as exc:  # this folder cannot run on this device: the user's to change
+            _err(f"error: {exc}")
+            raise typer.Exit(2) from None
         except RuntimeError as exc:
             _err(f"error: {exc}")
             raise typer.Exit(1) from None

@@ -150,13 +150,20 @@ def decode_step_ms(captioner: Captioner, allocated: int, steps: int = 64) -> flo
     return 1000 * (time.perf_counter() - started) / steps
 
 
+class MeasureRefused(RuntimeError):
+    """The folder cannot be measured as asked (a broken folder, a device it cannot run on): the user's to fix."""
+
+
 def measure_in_subprocess(folder: Path, **settings: Any) -> dict[str, Any]:
     """`measure(folder, **settings)` in a fresh interpreter, so each folder's peak RSS is its own.
 
-    Raises RuntimeError with the child's last error line when it fails.
+    Raises MeasureRefused with the child's message when the folder or device is unusable, RuntimeError with
+    the child's last error line when it fails otherwise.
     """
     args = json.dumps([str(folder), settings])
     out = subprocess.run([sys.executable, "-m", "palionnx.runtime.measure", args], capture_output=True, text=True)
+    if out.returncode == 2 and out.stderr.startswith("error: "):  # see _main
+        raise MeasureRefused(out.stderr.strip().splitlines()[-1].removeprefix("error: "))
     if out.returncode != 0:
         lines = out.stderr.strip().splitlines()
         raise RuntimeError(f"benchmark of {folder} failed: {lines[-1] if lines else f'exit {out.returncode}'}")

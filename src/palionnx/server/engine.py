@@ -39,6 +39,7 @@ class Engine:
         self.inbox: deque[Request] = deque()
         self.lock = threading.Lock()
         self.wake = threading.Event()
+        self.cancelled = threading.Event()  # set when a caller gave up: the next step drops such requests
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="palionnx-engine", daemon=True)
 
@@ -57,6 +58,7 @@ class Engine:
         if needed > self.scheduler.max_len:
             raise Rejected(f"prompt + max_new_tokens = {needed} tokens exceed the server's {self.scheduler.max_len}")
         future: Future[Completion] = Future()
+        future.add_done_callback(self._note_cancelled)
         request.tag = Submitted(future)
         with self.lock:
             if self.stopping:
@@ -70,6 +72,10 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return len(self.inbox) + len(self.scheduler.waiting)
+
+    def _note_cancelled(self, future: Future[Completion]) -> None:
+        if future.cancelled():
+            self.cancelled.set()
 
     def stop(self, timeout: float = 60.0) -> None:
         """Finish what is queued and running, then end the thread."""
@@ -91,7 +97,9 @@ class Engine:
                 self.wake.wait(0.5)
                 self.wake.clear()
                 continue
-            scheduler.drop(lambda request: request.tag.future.cancelled())
+            if self.cancelled.is_set():  # only then scan the queue and the slots
+                self.cancelled.clear()
+                scheduler.drop(lambda request: request.tag.future.cancelled())
             for completion in scheduler.step():  # a failed step fails the captions in it, not the server
                 self.metrics.record_tokens(len(completion.tokens))
                 with contextlib.suppress(InvalidStateError):  # its caller gave up (timeout) meanwhile
