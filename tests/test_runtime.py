@@ -110,7 +110,8 @@ def test_runtime_imports_neither_torch_nor_transformers(tmp_path, exported):
 
 
 def test_cuda_request_without_cuda_is_an_error(exported):
-    from palionnx.runtime.sessions import DeviceError, cuda_available
+    from palionnx.runtime.providers import cuda_available
+    from palionnx.runtime.sessions import DeviceError
 
     if cuda_available():
         pytest.skip("this machine has CUDA")

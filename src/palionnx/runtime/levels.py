@@ -3,6 +3,8 @@ the cache of first-use exports."""
 
 from __future__ import annotations
 
+from .providers import cuda_available
+
 QUANT_LEVELS = ("fp32", "fp16", "bf16", "int8", "int4")
 EXPORT_DEVICES = ("auto", "cpu", "cuda")
 
@@ -29,8 +31,6 @@ def target_device(quant: str, device: str) -> str:
     if implied:
         return implied
     if device == "auto":
-        from .sessions import cuda_available
-
         return "cuda" if cuda_available() else "cpu"
     return device
 

@@ -12,27 +12,13 @@ from ..system import cpu_count
 if TYPE_CHECKING:
     from .manifest import Manifest
 
+from .providers import ACCELERATORS, cuda_available, provider_available
+
 DEVICES = ("auto", "cpu", "cuda", "directml", "coreml")
-# The execution provider behind each accelerator device, and how a user gets it.
-ACCELERATORS = {
-    "cuda": ("CUDAExecutionProvider", "install the GPU extra: pip install 'palionnx[gpu]' (README, Install)"),
-    "directml": ("DmlExecutionProvider", "on Windows, install onnxruntime-directml in place of onnxruntime"),
-    "coreml": ("CoreMLExecutionProvider", "on macOS the standard wheel has it: pip install 'palionnx[cpu]'"),
-}
 
 
 class DeviceError(Exception):
     """The requested device cannot be used."""
-
-
-def provider_available(device: str) -> bool:
-    """Whether this onnxruntime build offers the execution provider of `device` ("cuda", "directml", ...)."""
-    return ACCELERATORS[device][0] in ort.get_available_providers()
-
-
-def cuda_available() -> bool:
-    """Whether this onnxruntime build offers the CUDA execution provider."""
-    return provider_available("cuda")
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
