@@ -218,22 +218,30 @@ class DecoderState:
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(array))
         rows = stop - start
-        for past, present, value in zip(inputs[5:], outputs[2:], self.cache):
-            self._bind_rows(binding, past, value, into, rows, output=False, element=self.model.kv_element)
-            self._bind_rows(binding, present, value, into, rows, output=True, element=self.model.kv_element)
+        self._bind_cache(binding, into, rows)
         self._bind_rows(binding, outputs[0], self.logits, into, rows, output=True)
         self._bind_rows(binding, outputs[1], self.next_token, into, rows, output=True)
         session.run_with_iobinding(binding, self._run_options(capture=False))
 
+    def _bind_cache(self, binding: ort.IOBinding, first: int, rows: int) -> None:
+        """Bind cache rows first .. first + rows - 1 of every layer as both past and present: GroupQueryAttention
+        writes the new keys and values into the same buffer, in place."""
+        io = self.model.io
+        for past, present, value in zip(io.inputs[5:], io.outputs[2:], self.cache):
+            self._bind_rows(binding, past, value, first, rows, output=False, cache=True)
+            self._bind_rows(binding, present, value, first, rows, output=True, cache=True)
+
     def _bind_rows(self, binding: ort.IOBinding, name: str, value: ort.OrtValue, first: int, rows: int,
-                   output: bool, element: object = None) -> None:
-        """Bind `rows` rows of a buffer from row `first` by address (a view: nothing is copied), as `element`
-        (default: the buffer's own type)."""
+                   output: bool, cache: bool = False) -> None:
+        """Bind `rows` rows of a buffer from row `first` by address (a view: nothing is copied). A cache buffer
+        is bound as the graph's cache type (its storage differs for bfloat16)."""
         shape = value.shape()
-        storage = _ELEMENT[value.data_type()] if element is None else self.model.kv_storage
+        if cache:
+            storage, element = self.model.kv_storage, self.model.kv_element
+        else:
+            storage = element = _ELEMENT[value.data_type()]
         row_bytes = int(np.prod(shape[1:])) * np.dtype(storage).itemsize
-        args = (name, self.model.device, 0, element or storage, [rows, *shape[1:]],
-                value.data_ptr() + first * row_bytes)
+        args = (name, self.model.device, 0, element, [rows, *shape[1:]], value.data_ptr() + first * row_bytes)
         (binding.bind_output if output else binding.bind_input)(*args)
 
     def step(self, token_ids: np.ndarray, active: np.ndarray | None = None) -> StepOutput:
@@ -279,10 +287,7 @@ class DecoderState:
 
     def _bind_cache_and_outputs(self, binding: ort.IOBinding) -> None:
         io = self.model.io
-        for past, present, value in zip(io.inputs[5:], io.outputs[2:], self.cache):
-            # the same buffer: the cache is updated in place
-            self._bind_rows(binding, past, value, 0, self.batch, output=False, element=self.model.kv_element)
-            self._bind_rows(binding, present, value, 0, self.batch, output=True, element=self.model.kv_element)
+        self._bind_cache(binding, 0, self.batch)
         binding.bind_ortvalue_output(io.outputs[0], self.logits)
         binding.bind_ortvalue_output(io.outputs[1], self.next_token)
 
