@@ -285,6 +285,10 @@ def test_export_plan_scales_the_measured_export_and_refuses_what_cannot_fit():
     assert "4.9 GB of RAM" in shortfall(plan, available_ram=3 * GB, free_disk=100 * GB)
     assert "9.3 GB of disk and 5.0 GB is free" in shortfall(plan, available_ram=64 * GB, free_disk=5 * GB)
     assert estimate(params / 2, "fp16", 0).peak_ram_bytes == pytest.approx(1.8 * GB)
+    from palionnx.cli.export_plan import MEASURED
+    from palionnx.runtime.levels import QUANT_LEVELS
+
+    assert set(MEASURED) == set(QUANT_LEVELS)  # every level a first-use export can be asked for is planned
 
 
 # --- help, progress, tables ---
