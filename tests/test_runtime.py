@@ -243,6 +243,8 @@ def test_rows_prefilled_one_at_a_time_equal_the_batched_prefill(exported):
 def test_cache_floor_lengthens_small_batches_caches_only(exported):
     """The minimum KV-cache length (on by default on CUDA only) gives small batches a longer cache and leaves
     the captions as they are; larger batches keep the length they ask for."""
+    from palionnx.runtime.defaults import CUDA_SMALL_BATCH
+    from palionnx.runtime.limits import kv_cache_bytes, request_bytes
     from palionnx.samples import sample_images
 
     captioner = Captioner.load(exported("tiny-pg1", "fp32"), device="cpu")
@@ -251,8 +253,11 @@ def test_cache_floor_lengthens_small_batches_caches_only(exported):
     images = sample_images(3)
     plain = [r.tokens for r in captioner.caption(images, max_new_tokens=12, batch_size=3, ignore_eos=True)]
     model.min_cache_slots = 256
-    assert model.cache_slots(3, 40) == 256 and model.cache_slots(model.small_batch + 1, 40) == 40
+    assert model.cache_slots(3, 40) == 256 and model.cache_slots(CUDA_SMALL_BATCH + 1, 40) == 40
     assert model.cache_slots(1, 8000) == 8000 and model.cache_slots(1, 10) <= captioner.manifest.max_positions
     assert model.new_state(3, 40).max_len == 256
+    # the memory estimate behind --max-memory counts the cache the floor makes
+    m = captioner.manifest
+    assert request_bytes(m, 3, 20, 20, 256) - request_bytes(m, 3, 20, 20) == kv_cache_bytes(m, 3, 256 - 40)
     floored = [r.tokens for r in captioner.caption(images, max_new_tokens=12, batch_size=3, ignore_eos=True)]
     assert floored == plain

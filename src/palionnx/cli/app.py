@@ -206,7 +206,8 @@ def _caption_here(captioner: Captioner, plan: Plan, options: BatchOptions, max_m
     slots = options.batch_size or captioner.default_batch_size
     try:
         check_request(captioner.manifest, captioner.text, [options.prompt], options.max_new_tokens,
-                      min(slots, max(1, len(plan.todo))), memory_limit(captioner.device, max_memory))
+                      min(slots, max(1, len(plan.todo))), memory_limit(captioner.device, max_memory),
+                      captioner.model.min_cache_slots)
     except RequestError as exc:
         _usage(str(exc))
     if not quiet:

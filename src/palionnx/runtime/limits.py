@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .defaults import CUDA_SMALL_BATCH
 from .manifest import Manifest
 from .text import TextCodec
 
@@ -26,6 +27,15 @@ class RequestError(ValueError):
     """A caption request that this model cannot serve; the message names the limit."""
 
 
+def cache_length(m: Manifest, batch: int, max_len: int, min_slots: int = 0) -> int:
+    """Slots per row of the KV cache the runtime allocates for `max_len` tokens: batches of up to
+    CUDA_SMALL_BATCH rows get at least `min_slots` (CUDA's floor, runtime/defaults.py; 0 on the CPU), never
+    beyond the model's context."""
+    if batch > CUDA_SMALL_BATCH:
+        return max_len
+    return min(max(max_len, min_slots), m.max_positions)
+
+
 def kv_cache_bytes(m: Manifest, batch: int, max_len: int) -> int:
     """The decoder's preallocated KV cache (keys and values of every layer) for `batch` rows of `max_len`."""
     element = 4 if m.kv_dtype == "float32" else 2
@@ -40,17 +50,19 @@ def prefill_bytes(m: Manifest, batch: int, prompt_len: int, max_len: int) -> int
     return attention + mlp
 
 
-def request_bytes(m: Manifest, batch: int, prompt_len: int, max_new_tokens: int) -> int:
-    """Memory a batch needs beyond the loaded weights (an estimate: see the constants above)."""
+def request_bytes(m: Manifest, batch: int, prompt_len: int, max_new_tokens: int, min_cache_slots: int = 0) -> int:
+    """Memory a batch needs beyond the loaded weights (an estimate: see the constants above), with the cache
+    as long as `cache_length` makes it."""
     max_len = prompt_len + max_new_tokens
-    return kv_cache_bytes(m, batch, max_len) + prefill_bytes(m, batch, prompt_len, max_len)
+    cache = kv_cache_bytes(m, batch, cache_length(m, batch, max_len, min_cache_slots))
+    return cache + prefill_bytes(m, batch, prompt_len, max_len)
 
 
 def check_request(m: Manifest, codec: TextCodec, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
-                  memory_limit: float | None = None) -> int:
+                  memory_limit: float | None = None, min_cache_slots: int = 0) -> int:
     """Refuse prompts with special-token text, requests beyond the model's context and, with
-    `memory_limit` (bytes), requests whose estimated memory exceeds it. Returns the longest prompt's
-    length in tokens."""
+    `memory_limit` (bytes), requests whose estimated memory exceeds it (`min_cache_slots`: the model's cache
+    floor, `OnnxPaliGemma.min_cache_slots`). Returns the longest prompt's length in tokens."""
     longest = 0
     for prompt in set(prompts):
         special = codec.special_tokens_in(prompt)
@@ -70,15 +82,16 @@ def check_request(m: Manifest, codec: TextCodec, prompts: Sequence[str], max_new
         raise RequestError(f"{max_new_tokens} new tokens after a {longest}-token prompt exceed the model's context "
                            f"of {m.max_positions} tokens: at most {room} new tokens with this prompt")
     if memory_limit is not None:
-        _check_memory(m, batch_size, longest, max_new_tokens, memory_limit)
+        _check_memory(m, batch_size, longest, max_new_tokens, memory_limit, min_cache_slots)
     return longest
 
 
-def _check_memory(m: Manifest, batch: int, prompt_len: int, max_new_tokens: int, limit: float) -> None:
-    need = request_bytes(m, batch, prompt_len, max_new_tokens)
+def _check_memory(m: Manifest, batch: int, prompt_len: int, max_new_tokens: int, limit: float,
+                  min_cache_slots: int) -> None:
+    need = request_bytes(m, batch, prompt_len, max_new_tokens, min_cache_slots)
     if need <= limit:
         return
-    cache = kv_cache_bytes(m, batch, prompt_len + max_new_tokens)
+    cache = kv_cache_bytes(m, batch, cache_length(m, batch, prompt_len + max_new_tokens, min_cache_slots))
     raise RequestError(
         f"this request needs about {_size(need)} (KV cache {_size(cache)}, prefill of a {prompt_len}-token "
         f"prompt {_size(need - cache)}, batch {batch}) but {_size(limit)} is available: shorten the prompt, "

@@ -15,8 +15,9 @@ import numpy as np
 import onnxruntime as ort
 
 from .contract import DECODER, DECODER_PREFILL, DECODER_WINDOWED, VISION_ENCODER, graph_io
-from .defaults import CUDA_MIN_CACHE_SLOTS, CUDA_SMALL_BATCH
+from .defaults import CUDA_MIN_CACHE_SLOTS
 from .generate import PromptBatch
+from .limits import cache_length
 from .manifest import Manifest
 from .sessions import DeviceError, open_sessions, requested_device
 
@@ -80,7 +81,6 @@ class OnnxPaliGemma:
         self._graph_ids = 0
         # On CUDA, small batches get a cache of at least this many slots (see `cache_slots`).
         self.min_cache_slots = CUDA_MIN_CACHE_SLOTS if self.device == "cuda" else 0
-        self.small_batch = CUDA_SMALL_BATCH
 
     def _graph_roles(self) -> set[str]:
         return {DECODER, DECODER_WINDOWED} if self.cuda_graph else set()
@@ -125,9 +125,7 @@ class OnnxPaliGemma:
         `min_cache_slots`, because GroupQueryAttention splits a decode step's attention over the cache's
         length (its total_sequence_length, fixed in the captured graph): a longer cache spreads one row's
         few heads over more of the GPU, while the work still follows each row's filled length."""
-        if batch > self.small_batch:
-            return max_len
-        return min(max(max_len, self.min_cache_slots), self.manifest.max_positions)
+        return cache_length(self.manifest, batch, max_len, self.min_cache_slots)
 
     def _next_graph_id(self) -> int:
         self._graph_ids += 1
