@@ -49,6 +49,14 @@ def _usage(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def _check_device(device: str) -> None:
+    """--device is one of the devices palionnx knows (exit 2 otherwise)."""
+    from ..runtime.sessions import DEVICES
+
+    if device not in DEVICES:
+        _usage(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+
+
 def _need_export_extra() -> None:
     try:
         import torch  # noqa: F401
@@ -236,13 +244,11 @@ def _caption_with_ray(plan: Plan, folder: Path, options: BatchOptions, device: s
 
 def _find_jobs(inputs: list[str], ext: str, device: str, recursive: bool) -> list[ImageJob]:
     """Check the options that need no model, then expand the inputs; exit 2 (or 0: no images) otherwise."""
-    from ..runtime.sessions import DEVICES
     from .files import find_images
 
     if ext not in (".txt", ".caption"):
         _usage(f"--ext must be .txt or .caption, got {ext!r}")
-    if device not in DEVICES:
-        _usage(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    _check_device(device)
     try:
         jobs = find_images(inputs, recursive=recursive)
     except FileNotFoundError as exc:
@@ -446,11 +452,9 @@ def demo(
 
     Example: palionnx demo --folder demo/ --scenes 8
     """
-    from ..runtime.sessions import DEVICES
     from .demo import DEMO_LEVELS, DemoError, demo_model, run_demo
 
-    if device not in DEVICES:  # before any training or export
-        _usage(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    _check_device(device)  # before any training or export
     if family not in ("pg1", "pg2"):
         _usage(f"--family must be pg1 or pg2, got {family!r}")
     if quant not in DEMO_LEVELS:
@@ -470,10 +474,9 @@ def demo(
 def _load_folder(model_dir: Path, device: str) -> Captioner:
     """Open an exported folder; a missing or damaged folder or a device that does not start is exit 2."""
     from ..runtime.manifest import ModelFolderError
-    from ..runtime.sessions import DEVICES, DeviceError
+    from ..runtime.sessions import DeviceError
 
-    if device not in DEVICES:
-        _usage(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    _check_device(device)
     try:
         return Captioner.load(model_dir, device=device)
     except (ModelFolderError, DeviceError) as exc:
@@ -537,12 +540,10 @@ def bench(
 
     from ..runtime.manifest import Manifest, ModelFolderError
     from ..runtime.measure import MeasureRefused, measure_in_subprocess
-    from ..runtime.sessions import DEVICES
     from .bench import kernels, table_cells
     from .tables import print_table
 
-    if device not in DEVICES:
-        _usage(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    _check_device(device)
     broken = []
     for folder in model_dirs:
         try:
@@ -625,12 +626,10 @@ def doctor(
 
     Example: palionnx doctor --device cuda
     """
-    from ..runtime.sessions import DEVICES
     from .doctor import diagnose
     from .tables import print_pairs
 
-    if device not in DEVICES:
-        _usage(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    _check_device(device)
     report = diagnose(device)
     print_pairs(report.rows)
     for problem in report.problems:
