@@ -157,6 +157,23 @@ def test_a_live_claim_is_left_to_its_owner(tmp_path, model):
     assert (data / "a.txt").read_text() == "written by the owner"
 
 
+def test_taking_over_a_dead_claim_removes_its_half_written_caption(tmp_path):
+    """A run killed while writing a caption leaves its temp file; whoever takes the claim over removes it
+    (runs already under way never rescan the folder for temp files)."""
+    from palionnx.cli.claims import recover_stale
+    from palionnx.cli.files import TEMP_SUFFIX
+
+    owner = dead_process()
+    target = tmp_path / "a [1].txt"
+    claim_path(target).write_text(json.dumps({"owner": owner.to_json()}))
+    temp = tmp_path / f".{target.name}.{owner.pid}{TEMP_SUFFIX}"
+    temp.write_text("half a capt")
+    other = tmp_path / f".b.txt.{owner.pid}{TEMP_SUFFIX}"  # another caption's: not this claim's to remove
+    other.write_text("x")
+    assert recover_stale(claim_path(target), target)
+    assert not temp.exists() and not claim_path(target).exists() and other.exists()
+
+
 def test_claims_of_a_dead_owner_on_this_host_are_stale(tmp_path):
     from palionnx.cli.claims import ClaimInfo, is_stale
 

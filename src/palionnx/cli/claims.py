@@ -9,13 +9,14 @@ time) and, once the caption is ready, holds the run's --jsonl path and the recor
 
 A claim whose owner is dead (same host: the process is gone; another host: older than CLAIM_LEASE_S) is
 stale. Whoever finds a stale claim finishes the dead run's work: when the caption is there, it appends
-the stored record to that run's --jsonl if it is missing; then it removes the claim and, if there was no
-caption, captions the image itself. So after any sequence of kills and re-runs every caption has
-exactly one --jsonl record.
+the stored record to that run's --jsonl if it is missing; then it removes the dead run's temp file of that
+caption (killed mid-write) and the claim and, if there was no caption, captions the image itself. So after
+any sequence of kills and re-runs every caption has exactly one --jsonl record.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..system import ProcessId, is_alive
-from .files import append_line, write_atomic
+from .files import TEMP_SUFFIX, append_line, write_atomic
 
 CLAIM_SUFFIX = ".palionnx-claim"
 CLAIM_LEASE_S = 3600.0  # a claim from another host is taken over after this long
@@ -147,6 +148,9 @@ def recover_stale(path: Path, target: Path) -> bool:
             return info is None
         if info.line and info.jsonl and target.is_file():
             append_missing_record(Path(info.jsonl), info.line)
+        # a caption only its claim's holder writes: a temp file of it is the dead owner's, half-written
+        for temp in target.parent.glob(f".{glob.escape(target.name)}.*{TEMP_SUFFIX}"):
+            temp.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         return True
     finally:
