@@ -19,6 +19,9 @@
 # trained models ≈ 1.5 per family, the host-CPU comparison ≈ 7 from prep's start: one measure call of at most
 # 600 s holds gpu_check and one family (QUALITY_FAMILIES, default pg1), so run the other in a second call:
 #   bash benchmarks/gpu_check.sh quality pg2
+# The decode-step profile (benchmarks/gpu_profile.py) instead of the full check: `profile-prep` in call 1 and
+# `profile` after piece 4; with QUALITY_FAMILIES=pg2 set for piece 2 and profile, only that family's
+# trained-model quality follows it.
 set -euo pipefail
 work=/tmp/gpu/work
 gpu_cores=0-11
@@ -29,10 +32,13 @@ case "${1:-}" in
     mkdir -p /tmp/gpu/checkpoints
     for checkpoint in .gpu/c"$2"/shapes-*; do [ -d "$checkpoint" ] && cp -r "$checkpoint" /tmp/gpu/checkpoints/; done
     for packed in /tmp/gpu/checkpoints/*/*.xz; do [ -f "$packed" ] && xz -d "$packed"; done  # carried xz-packed
-    if [ "$2" = 2 ] && [ -d /tmp/gpu/checkpoints/shapes-pg1 ] && [ -d /tmp/gpu/checkpoints/shapes-pg2 ]; then
+    families=${QUALITY_FAMILIES:-pg1 pg2} all_came=1
+    for f in $families; do [ -d "/tmp/gpu/checkpoints/shapes-$f" ] || all_came=0; done
+    if [ "$2" = 2 ] && [ "$all_came" = 1 ]; then
       setsid nohup bash -c "export PYTHONPATH='$(pwd)/src' PYTHONUNBUFFERED=1; taskset -c 12,13 python3 \
         benchmarks/trained_quality.py --checkpoints /tmp/gpu/checkpoints --work /tmp/gpu/quality --export-only \
-        --levels ${quality_levels[*]}; echo \$? > /tmp/gpu/quality.rc" > /tmp/gpu/quality.log 2>&1 < /dev/null &
+        --families $families --levels ${quality_levels[*]}; echo \$? > /tmp/gpu/quality.rc" \
+        > /tmp/gpu/quality.log 2>&1 < /dev/null &
       echo "trained-model exports started"
     fi
     ;;
@@ -66,6 +72,26 @@ a = sys.argv[1:]; export(a[0], a[1], quant=a[2], device=a[3], block_size=int(a[4
     for pid in "${pids[@]}"; do wait "$pid"; done
     echo "prep done"
     ;;
+  profile-prep)  # pg1-3b-224 at fp16 and bf16 only, for gpu_profile.py
+    mkdir -p "$work"
+    python3 -c "import sys; from palionnx.export.synth import write_checkpoint as w; w(*sys.argv[1:3], dtype='bfloat16')" \
+      pg1-3b-224 "$work/pg1-3b-224"
+    for level in fp16 bf16; do
+      taskset -c "$gpu_cores" python3 -c "import sys; from palionnx.export.convert import export
+export(sys.argv[1], sys.argv[2], quant=sys.argv[3], progress=print)" "$work/pg1-3b-224" "$work/pg1-3b-224-$level" "$level" &
+    done
+    wait
+    echo "prep done"
+    ;;
+  profile)  # after profile-prep: benchmarks/gpu_profile.py, then the trained models' quality if they came
+    source /tmp/gpu/kit/env.sh
+    out=${OUT:-/tmp/gpu-out}
+    mkdir -p "$out"
+    set +e
+    taskset -c "$gpu_cores" python3 benchmarks/gpu_profile.py --work "$work" --out "$out" 2>&1 | tee -a "$out/all.log"
+    [ -f /tmp/gpu/quality.log ] && bash "$0" quality ${QUALITY_FAMILIES:-pg1 pg2} 2>&1 | tee -a "$out/all.log"
+    tail -n 20 /tmp/gpu/prep.log /tmp/gpu/quality.log >> "$out/all.log" 2>/dev/null
+    ;;
   measure)
     started=$(date +%s)
     source /tmp/gpu/kit/env.sh
@@ -96,7 +122,8 @@ a = sys.argv[1:]; export(a[0], a[1], quant=a[2], device=a[3], block_size=int(a[4
     cp benchmarks/results/trained-quality-cuda-"$*".* "$out"/
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_check.sh piece N|prep|measure|quality FAMILY... (see the comments at the top)" >&2
+    echo "usage: bash benchmarks/gpu_check.sh piece N|prep|measure|quality FAMILY...|profile-prep|profile" \
+      "(see the comments at the top)" >&2
     exit 2
     ;;
 esac

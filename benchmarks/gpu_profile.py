@@ -1,0 +1,385 @@
+"""Where a batch-1 decode step's time goes on a GPU, and what a change to the decoder graph would buy.
+
+    python benchmarks/gpu_profile.py --work DIR --out DIR [--folders pg1-3b-224-fp16 ...] [--device cuda]
+
+For each model folder (built for CUDA, in --work):
+
+1. the step three ways: through `DecoderState.step` (what a caption pays: token and length uploads, the
+   step, the next token read back), replaying the step alone (nothing uploaded or read), and the GPU's
+   kernel time per step (CUPTI, through torch.profiler when torch is there), with the kernels that take
+   it (the CUDA graph off, so each kernel is seen with its launch);
+2. variants of the decoder graph, rewritten on a copy of the folder that shares its weights (hard
+   links): the argmax on the float16 logits, TopK(1) instead of ArgMax, a decode-only graph without the
+   image merge and the last-position gather (prompts on the base graph), and a probe that breaks the tokens
+   and only says what a piece costs (no argmax). Timed in turns with the base folder.
+   With `ORT_DISABLE_FLASH_ATTENTION=1` in a child process: the memory-efficient attention kernel instead.
+3. single products at the decoder's shapes, each captured in a CUDA graph: the time and bytes/s of an fp16
+   MLP MatMul, the lm_head Gemm, the ArgMax over the vocabulary (what the weights' floor can be reached at).
+
+Writes gpu_profile.json and gpu_profile.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from palionnx import Captioner
+from palionnx.runtime.contract import DECODER, GRAPH_FILES
+from palionnx.runtime.defaults import DEFAULT_PROMPT
+from palionnx.runtime.integrity import sha256_of
+from palionnx.runtime.preprocess import image_pixels
+from palionnx.samples import sample_images
+
+STEPS = int(os.environ.get("PROFILE_STEPS", "64"))
+
+
+# --- timing ---------------------------------------------------------------------------------------------
+
+def prefilled_state(captioner: Captioner, room: int = 1024) -> tuple[Any, np.ndarray]:
+    """A batch-1 state after the default prompt, warmed (and its CUDA graph captured)."""
+    image = sample_images(1, size=captioner.manifest.image_size)[0]
+    batch = captioner.prompt_batch(image_pixels(image, captioner.image_spec)[None], [DEFAULT_PROMPT])
+    state = captioner.model.new_state(1, batch.input_ids.shape[1] + room)
+    tokens = state.prefill(batch).next_token()
+    for _ in range(3):
+        tokens = state.step(tokens).next_token()
+    state = captioner.model.new_state(1, batch.input_ids.shape[1] + room)
+    return state, state.prefill(batch).next_token()
+
+
+def step_ms(captioner: Captioner) -> float:
+    """ms per `DecoderState.step` (uploads, the step, the next token read back) over STEPS steps."""
+    state, tokens = prefilled_state(captioner)
+    started = time.perf_counter()
+    for _ in range(STEPS):
+        tokens = state.step(tokens).next_token()
+    return 1000 * (time.perf_counter() - started) / STEPS
+
+
+def replay_ms(captioner: Captioner) -> float:
+    """ms per decode step with nothing uploaded or read back: the step (its CUDA graph replay) alone."""
+    state, tokens = prefilled_state(captioner)
+    state.step(tokens).next_token()
+    started = time.perf_counter()
+    for _ in range(STEPS):
+        state._run_step()
+    state.next_token.numpy()  # the last step is finished
+    return 1000 * (time.perf_counter() - started) / STEPS
+
+
+def in_turns(measures: dict[str, Callable[[], float]], rounds: int = 5) -> dict[str, float]:
+    """The median of `rounds` runs of each measure, taken in turns so that drift hits all alike."""
+    runs: dict[str, list[float]] = {name: [] for name in measures}
+    for _ in range(rounds):
+        for name, measure in measures.items():
+            runs[name].append(measure())
+    return {name: statistics.median(values) for name, values in runs.items()}
+
+
+def kernel_profile(captioner: Captioner, trace: Path, steps: int = 32) -> dict[str, Any]:
+    """GPU kernel time per decode step (CUPTI through torch.profiler, read from its Chrome trace, which holds
+    every kernel of the process, onnxruntime's too) and the kernels that take it."""
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError as error:
+        return {"error": f"no torch.profiler: {error}"}
+    if not torch.cuda.is_available():
+        return {"error": "torch sees no GPU"}
+    state, tokens = prefilled_state(captioner)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
+        for _ in range(steps):
+            tokens = state.step(tokens).next_token()
+        wall = time.perf_counter() - started
+    prof.export_chrome_trace(str(trace))
+    events = [e for e in json.loads(trace.read_text()).get("traceEvents", [])
+              if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    trace.unlink()
+    if not events:
+        return {"error": "the trace holds no GPU events", "wall_ms_per_step_profiled": 1000 * wall / steps}
+    kernels: dict[str, list[float]] = {}
+    for e in events:
+        kernels.setdefault(f"{e['cat']}: {e['name']}", []).append(float(e["dur"]))
+    rows = sorted(({"kernel": name[:120], "calls_per_step": len(times) / steps,
+                    "us_per_step": sum(times) / steps} for name, times in kernels.items()),
+                  key=lambda row: -row["us_per_step"])
+    span = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
+    return {"steps": steps, "wall_ms_per_step_profiled": 1000 * wall / steps,
+            "gpu_span_ms_per_step": span / steps / 1000,
+            "kernel_ms_per_step": sum(row["us_per_step"] for row in rows) / 1000,
+            "kernels_per_step": sum(row["calls_per_step"] for row in rows), "top": rows[:40]}
+
+
+# --- graph variants -------------------------------------------------------------------------------------
+
+def _node(graph: onnx.GraphProto, name: str) -> onnx.NodeProto:
+    return next(n for n in graph.node if n.name == name)
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop nodes none of whose outputs is used (repeatedly)."""
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            return
+        for n in dead:
+            graph.node.remove(n)
+
+
+def argmax_fp16(graph: onnx.GraphProto) -> None:
+    """The ArgMax reads the float16 logits (before their Cast to float32)."""
+    cast = _node(graph, "head/logits")
+    if cast.op_type == "Cast":
+        _node(graph, "head/argmax").input[0] = cast.input[0]
+
+
+def topk(graph: onnx.GraphProto) -> None:
+    """TopK(1) on the float16 logits instead of ArgMax."""
+    argmax = _node(graph, "head/argmax")
+    source = _node(graph, "head/logits")
+    logits = source.input[0] if source.op_type == "Cast" else argmax.input[0]
+    out = argmax.output[0]
+    graph.node.remove(argmax)
+    k = helper.make_tensor("probe/k", onnx.TensorProto.INT64, [1], [1])
+    flat = helper.make_tensor("probe/flat", onnx.TensorProto.INT64, [1], [-1])
+    graph.initializer.extend([k, flat])
+    graph.node.extend([helper.make_node("TopK", [logits, "probe/k"], ["probe/values", "probe/index"], "probe/topk"),
+                       helper.make_node("Reshape", ["probe/index", "probe/flat"], [out], "probe/flat")])
+
+
+def no_argmax(graph: onnx.GraphProto) -> None:
+    """Probe: next_token is last_index (no argmax at all; the tokens are wrong)."""
+    argmax = _node(graph, "head/argmax")
+    out = argmax.output[0]
+    graph.node.remove(argmax)
+    graph.node.append(helper.make_node("Identity", [graph.input[4].name], [out], "probe/no_argmax"))
+
+
+def decode_lean(graph: onnx.GraphProto) -> None:
+    """A decode-only graph: no image merge (the text embedding goes straight in; decode steps feed text
+    tokens only) and no gather of each row's last position (a step has one position per row). Prompts cannot
+    run on it: the folder's own decoder runs them (`LEAN` below), as a prefill graph would."""
+    merge = _node(graph, "embed/merge")
+    last = _node(graph, "head/last")
+    for old, new in ((merge.output[0], merge.input[2]), (last.output[0], last.input[0])):
+        for n in graph.node:
+            for i, name in enumerate(n.input):
+                if name == old:
+                    n.input[i] = new
+    _prune(graph)
+
+
+VARIANTS: dict[str, Callable[[onnx.GraphProto], None]] = {
+    "argmax-fp16": argmax_fp16,
+    "topk": topk,
+    "probe-no-argmax": no_argmax,
+    "decode-lean": decode_lean,
+    "decode-lean-argmax-fp16": lambda g: (decode_lean(g), argmax_fp16(g)),
+}
+LEAN = ("decode-lean", "decode-lean-argmax-fp16")  # their prompts run on the base folder's decoder
+
+
+def make_variant(folder: Path, name: str, change: Callable[[onnx.GraphProto], None]) -> Path:
+    """A copy of `folder` (links to its files) whose decoder graph has `change` applied."""
+    target = folder.parent / f"{folder.name}--{name}"
+    target.mkdir(exist_ok=True)
+    graph_file = GRAPH_FILES[DECODER]
+    for path in folder.iterdir():
+        link = target / path.name
+        if path.name not in (graph_file, "palionnx.json") and not link.exists():
+            os.link(path, link)  # a hard link: onnxruntime refuses external data behind a symbolic link
+    model = onnx.load(str(folder / graph_file), load_external_data=False)
+    change(model.graph)
+    onnx.save(model, str(target / graph_file))
+    manifest = json.loads((folder / "palionnx.json").read_text())
+    manifest["files"][graph_file] = {"size": (target / graph_file).stat().st_size,
+                                     "sha256": sha256_of(target / graph_file)}
+    (target / "palionnx.json").write_text(json.dumps(manifest, indent=2))
+    return target
+
+
+def same_tokens(a: Captioner, b: Captioner) -> bool:
+    images = sample_images(2, size=a.manifest.image_size)
+    first = [r.text for r in a.caption(images, max_new_tokens=24, batch_size=2)]
+    return first == [r.text for r in b.caption(images, max_new_tokens=24, batch_size=2)]
+
+
+# --- single products ------------------------------------------------------------------------------------
+
+def product_us(nodes: list, inputs: dict[str, np.ndarray], weights: dict[str, np.ndarray], output: str,
+               out: np.ndarray, device: str, repeats: int = 200) -> float:
+    """µs per run of a one-node graph writing into a buffer like `out`, captured as a CUDA graph on CUDA."""
+    out_type = helper.np_dtype_to_tensor_dtype(out.dtype)
+    graph = helper.make_graph(
+        nodes, "product",
+        [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+         for k, v in inputs.items()],
+        [helper.make_tensor_value_info(output, out_type, None)],
+        [onnx.numpy_helper.from_array(v, k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if device == "cuda":
+        providers: list[Any] = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"})]
+    else:
+        providers = ["CPUExecutionProvider"]
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    binding = session.io_binding()
+    for k, v in inputs.items():
+        binding.bind_ortvalue_input(k, ort.OrtValue.ortvalue_from_numpy(v, device, 0))
+    binding.bind_ortvalue_output(output, ort.OrtValue.ortvalue_from_numpy(out, device, 0))
+    for _ in range(3):
+        session.run_with_iobinding(binding)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        session.run_with_iobinding(binding)
+    return 1e6 * (time.perf_counter() - started) / repeats
+
+
+def products(device: str, hidden: int = 2048, inter: int = 16384, vocab: int = 257216) -> list[dict[str, Any]]:
+    """The decoder's single products at batch 1 (pg1-3b-224's shapes): µs each and the bytes/s they reach."""
+    rng = np.random.default_rng(0)
+    f16, f32, rows = np.float16, np.float32, []
+
+    def normal(*shape: int, dtype: Any = f16) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=f32) * 0.01).astype(dtype)
+
+    def matmul(k: int, n: int) -> tuple:
+        return ([helper.make_node("MatMul", ["x", "w"], ["y"])], {"x": normal(1, k)}, {"w": normal(k, n)},
+                np.zeros((1, n), f16), 2 * k * n)
+
+    argmax = [helper.make_node("ArgMax", ["l"], ["y"], axis=-1, keepdims=0)]
+    cases = {
+        "MatMul fp16 2048x16384 (gate, up)": matmul(hidden, inter),
+        "MatMul fp16 16384x2048 (down)": matmul(inter, hidden),
+        "MatMul fp16 2048x2560 (qkv)": matmul(hidden, 2560),
+        "Gemm transB fp16 (lm_head)": ([helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
+                                       {"x": normal(1, hidden)}, {"w": normal(vocab, hidden)},
+                                       np.zeros((1, vocab), f16), 2 * hidden * vocab),
+        "ArgMax fp32 over the vocabulary": (argmax, {"l": normal(1, vocab, dtype=f32)}, {}, np.zeros(1, np.int64),
+                                            4 * vocab),
+        "ArgMax fp16 over the vocabulary": (argmax, {"l": normal(1, vocab)}, {}, np.zeros(1, np.int64), 2 * vocab),
+        "Cast fp16->fp32 of the logits": ([helper.make_node("Cast", ["l"], ["y"], to=1)], {"l": normal(1, vocab)}, {},
+                                          np.zeros((1, vocab), f32), 6 * vocab),
+    }
+    for name, (nodes, inputs, weights, out, nbytes) in cases.items():
+        try:
+            us = product_us(nodes, inputs, weights, "y", out, device)
+            rows.append({"product": name, "us": us, "GB_per_s": nbytes / us / 1e3})
+        except Exception as error:  # a probe: report and go on
+            rows.append({"product": name, "error": str(error)[:200]})
+        print(rows[-1], flush=True)
+    return rows
+
+
+# --- driver ---------------------------------------------------------------------------------------------
+
+def profile_folder(folder: Path, device: str) -> dict[str, Any]:
+    report: dict[str, Any] = {"model": folder.name}
+    base = Captioner.load(folder, device=device)
+    variants = {name: make_variant(folder, name, change) for name, change in VARIANTS.items()}
+    loaded = {"base": base, **{name: Captioner.load(path, device=device) for name, path in variants.items()}}
+    for name in LEAN:
+        loaded[name].model.prefill_decoder = base.model.decoder
+    report["same_tokens_as_base"] = {name: same_tokens(base, c) for name, c in loaded.items()
+                                     if not name.startswith("probe")}
+    report["step_ms"] = in_turns({name: (lambda c=c: step_ms(c)) for name, c in loaded.items()})
+    report["replay_ms"] = in_turns({name: (lambda c=c: replay_ms(c)) for name, c in loaded.items()})
+    report["cuda_graph"] = {name: c.model.cuda_graph for name, c in loaded.items()}  # False: capture failed
+    print(folder.name, report, flush=True)
+    del loaded
+    if device == "cuda":
+        for key, captioner in (("kernels_graph_off", Captioner.load(folder, device=device, cuda_graph=False)),
+                               ("kernels_graph_on", base)):
+            try:
+                report[key] = kernel_profile(captioner, Path(f"/tmp/trace-{folder.name}-{key}.json"))
+            except Exception as error:  # the profile is a probe: report and go on
+                report[key] = {"error": f"{type(error).__name__}: {error}"[:300]}
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Decode-step profile: {report['gpu']}, onnxruntime {report['onnxruntime']}", "",
+             "Batch 1, the default prompt, the cache at the shipped floor; medians of 5 turns of 64 steps.", ""]
+    for folder in report["folders"]:
+        lines += [f"## {folder['model']}", "", "| variant | step ms (as captions run) | replay ms (step alone) |"
+                  " same tokens |", "| --- | ---: | ---: | --- |"]
+        for name, ms in folder["step_ms"].items():
+            same = folder["same_tokens_as_base"].get(name, "(probe)")
+            lines.append(f"| {name} | {ms:.3f} | {folder['replay_ms'][name]:.3f} | {same} |")
+        for key in ("kernels_graph_off", "kernels_graph_on"):
+            k = folder.get(key, {})
+            if "top" not in k:
+                lines += ["", f"{key}: {k.get('error', 'not measured')}"]
+                continue
+            lines += ["", f"### {key}: {k['kernel_ms_per_step']:.3f} ms of kernels per step, "
+                      f"{k['kernels_per_step']:.0f} kernels, GPU span {k['gpu_span_ms_per_step']:.3f} ms, "
+                      f"{k['wall_ms_per_step_profiled']:.3f} ms wall (profiled)",
+                      "", "| kernel | calls/step | µs/step |", "| --- | ---: | ---: |"]
+            lines += [f"| `{r['kernel']}` | {r['calls_per_step']:.1f} | {r['us_per_step']:.1f} |"
+                      for r in k["top"][:25]]
+        lines.append("")
+    if report.get("flash_off"):
+        lines += ["## ORT_DISABLE_FLASH_ATTENTION=1 (child process)", "", "```", json.dumps(report["flash_off"]),
+                  "```", ""]
+    lines += ["## Single products (CUDA graph)", "", "| product | µs | GB/s |", "| --- | ---: | ---: |"]
+    for row in report["products"]:
+        lines.append(f"| {row['product']} | {row['us']:.1f} | {row['GB_per_s']:.0f} |" if "us" in row
+                     else f"| {row['product']} | {row['error']} | |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu-out")))
+    parser.add_argument("--folders", nargs="+", default=["pg1-3b-224-fp16", "pg1-3b-224-bf16"])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps-only", type=Path, help=argparse.SUPPRESS)  # child: base step/replay ms
+    args = parser.parse_args()
+    if args.steps_only:
+        c = Captioner.load(args.steps_only, device=args.device)
+        print(json.dumps(in_turns({"step_ms": lambda: step_ms(c), "replay_ms": lambda: replay_ms(c)})))
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                         text=True).stdout.strip() if args.device == "cuda" else "CPU"
+    report: dict[str, Any] = {"gpu": gpu, "onnxruntime": ort.__version__, "folders": []}
+    save = lambda: (args.out / "gpu_profile.json").write_text(json.dumps(report, indent=2) + "\n")  # noqa: E731
+    report["products"] = products(args.device)
+    save()
+    for name in args.folders:
+        if (args.work / name).is_dir():
+            report["folders"].append(profile_folder(args.work / name, args.device))
+            save()
+    first = args.work / args.folders[0]
+    child = subprocess.run([sys.executable, __file__, "--work", str(args.work), "--device", args.device,
+                            "--steps-only", str(first)], capture_output=True, text=True,
+                           env={**os.environ, "ORT_DISABLE_FLASH_ATTENTION": "1"})
+    report["flash_off"] = {"model": first.name, **(json.loads(child.stdout.strip().splitlines()[-1])
+                                                     if child.returncode == 0 else {"error": child.stderr[-300:]})}
+    save()
+    table = markdown(report)
+    (args.out / "gpu_profile.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
