@@ -88,7 +88,8 @@ export(sys.argv[1], sys.argv[2], quant=sys.argv[3], progress=print)" "$work/pg1-
     out=${OUT:-/tmp/gpu-out}
     mkdir -p "$out"
     set +e
-    taskset -c "$gpu_cores" python3 benchmarks/gpu_profile.py --work "$work" --out "$out" 2>&1 | tee -a "$out/all.log"
+    taskset -c "$gpu_cores" python3 benchmarks/gpu_profile.py --work "$work" --out "$out" \
+      --parts ${PROFILE_PARTS:-settings products variants} 2>&1 | tee -a "$out/all.log"
     [ -f /tmp/gpu/quality.log ] && bash "$0" quality ${QUALITY_FAMILIES:-pg1 pg2} 2>&1 | tee -a "$out/all.log"
     tail -n 20 /tmp/gpu/prep.log /tmp/gpu/quality.log >> "$out/all.log" 2>/dev/null
     ;;

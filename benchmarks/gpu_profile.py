@@ -81,6 +81,25 @@ def replay_ms(captioner: Captioner) -> float:
     return 1000 * (time.perf_counter() - started) / STEPS
 
 
+def loop_ms(captioner: Captioner, upload_tokens: bool = True, upload_lengths: bool = True,
+            read_token: bool = True) -> float:
+    """ms per decode step like `DecoderState.step`, leaving out the token upload, the lengths upload or the
+    next token's read-back: what each host-side piece of a step costs, by difference."""
+    state, tokens = prefilled_state(captioner)
+    started = time.perf_counter()
+    for _ in range(STEPS):
+        if upload_tokens:
+            state.token_ids.update_inplace(np.ascontiguousarray(tokens.reshape(-1, 1), dtype=np.int64))
+        if upload_lengths:
+            state.seqlens.update_inplace(state.lengths)
+        state._run_step()
+        state.lengths += 1
+        if read_token:
+            tokens = state.next_token.numpy()
+    state.next_token.numpy()
+    return 1000 * (time.perf_counter() - started) / STEPS
+
+
 def in_turns(measures: dict[str, Callable[[], float]], rounds: int = 5) -> dict[str, float]:
     """The median of `rounds` runs of each measure, taken in turns so that drift hits all alike."""
     runs: dict[str, list[float]] = {name: [] for name in measures}
@@ -289,15 +308,91 @@ def products(device: str, hidden: int = 2048, inter: int = 16384, vocab: int = 2
     return rows
 
 
+# --- attention kernels and host pieces, one child process per setting -------------------------------------
+
+# onnxruntime picks GroupQueryAttention's kernel by environment variables and the CUDA provider's
+# `sdpa_kernel` bitmask (1 flash, 2 memory-efficient, 8 cuDNN); without either it prefers cuDNN on SM >= 90.
+SETTINGS: dict[str, tuple[dict[str, str], dict[str, str]]] = {  # name: (environment, CUDA provider options)
+    "default": ({}, {}),
+    "env cuDNN attention off": ({"ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"}, {}),
+    "sdpa_kernel=1 (flash)": ({}, {"sdpa_kernel": "1"}),
+    "sdpa_kernel=3 (flash, efficient)": ({}, {"sdpa_kernel": "3"}),
+    "sdpa_kernel=1, flash decode off": ({"ORT_DISABLE_FLASH_DECODE": "1"}, {"sdpa_kernel": "1"}),
+    "sdpa_kernel=2 (efficient)": ({}, {"sdpa_kernel": "2"}),
+}
+
+
+def with_cuda_options(extra: dict[str, str]) -> None:
+    """Every session this process opens from now on gets `extra` among its CUDA provider options."""
+    real = ort.InferenceSession
+
+    def session(path: Any, sess_options: Any = None, providers: Any = None, **kwargs: Any) -> Any:
+        def add(p: Any) -> Any:
+            if p == "CUDAExecutionProvider":
+                return (p, dict(extra))
+            if isinstance(p, tuple) and p[0] == "CUDAExecutionProvider":
+                return (p[0], {**p[1], **extra})
+            return p
+        return real(path, sess_options=sess_options, providers=[add(p) for p in providers or []], **kwargs)
+
+    ort.InferenceSession = session  # type: ignore[misc]
+
+
+def setting_child(folder: Path, device: str, options: dict[str, str]) -> dict[str, Any]:
+    """In a child process (its environment already set): one setting's step timings, pieces, kernels."""
+    with_cuda_options(options)
+    c = Captioner.load(folder, device=device)
+    images = sample_images(2, size=c.manifest.image_size)
+    row: dict[str, Any] = {"tokens": [r.tokens for r in c.caption(images, max_new_tokens=24, batch_size=2)]}
+    row.update(in_turns({
+        "step_ms": lambda: step_ms(c),
+        "replay_ms": lambda: replay_ms(c),
+        "no_token_upload_ms": lambda: loop_ms(c, upload_tokens=False),
+        "no_lengths_upload_ms": lambda: loop_ms(c, upload_lengths=False),
+        "no_read_back_ms": lambda: loop_ms(c, read_token=False),
+        "no_host_pieces_ms": lambda: loop_ms(c, False, False, False),
+    }))
+    row["cuda_graph"] = c.model.cuda_graph
+    if device == "cuda":
+        try:
+            k = kernel_profile(c, Path(f"/tmp/trace-{folder.name}-setting.json"))
+            row["kernels"] = {**{key: v for key, v in k.items() if key != "top"}, "top": k.get("top", [])[:14]}
+        except Exception as error:  # a probe: report and go on
+            row["kernels"] = {"error": f"{type(error).__name__}: {error}"[:300]}
+    return row
+
+
+def sweep_settings(folder: Path, device: str) -> dict[str, Any]:
+    """Each of SETTINGS in its own child process (environment variables are read once per process)."""
+    rows: dict[str, Any] = {}
+    default_tokens = None
+    for name, (env, options) in SETTINGS.items():
+        child = subprocess.run([sys.executable, __file__, "--work", str(folder.parent), "--device", device,
+                                "--setting-child", str(folder), "--cuda-options", json.dumps(options)],
+                               capture_output=True, text=True, env={**os.environ, **env})
+        if child.returncode:
+            rows[name] = {"error": child.stderr.strip()[-400:]}
+        else:
+            rows[name] = json.loads(child.stdout.strip().splitlines()[-1])
+            tokens = rows[name].pop("tokens")
+            default_tokens = tokens if name == "default" else default_tokens
+            rows[name]["same_tokens_as_default"] = tokens == default_tokens
+        print(folder.name, name, {k: v for k, v in rows[name].items() if k not in ("kernels", "tokens")}, flush=True)
+    return {"model": folder.name, "settings": rows}
+
+
 # --- driver ---------------------------------------------------------------------------------------------
 
 def profile_folder(folder: Path, device: str) -> dict[str, Any]:
     report: dict[str, Any] = {"model": folder.name}
     base = Captioner.load(folder, device=device)
-    variants = {name: make_variant(folder, name, change) for name, change in VARIANTS.items()}
+    # CUDA has no ArgMax or TopK for bfloat16: the head variants need float16 logits
+    names = [n for n in VARIANTS if "argmax-fp16" not in n and n != "topk"] if "bf16" in folder.name else VARIANTS
+    variants = {name: make_variant(folder, name, VARIANTS[name]) for name in names}
     loaded = {"base": base, **{name: Captioner.load(path, device=device) for name, path in variants.items()}}
     for name in LEAN:
-        loaded[name].model.prefill_decoder = base.model.decoder
+        if name in loaded:
+            loaded[name].model.prefill_decoder = base.model.decoder
     report["same_tokens_as_base"] = {name: same_tokens(base, c) for name, c in loaded.items()
                                      if not name.startswith("probe")}
     report["step_ms"] = in_turns({name: (lambda c=c: step_ms(c)) for name, c in loaded.items()})
@@ -336,10 +431,30 @@ def markdown(report: dict[str, Any]) -> str:
             lines += [f"| `{r['kernel']}` | {r['calls_per_step']:.1f} | {r['us_per_step']:.1f} |"
                       for r in k["top"][:25]]
         lines.append("")
-    if report.get("flash_off"):
-        lines += ["## ORT_DISABLE_FLASH_ATTENTION=1 (child process)", "", "```", json.dumps(report["flash_off"]),
-                  "```", ""]
-    lines += ["## Single products (CUDA graph)", "", "| product | µs | GB/s |", "| --- | ---: | ---: |"]
+    for sweep in report["settings"]:
+        lines += [f"## {sweep['model']}: attention kernel and host pieces (one process per setting)", "",
+                  "| setting | step ms | replay ms | no token upload | no lengths upload | no read-back | "
+                  "no host pieces | kernel ms/step | kernels/step | same tokens | CUDA graph |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+        for name, row in sweep["settings"].items():
+            if "error" in row:
+                lines.append(f"| {name} | {row['error'][-150:]} |")
+                continue
+            k = row.get("kernels", {})
+            lines.append(f"| {name} | {row['step_ms']:.3f} | {row['replay_ms']:.3f} | "
+                         f"{row['no_token_upload_ms']:.3f} | {row['no_lengths_upload_ms']:.3f} | "
+                         f"{row['no_read_back_ms']:.3f} | "
+                         f"{row['no_host_pieces_ms']:.3f} | {k.get('kernel_ms_per_step', float('nan')):.3f} | "
+                         f"{k.get('kernels_per_step', float('nan')):.0f} | {row['same_tokens_as_default']} | "
+                         f"{row['cuda_graph']} |")
+        for name, row in sweep["settings"].items():
+            top = row.get("kernels", {}).get("top", [])
+            if top:
+                lines += ["", f"{name}: " + "; ".join(f"{r['kernel'][:60]} {r['us_per_step']:.0f} µs"
+                                                      for r in top[:8])]
+        lines.append("")
+    if report["products"]:
+        lines += ["## Single products (CUDA graph)", "", "| product | µs | GB/s |", "| --- | ---: | ---: |"]
     for row in report["products"]:
         lines.append(f"| {row['product']} | {row['us']:.1f} | {row['GB_per_s']:.0f} |" if "us" in row
                      else f"| {row['product']} | {row['error']} | |")
@@ -352,30 +467,32 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu-out")))
     parser.add_argument("--folders", nargs="+", default=["pg1-3b-224-fp16", "pg1-3b-224-bf16"])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--steps-only", type=Path, help=argparse.SUPPRESS)  # child: base step/replay ms
+    parser.add_argument("--parts", nargs="+", default=["products", "variants", "settings"],
+                        choices=["products", "variants", "settings"])
+    parser.add_argument("--setting-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cuda-options", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.steps_only:
-        c = Captioner.load(args.steps_only, device=args.device)
-        print(json.dumps(in_turns({"step_ms": lambda: step_ms(c), "replay_ms": lambda: replay_ms(c)})))
+    if args.setting_child:
+        print(json.dumps(setting_child(args.setting_child, args.device, json.loads(args.cuda_options))))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                          text=True).stdout.strip() if args.device == "cuda" else "CPU"
-    report: dict[str, Any] = {"gpu": gpu, "onnxruntime": ort.__version__, "folders": []}
+    report: dict[str, Any] = {"gpu": gpu, "onnxruntime": ort.__version__, "products": [], "folders": [],
+                              "settings": []}
     save = lambda: (args.out / "gpu_profile.json").write_text(json.dumps(report, indent=2) + "\n")  # noqa: E731
-    report["products"] = products(args.device)
-    save()
-    for name in args.folders:
-        if (args.work / name).is_dir():
-            report["folders"].append(profile_folder(args.work / name, args.device))
+    folders = [args.work / name for name in args.folders if (args.work / name).is_dir()]
+    if "settings" in args.parts:  # first: the attention kernel and the host's share of a step
+        for folder in folders:
+            report["settings"].append(sweep_settings(folder, args.device))
             save()
-    first = args.work / args.folders[0]
-    child = subprocess.run([sys.executable, __file__, "--work", str(args.work), "--device", args.device,
-                            "--steps-only", str(first)], capture_output=True, text=True,
-                           env={**os.environ, "ORT_DISABLE_FLASH_ATTENTION": "1"})
-    report["flash_off"] = {"model": first.name, **(json.loads(child.stdout.strip().splitlines()[-1])
-                                                     if child.returncode == 0 else {"error": child.stderr[-300:]})}
-    save()
+    if "products" in args.parts:
+        report["products"] = products(args.device)
+        save()
+    if "variants" in args.parts:
+        for folder in folders:
+            report["folders"].append(profile_folder(folder, args.device))
+            save()
     table = markdown(report)
     (args.out / "gpu_profile.md").write_text(table)
     print(table)
