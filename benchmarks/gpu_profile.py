@@ -413,7 +413,7 @@ def profile_folder(folder: Path, device: str) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Decode-step profile: {report['gpu']}, onnxruntime {report['onnxruntime']}", "",
              "Batch 1, the default prompt, the cache at the shipped floor; medians of 5 turns of 64 steps.", ""]
-    for folder in report["folders"]:
+    for folder in report.get("folders", []):
         lines += [f"## {folder['model']}", "", "| variant | step ms (as captions run) | replay ms (step alone) |"
                   " same tokens |", "| --- | ---: | ---: | --- |"]
         for name, ms in folder["step_ms"].items():
@@ -431,7 +431,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines += [f"| `{r['kernel']}` | {r['calls_per_step']:.1f} | {r['us_per_step']:.1f} |"
                       for r in k["top"][:25]]
         lines.append("")
-    for sweep in report["settings"]:
+    for sweep in report.get("settings", []):
         lines += [f"## {sweep['model']}: attention kernel and host pieces (one process per setting)", "",
                   "| setting | step ms | replay ms | no token upload | no lengths upload | no read-back | "
                   "no host pieces | kernel ms/step | kernels/step | same tokens | CUDA graph |",
@@ -453,9 +453,9 @@ def markdown(report: dict[str, Any]) -> str:
                 lines += ["", f"{name}: " + "; ".join(f"{r['kernel'][:60]} {r['us_per_step']:.0f} µs"
                                                       for r in top[:8])]
         lines.append("")
-    if report["products"]:
+    if report.get("products"):
         lines += ["## Single products (CUDA graph)", "", "| product | µs | GB/s |", "| --- | ---: | ---: |"]
-    for row in report["products"]:
+    for row in report.get("products", []):
         lines.append(f"| {row['product']} | {row['us']:.1f} | {row['GB_per_s']:.0f} |" if "us" in row
                      else f"| {row['product']} | {row['error']} | |")
     return "\n".join(lines) + "\n"
