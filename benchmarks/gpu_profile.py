@@ -10,11 +10,13 @@ For each model folder (built for CUDA, in --work):
    it (the CUDA graph off, so each kernel is seen with its launch);
 2. variants of the decoder graph, rewritten on a copy of the folder that shares its weights (hard
    links): the argmax on the float16 logits, TopK(1) instead of ArgMax, a decode-only graph without the
-   image merge and the last-position gather (prompts on the base graph), and a probe that breaks the tokens
-   and only says what a piece costs (no argmax). Timed in turns with the base folder.
+   image merge and the last-position gather (prompts on the base graph), the linear layers' weights stored
+   transposed ([N, K], FusedMatMul transB=1: a new weights file), and a probe that breaks the tokens and only
+   says what a piece costs (no argmax). Timed in turns with the base folder.
    With `ORT_DISABLE_FLASH_ATTENTION=1` in a child process: the memory-efficient attention kernel instead.
-3. single products at the decoder's shapes, each captured in a CUDA graph: the time and bytes/s of an fp16
-   MLP MatMul, the lm_head Gemm, the ArgMax over the vocabulary (what the weights' floor can be reached at).
+3. single products at the decoder's shapes, each captured in a CUDA graph: the time (per run, and of its
+   kernels alone) and bytes/s of each fp16 linear layer as MatMul and as FusedMatMul over transposed weights,
+   the lm_head Gemm, the ArgMax over the vocabulary (what the weights' floor can be reached at).
 
 Writes gpu_profile.json and gpu_profile.md under --out.
 """
@@ -109,8 +111,8 @@ def in_turns(measures: dict[str, Callable[[], float]], rounds: int = 5) -> dict[
     return {name: statistics.median(values) for name, values in runs.items()}
 
 
-def kernel_profile(captioner: Captioner, trace: Path, steps: int = 32) -> dict[str, Any]:
-    """GPU kernel time per decode step (CUPTI through torch.profiler, read from its Chrome trace, which holds
+def cupti_kernels(run: Callable[[], Any], steps: int, trace: Path) -> dict[str, Any]:
+    """GPU kernel time per call of `run` (CUPTI through torch.profiler, read from its Chrome trace, which holds
     every kernel of the process, onnxruntime's too) and the kernels that take it."""
     try:
         import torch
@@ -119,11 +121,10 @@ def kernel_profile(captioner: Captioner, trace: Path, steps: int = 32) -> dict[s
         return {"error": f"no torch.profiler: {error}"}
     if not torch.cuda.is_available():
         return {"error": "torch sees no GPU"}
-    state, tokens = prefilled_state(captioner)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         started = time.perf_counter()
         for _ in range(steps):
-            tokens = state.step(tokens).next_token()
+            run()
         wall = time.perf_counter() - started
     prof.export_chrome_trace(str(trace))
     events = [e for e in json.loads(trace.read_text()).get("traceEvents", [])
@@ -142,6 +143,17 @@ def kernel_profile(captioner: Captioner, trace: Path, steps: int = 32) -> dict[s
             "gpu_span_ms_per_step": span / steps / 1000,
             "kernel_ms_per_step": sum(row["us_per_step"] for row in rows) / 1000,
             "kernels_per_step": sum(row["calls_per_step"] for row in rows), "top": rows[:40]}
+
+
+def kernel_profile(captioner: Captioner, trace: Path, steps: int = 32) -> dict[str, Any]:
+    """`cupti_kernels` over `steps` decode steps of a prefilled batch-1 state."""
+    state, tokens = prefilled_state(captioner)
+    box = [tokens]
+
+    def step() -> None:
+        box[0] = state.step(box[0]).next_token()
+
+    return cupti_kernels(step, steps, trace)
 
 
 # --- graph variants -------------------------------------------------------------------------------------
@@ -204,6 +216,21 @@ def decode_lean(graph: onnx.GraphProto) -> None:
     _prune(graph)
 
 
+def linear_transposed(model: onnx.ModelProto) -> None:
+    """Every MatMul by a constant weight [K, N] becomes FusedMatMul(x, W [N, K], transB=1): the weights in
+    PyTorch's layout, so cuBLAS runs the "TN" GEMV the lm_head's Gemm(transB=1) gets (a dot product per
+    contiguous row). Rewrites the weights file."""
+    weights = {w.name: w for w in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in weights and len(weights[node.input[1]].dims) == 2:
+            w = weights[node.input[1]]
+            w.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(onnx.numpy_helper.to_array(w).T), w.name))
+            node.op_type, node.domain = "FusedMatMul", "com.microsoft"
+            node.attribute.extend([helper.make_attribute("transB", 1)])
+
+
+WEIGHT_VARIANTS: dict[str, Callable[[onnx.ModelProto], None]] = {"linear-transposed": linear_transposed}
+
 VARIANTS: dict[str, Callable[[onnx.GraphProto], None]] = {
     "argmax-fp16": argmax_fp16,
     "topk": topk,
@@ -214,21 +241,48 @@ VARIANTS: dict[str, Callable[[onnx.GraphProto], None]] = {
 LEAN = ("decode-lean", "decode-lean-argmax-fp16")  # their prompts run on the base folder's decoder
 
 
-def make_variant(folder: Path, name: str, change: Callable[[onnx.GraphProto], None]) -> Path:
-    """A copy of `folder` (links to its files) whose decoder graph has `change` applied."""
+def _read_weights(model: onnx.ModelProto, folder: Path) -> None:
+    """Load the external weights into the model by hand (onnx refuses a weights file with several hard links,
+    which the other variants' folders give it)."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        with open(folder / info["location"], "rb") as handle:
+            handle.seek(int(info.get("offset", 0)))
+            tensor.raw_data = handle.read(int(info["length"]))
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def make_variant(folder: Path, name: str, change: Callable[[onnx.GraphProto], None] | None = None,
+                 rewrite: Callable[[onnx.ModelProto], None] | None = None) -> Path:
+    """A copy of `folder` (hard links to its files) whose decoder graph has `change` applied, or whose decoder
+    graph and weights file (a new file) are rewritten by `rewrite`."""
     target = folder.parent / f"{folder.name}--{name}"
     target.mkdir(exist_ok=True)
     graph_file = GRAPH_FILES[DECODER]
+    rewritten = [graph_file, "palionnx.json"] + [f"{graph_file}.data"] * (rewrite is not None)
     for path in folder.iterdir():
         link = target / path.name
-        if path.name not in (graph_file, "palionnx.json") and not link.exists():
+        if path.name not in rewritten and not link.exists():
             os.link(path, link)  # a hard link: onnxruntime refuses external data behind a symbolic link
-    model = onnx.load(str(folder / graph_file), load_external_data=False)
-    change(model.graph)
-    onnx.save(model, str(target / graph_file))
     manifest = json.loads((folder / "palionnx.json").read_text())
-    manifest["files"][graph_file] = {"size": (target / graph_file).stat().st_size,
-                                     "sha256": sha256_of(target / graph_file)}
+    if rewrite is not None:
+        model = onnx.load(str(folder / graph_file), load_external_data=False)
+        _read_weights(model, folder)
+        rewrite(model)
+        (target / f"{graph_file}.data").unlink(missing_ok=True)
+        onnx.save(model, str(target / graph_file), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=f"{graph_file}.data", size_threshold=1024)
+    else:
+        model = onnx.load(str(folder / graph_file), load_external_data=False)
+        assert change is not None
+        change(model.graph)
+        onnx.save(model, str(target / graph_file))
+    for written in rewritten[:1] + rewritten[2:]:
+        manifest["files"][written] = {"size": (target / written).stat().st_size,
+                                      "sha256": sha256_of(target / written)}
     (target / "palionnx.json").write_text(json.dumps(manifest, indent=2))
     return target
 
@@ -242,8 +296,9 @@ def same_tokens(a: Captioner, b: Captioner) -> bool:
 # --- single products ------------------------------------------------------------------------------------
 
 def product_us(nodes: list, inputs: dict[str, np.ndarray], weights: dict[str, np.ndarray], output: str,
-               out: np.ndarray, device: str, repeats: int = 200) -> float:
-    """µs per run of a one-node graph writing into a buffer like `out`, captured as a CUDA graph on CUDA."""
+               out: np.ndarray, device: str, repeats: int = 200) -> tuple[float, float | None]:
+    """µs per run of a one-node graph writing into a buffer like `out`, captured as a CUDA graph on CUDA: the
+    run's wall time and (on CUDA, with torch there) the GPU kernels' time alone."""
     out_type = helper.np_dtype_to_tensor_dtype(out.dtype)
     graph = helper.make_graph(
         nodes, "product",
@@ -251,7 +306,8 @@ def product_us(nodes: list, inputs: dict[str, np.ndarray], weights: dict[str, np
          for k, v in inputs.items()],
         [helper.make_tensor_value_info(output, out_type, None)],
         [onnx.numpy_helper.from_array(v, k) for k, v in weights.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 10
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -269,7 +325,11 @@ def product_us(nodes: list, inputs: dict[str, np.ndarray], weights: dict[str, np
     started = time.perf_counter()
     for _ in range(repeats):
         session.run_with_iobinding(binding)
-    return 1e6 * (time.perf_counter() - started) / repeats
+    wall = 1e6 * (time.perf_counter() - started) / repeats
+    if device != "cuda":
+        return wall, None
+    kernels = cupti_kernels(lambda: session.run_with_iobinding(binding), 50, Path("/tmp/trace-product.json"))
+    return wall, 1000 * kernels["kernel_ms_per_step"] if "kernel_ms_per_step" in kernels else None
 
 
 def products(device: str, hidden: int = 2048, inter: int = 16384, vocab: int = 257216) -> list[dict[str, Any]]:
@@ -284,11 +344,20 @@ def products(device: str, hidden: int = 2048, inter: int = 16384, vocab: int = 2
         return ([helper.make_node("MatMul", ["x", "w"], ["y"])], {"x": normal(1, k)}, {"w": normal(k, n)},
                 np.zeros((1, n), f16), 2 * k * n)
 
+    def transposed(k: int, n: int) -> tuple:  # the weight as [N, K] (PyTorch's layout), FusedMatMul transB=1
+        node = helper.make_node("FusedMatMul", ["x", "w"], ["y"], domain="com.microsoft", transB=1)
+        return [node], {"x": normal(1, k)}, {"w": normal(n, k)}, np.zeros((1, n), f16), 2 * k * n
+
     argmax = [helper.make_node("ArgMax", ["l"], ["y"], axis=-1, keepdims=0)]
     cases = {
         "MatMul fp16 2048x16384 (gate, up)": matmul(hidden, inter),
         "MatMul fp16 16384x2048 (down)": matmul(inter, hidden),
         "MatMul fp16 2048x2560 (qkv)": matmul(hidden, 2560),
+        "MatMul fp16 2048x2048 (o_proj)": matmul(hidden, hidden),
+        "FusedMatMul transB fp16 2048x16384 (gate, up)": transposed(hidden, inter),
+        "FusedMatMul transB fp16 16384x2048 (down)": transposed(inter, hidden),
+        "FusedMatMul transB fp16 2048x2560 (qkv)": transposed(hidden, 2560),
+        "FusedMatMul transB fp16 2048x2048 (o_proj)": transposed(hidden, hidden),
         "Gemm transB fp16 (lm_head)": ([helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
                                        {"x": normal(1, hidden)}, {"w": normal(vocab, hidden)},
                                        np.zeros((1, vocab), f16), 2 * hidden * vocab),
@@ -300,8 +369,9 @@ def products(device: str, hidden: int = 2048, inter: int = 16384, vocab: int = 2
     }
     for name, (nodes, inputs, weights, out, nbytes) in cases.items():
         try:
-            us = product_us(nodes, inputs, weights, "y", out, device)
-            rows.append({"product": name, "us": us, "GB_per_s": nbytes / us / 1e3})
+            us, kernel_us = product_us(nodes, inputs, weights, "y", out, device)
+            rows.append({"product": name, "us": us, "kernel_us": kernel_us,
+                         "GB_per_s": nbytes / (kernel_us or us) / 1e3})
         except Exception as error:  # a probe: report and go on
             rows.append({"product": name, "error": str(error)[:200]})
         print(rows[-1], flush=True)
@@ -389,6 +459,7 @@ def profile_folder(folder: Path, device: str) -> dict[str, Any]:
     # CUDA has no ArgMax or TopK for bfloat16: the head variants need float16 logits
     names = [n for n in VARIANTS if "argmax-fp16" not in n and n != "topk"] if "bf16" in folder.name else VARIANTS
     variants = {name: make_variant(folder, name, VARIANTS[name]) for name in names}
+    variants.update({name: make_variant(folder, name, rewrite=rewrite) for name, rewrite in WEIGHT_VARIANTS.items()})
     loaded = {"base": base, **{name: Captioner.load(path, device=device) for name, path in variants.items()}}
     for name in LEAN:
         if name in loaded:
@@ -454,9 +525,11 @@ def markdown(report: dict[str, Any]) -> str:
                                                       for r in top[:8])]
         lines.append("")
     if report.get("products"):
-        lines += ["## Single products (CUDA graph)", "", "| product | µs | GB/s |", "| --- | ---: | ---: |"]
+        lines += ["## Single products (CUDA graph)", "", "GB/s from the kernels' time where CUPTI gave it.", "",
+                  "| product | µs per run | µs of kernels | GB/s |", "| --- | ---: | ---: | ---: |"]
     for row in report.get("products", []):
-        lines.append(f"| {row['product']} | {row['us']:.1f} | {row['GB_per_s']:.0f} |" if "us" in row
+        kernel_us = f"{row['kernel_us']:.1f}" if row.get("kernel_us") else "—"
+        lines.append(f"| {row['product']} | {row['us']:.1f} | {kernel_us} | {row['GB_per_s']:.0f} |" if "us" in row
                      else f"| {row['product']} | {row['error']} | |")
     return "\n".join(lines) + "\n"
 

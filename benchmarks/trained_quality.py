@@ -7,7 +7,8 @@ For each family (`shapes-pg1`, `shapes-pg2`, trained on first use into the palio
 exported afresh and captions the same held-out scenes with `caption en`, greedy, through `Captioner.caption`
 (`palionnx eval`'s numbers: exact match, token accuracy, per-attribute accuracy). Second column group:
 teacher-forced along fp32's captions (and their eos), the share of positions whose next token equals fp32's
-and the mean cosine of the logits with fp32's.
+and the mean cosine of the logits with fp32's. Paired with fp32 scene by scene: the scenes a level gets wrong
+that fp32 gets right (lost) and the reverse (won), with McNemar's exact p-value.
 
 Levels: fp32, fp16 (built for CUDA, run here on the CPU), LEVEL:BLOCK for int8/int4 on MatMulNBits at that
 block size (int4:128), LEVEL:auto for the block size and kernels the export measures on this CPU, and
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shutil
 import tempfile
@@ -57,6 +59,17 @@ def forced_logits(captioner: Captioner, images: list, tokens: list[list[int]]) -
                 output = state.step(np.array([token], dtype=np.int64))
         out.append(np.stack(rows))
     return out
+
+
+def paired_vs_reference(reference: list[bool], other: list[bool]) -> dict[str, float]:
+    """Exact match scene by scene against the reference (fp32): scenes lost (right at fp32, wrong here) and won,
+    and McNemar's exact two-sided p-value (a binomial test on the discordant scenes): below 0.05, the
+    difference is more than the luck of which scenes were drawn."""
+    lost = sum(r and not o for r, o in zip(reference, other))
+    won = sum(o and not r for r, o in zip(reference, other))
+    n = lost + won
+    p_value = min(1.0, 2 * sum(math.comb(n, k) for k in range(min(lost, won) + 1)) / 2**n) if n else 1.0
+    return {"lost": lost, "won": won, "p_value": p_value}
 
 
 def agreement(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[float, float]:
@@ -104,11 +117,14 @@ def measure_family(family: str, args: argparse.Namespace, work: Path) -> list[di
     checkpoint = checkpoint_of(family, args)
     rows: list[dict] = []
     reference: tuple[list[list[int]], list[np.ndarray]] | None = None
+    reference_exact: list[bool] = []
     for level in args.levels:
         folder = level_folder(work, family, level)
         export_level(checkpoint, level, folder)
         captioner = Captioner.load(folder, device="cpu" if level == "fp32" else args.device)
         report = evaluate(captioner, count=args.scenes, seed=args.seed, prompt=CAPTION_PROMPT, batch_size=16)
+        exact = [scene.exact for scene in report.scenes]
+        reference_exact = reference_exact or exact
         images = [render(scene, captioner.manifest.image_size) for scene in make_scenes(args.forced, args.seed)]
         if reference is None:  # fp32 comes first: its captions and logits are the reference
             eos = captioner.manifest.eos_token_ids[0]
@@ -120,7 +136,8 @@ def measure_family(family: str, args: argparse.Namespace, work: Path) -> list[di
         kernels = quant.cpu_kernels
         rows.append({"family": family, "level": level, "block_size": quant.block_size,
                      "kernels": f"{kernels.vision} / {kernels.prefill} / {kernels.decode}" if kernels else None,
-                     **report.summary(), "forced_next_token_agreement": same, "forced_logit_cosine": cosine})
+                     **report.summary(), "paired_vs_fp32": paired_vs_reference(reference_exact, exact),
+                     "forced_next_token_agreement": same, "forced_logit_cosine": cosine})
         print({k: v for k, v in rows[-1].items() if k != "folder"}, flush=True)
         if not args.work:
             shutil.rmtree(folder, ignore_errors=True)
@@ -141,15 +158,17 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
              f"{where}; teacher-forced columns over {args.forced} "
              "scenes along fp32's captions. int LEVEL:BLOCK is MatMulNBits at that block; :auto is the export's "
              "measured choice (block, kernels vision / prefill / decode in brackets).", "",
-             "| family | level | exact match | token accuracy | kind | colour | count | position | size | background "
-             "| next token = fp32 (forced) | logit cosine vs fp32 (forced) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| family | level | exact match | scenes lost / won vs fp32 (p) | token accuracy | kind | colour | count "
+             "| position | size | background | next token = fp32 (forced) | logit cosine vs fp32 (forced) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         a = r["attributes"]
         level = r["level"]
         if level.endswith((":auto", ":qgemm")):
             level += f" (block {r['block_size']}, {r['kernels']})"
-        cells = [r["family"], level, f"{r['exact_match']:.1%}", f"{r['token_accuracy']:.1%}",
+        paired = r["paired_vs_fp32"]
+        cells = [r["family"], level, f"{r['exact_match']:.1%}",
+                 f"{paired['lost']} / {paired['won']} ({paired['p_value']:.2g})", f"{r['token_accuracy']:.1%}",
                  *(f"{a[name]:.1%}" for name in ("kind", "colour", "count", "position", "size", "background")),
                  f"{r['forced_next_token_agreement']:.2%}", f"{r['forced_logit_cosine']:.5f}"]
         lines.append("| " + " | ".join(cells) + " |")
