@@ -5,10 +5,13 @@
 
 For each family (`shapes-pg1`, `shapes-pg2`, trained on first use into the palionnx cache) every level is
 exported afresh and captions the same held-out scenes with `caption en`, greedy, through `Captioner.caption`
-(`palionnx eval`'s numbers: exact match, token accuracy, per-attribute accuracy). Second column group:
-teacher-forced along fp32's captions (and their eos), the share of positions whose next token equals fp32's
-and the mean cosine of the logits with fp32's. Paired with fp32 scene by scene: the scenes a level gets wrong
-that fp32 gets right (lost) and the reverse (won), with McNemar's exact p-value.
+(`palionnx eval`'s numbers: exact match, token accuracy, per-attribute accuracy), paired with fp32 scene by
+scene: the scenes a level gets wrong that fp32 gets right (lost) and the reverse (won), with McNemar's exact
+p-value. Teacher-forced (over --forced scenes): the truth's likelihood (mean negative log-likelihood per
+token of the truth caption and its eos, and its paired difference from fp32's with a 95 % interval), and
+along fp32's own captions the share of positions whose next token equals fp32's and the mean cosine of the
+logits with fp32's. `--edge` takes the scenes at the edges of the training jitter instead (the hardest set
+still inside what training saw).
 
 Levels: fp32, fp16 (built for CUDA, run here on the CPU), LEVEL:BLOCK for int8/int4 on MatMulNBits at that
 block size (int4:128), LEVEL:auto for the block size and kernels the export measures on this CPU, and
@@ -25,6 +28,7 @@ first, and a later run with the same `--work` reuses those folders.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -35,30 +39,69 @@ from pathlib import Path
 import numpy as np
 
 from palionnx import Captioner
-from palionnx.evaluation import evaluate
+from palionnx.evaluation import evaluate, text_ids
 from palionnx.runtime.preprocess import image_pixels
-from palionnx.scenes import CAPTION_PROMPT, make_scenes, render
+from palionnx.scenes import CAPTION_PROMPT, Scene, make_scenes, render
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LEVELS = ["fp32", "fp16", "int8:32", "int8:64", "int8:128", "int4:32", "int4:64", "int4:128", "int4:auto",
           "int8:qgemm", "int4:qgemm"]
 
 
-def forced_logits(captioner: Captioner, images: list, tokens: list[list[int]]) -> list[np.ndarray]:
-    """Per image, the logits [positions, vocab] along `tokens`: each position is fed the given token, whatever
-    the model would have picked."""
+def forced_logits(captioner: Captioner, images: list, tokens: list[list[int]], batch: int = 16) -> list[np.ndarray]:
+    """Per image, the logits [len(tokens), vocab] along its `tokens`: position p is fed token p - 1 (position 0
+    follows the prompt), whatever the model would have picked. Rows of a batch are fed in step; a row past
+    its own tokens is fed its last one again, and those extra logits are dropped."""
     out = []
-    for image, forced in zip(images, tokens):
-        batch = captioner.prompt_batch(image_pixels(image, captioner.image_spec)[None], [CAPTION_PROMPT])
-        state = captioner.model.new_state(1, batch.input_ids.shape[1] + len(forced))
-        output = state.prefill(batch)
-        rows = []
-        for position, token in enumerate(forced):
-            rows.append(output.logits()[0].astype(np.float32))
-            if position + 1 < len(forced):
-                output = state.step(np.array([token], dtype=np.int64))
-        out.append(np.stack(rows))
+    for start in range(0, len(images), batch):
+        forced = tokens[start : start + batch]
+        pixels = np.stack([image_pixels(image, captioner.image_spec) for image in images[start : start + batch]])
+        prompt = captioner.prompt_batch(pixels, [CAPTION_PROMPT] * len(forced))
+        longest = max(map(len, forced))
+        state = captioner.model.new_state(len(forced), prompt.input_ids.shape[1] + longest)
+        rows = [state.prefill(prompt).logits().astype(np.float32)]
+        for position in range(longest - 1):
+            feed = np.array([row[min(position, len(row) - 1)] for row in forced], dtype=np.int64)
+            rows.append(state.step(feed).logits().astype(np.float32))
+        logits = np.stack(rows, axis=1)
+        out += [logits[i, : len(row)] for i, row in enumerate(forced)]
     return out
+
+
+def truth_nll(logits: list[np.ndarray], truths: list[list[int]]) -> np.ndarray:
+    """Per scene, the mean negative log-likelihood (nats per token) of its truth caption and eos, from the
+    logits teacher-forced along that truth: lower is better, and unlike exact match it moves with every
+    perturbation of the model."""
+    nll = []
+    for scores, truth in zip(logits, truths):
+        scores = scores.astype(np.float64)
+        top = scores.max(-1)
+        log_z = top + np.log(np.exp(scores - top[:, None]).sum(-1))
+        nll.append(float(np.mean(log_z - scores[np.arange(len(truth)), truth])))
+    return np.array(nll)
+
+
+def paired_difference(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    """Mean of other - reference over the same scenes, with its 95 % confidence half-width (normal)."""
+    diff = other - reference
+    half = 1.96 * float(diff.std(ddof=1)) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    return {"mean": float(diff.mean()), "ci95": half}
+
+
+def at_the_edges(scene: Scene) -> Scene:
+    """The scene with every jitter at the end of its training range that makes it hardest: small shapes at
+    their largest and large ones at their smallest (the sizes closest to each other), the strongest colour
+    tint, the largest offset from the cell's centre. Still inside what training saw."""
+    shapes = tuple(dataclasses.replace(
+        shape, scale=1.12 if shape.size == "small" else 0.88, tint=tuple(20 if t >= 0 else -20 for t in shape.tint),
+        dx=0.04 if shape.dx >= 0 else -0.04, dy=0.04 if shape.dy >= 0 else -0.04) for shape in scene.shapes)
+    return dataclasses.replace(scene, shapes=shapes)
+
+
+def held_out(count: int, args: argparse.Namespace) -> list[Scene]:
+    """The evaluation stream's first `count` scenes for the seed; with --edge, pushed to the edges."""
+    scenes = make_scenes(count, args.seed)
+    return [at_the_edges(scene) for scene in scenes] if args.edge else scenes
 
 
 def paired_vs_reference(reference: list[bool], other: list[bool]) -> dict[str, float]:
@@ -118,25 +161,33 @@ def measure_family(family: str, args: argparse.Namespace, work: Path) -> list[di
     rows: list[dict] = []
     reference: tuple[list[list[int]], list[np.ndarray]] | None = None
     reference_exact: list[bool] = []
+    reference_nll: np.ndarray | None = None
     for level in args.levels:
         folder = level_folder(work, family, level)
         export_level(checkpoint, level, folder)
         captioner = Captioner.load(folder, device="cpu" if level == "fp32" else args.device)
-        report = evaluate(captioner, count=args.scenes, seed=args.seed, prompt=CAPTION_PROMPT, batch_size=16)
+        report = evaluate(captioner, prompt=CAPTION_PROMPT, batch_size=16, seed=args.seed,
+                          scenes=held_out(args.scenes, args))
         exact = [scene.exact for scene in report.scenes]
         reference_exact = reference_exact or exact
-        images = [render(scene, captioner.manifest.image_size) for scene in make_scenes(args.forced, args.seed)]
-        if reference is None:  # fp32 comes first: its captions and logits are the reference
-            eos = captioner.manifest.eos_token_ids[0]
+        scenes = held_out(args.forced, args)
+        images = [render(scene, captioner.manifest.image_size) for scene in scenes]
+        eos = captioner.manifest.eos_token_ids[0]
+        truths = [text_ids(captioner.text.tokenizer, scene.truth(CAPTION_PROMPT)) + [eos] for scene in scenes]
+        nll = truth_nll(forced_logits(captioner, images, truths), truths)
+        if reference is None:  # fp32 comes first: its captions, logits and likelihoods are the reference
             tokens = [s.tokens + [eos] for s in captioner.caption(images, prompt=CAPTION_PROMPT, batch_size=16,
                                                                   max_new_tokens=args.max_new_tokens)]
             reference = (tokens, forced_logits(captioner, images, tokens))
+            reference_nll = nll
+        assert reference_nll is not None
         same, cosine = agreement(reference[1], forced_logits(captioner, images, reference[0]))
         quant = captioner.manifest.quant
         kernels = quant.cpu_kernels
         rows.append({"family": family, "level": level, "block_size": quant.block_size,
                      "kernels": f"{kernels.vision} / {kernels.prefill} / {kernels.decode}" if kernels else None,
                      **report.summary(), "paired_vs_fp32": paired_vs_reference(reference_exact, exact),
+                     "truth_nll": float(nll.mean()), "truth_nll_vs_fp32": paired_difference(reference_nll, nll),
                      "forced_next_token_agreement": same, "forced_logit_cosine": cosine})
         print({k: v for k, v in rows[-1].items() if k != "folder"}, flush=True)
         if not args.work:
@@ -154,13 +205,15 @@ def gpu_name() -> str:
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     where = (f"on {args.device_name} (fp32 on the CPU)" if args.device == "cuda"
              else f"on the CPU ({platform.processor() or platform.machine()})")
-    lines = [f"Trained test models, {args.scenes} held-out scenes (seed {args.seed}), `caption en`, greedy, "
+    lines = [f"Trained test models, {args.scenes} held-out scenes{' at the edges' if args.edge else ''} "
+             f"(seed {args.seed}), `caption en`, greedy, "
              f"{where}; teacher-forced columns over {args.forced} "
              "scenes along fp32's captions. int LEVEL:BLOCK is MatMulNBits at that block; :auto is the export's "
              "measured choice (block, kernels vision / prefill / decode in brackets).", "",
-             "| family | level | exact match | scenes lost / won vs fp32 (p) | token accuracy | kind | colour | count "
-             "| position | size | background | next token = fp32 (forced) | logit cosine vs fp32 (forced) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| family | level | exact match | scenes lost / won vs fp32 (p) | truth NLL, nats/token (forced) "
+             "| NLL − fp32's (95 % CI) | token accuracy | kind | colour | count | position | size | background "
+             "| next token = fp32 (forced) | logit cosine vs fp32 (forced) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         a = r["attributes"]
         level = r["level"]
@@ -168,7 +221,9 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
             level += f" (block {r['block_size']}, {r['kernels']})"
         paired = r["paired_vs_fp32"]
         cells = [r["family"], level, f"{r['exact_match']:.1%}",
-                 f"{paired['lost']} / {paired['won']} ({paired['p_value']:.2g})", f"{r['token_accuracy']:.1%}",
+                 f"{paired['lost']} / {paired['won']} ({paired['p_value']:.2g})", f"{r['truth_nll']:.5f}",
+                 f"{r['truth_nll_vs_fp32']['mean']:+.5f} ± {r['truth_nll_vs_fp32']['ci95']:.5f}",
+                 f"{r['token_accuracy']:.1%}",
                  *(f"{a[name]:.1%}" for name in ("kind", "colour", "count", "position", "size", "background")),
                  f"{r['forced_next_token_agreement']:.2%}", f"{r['forced_logit_cosine']:.5f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -180,9 +235,11 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=["pg1", "pg2"], choices=["pg1", "pg2"])
     parser.add_argument("--levels", nargs="+", default=LEVELS)
     parser.add_argument("--scenes", type=int, default=200)
-    parser.add_argument("--forced", type=int, default=50, help="scenes for the teacher-forced columns")
+    parser.add_argument("--forced", type=int, default=200, help="scenes for the teacher-forced columns")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="fp32's reference captions")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--edge", action="store_true", help="the scenes at the edges of the training jitter "
+                        "(sizes closest to each other, strongest tints): the hardest in-distribution set")
     parser.add_argument("--name", help="results file name without extension (default trained-quality-DEVICE)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every level but fp32 runs")
     parser.add_argument("--checkpoints", type=Path, help="a folder with shapes-pg1/ and shapes-pg2/ checkpoints")

@@ -95,13 +95,14 @@ def text_ids(tokenizer: Tokenizer, text: str) -> list[int]:
 
 
 def evaluate(captioner: Captioner, count: int = 200, seed: int = 0, prompt: str = CAPTION_PROMPT,
-             batch_size: int | None = None, max_new_tokens: int | None = None, sampler: Sampler | None = None
-             ) -> Report:
-    """Caption `count` held-out scenes (the evaluation stream for `seed`) and score every caption.
+             batch_size: int | None = None, max_new_tokens: int | None = None, sampler: Sampler | None = None,
+             scenes: list[Scene] | None = None) -> Report:
+    """Caption `count` held-out scenes (the evaluation stream for `seed`, or the given `scenes`) and score
+    every caption.
 
     `max_new_tokens` defaults to the longest truth among the scenes plus `SLACK_TOKENS` (a caption that
     runs on past its truth is wrong either way)."""
-    scenes = make_scenes(count, seed)
+    scenes = scenes if scenes is not None else make_scenes(count, seed)
     tokenizer = captioner.text.tokenizer
     truth_ids = [text_ids(tokenizer, scene.truth(prompt)) for scene in scenes]
     size = captioner.manifest.image_size
