@@ -207,9 +207,11 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
              else f"on the CPU ({platform.processor() or platform.machine()})")
     lines = [f"Trained test models, {args.scenes} held-out scenes{' at the edges' if args.edge else ''} "
              f"(seed {args.seed}), `caption en`, greedy, "
-             f"{where}; teacher-forced columns over {args.forced} "
-             "scenes along fp32's captions. int LEVEL:BLOCK is MatMulNBits at that block; :auto is the export's "
-             "measured choice (block, kernels vision / prefill / decode in brackets).", "",
+             f"{where}. Lost / won: scenes wrong at this level and right at fp32, and the reverse (McNemar's "
+             f"exact p). Teacher-forced columns over the first {args.forced} scenes: the truth's NLL along the "
+             "truth caption, next token and logit cosine along fp32's captions. int LEVEL:BLOCK is MatMulNBits at "
+             "that block; :auto is the export's measured choice (block, kernels vision / prefill / decode in "
+             "brackets).", "",
              "| family | level | exact match | scenes lost / won vs fp32 (p) | truth NLL, nats/token (forced) "
              "| NLL − fp32's (95 % CI) | token accuracy | kind | colour | count | position | size | background "
              "| next token = fp32 (forced) | logit cosine vs fp32 (forced) |",
