@@ -110,9 +110,14 @@ def paired_vs_reference(reference: list[bool], other: list[bool]) -> dict[str, f
     difference is more than the luck of which scenes were drawn."""
     lost = sum(r and not o for r, o in zip(reference, other))
     won = sum(o and not r for r, o in zip(reference, other))
+    return {"lost": lost, "won": won, "p_value": mcnemar_p(lost, won)}
+
+
+def mcnemar_p(lost: int, won: int) -> float:
+    """McNemar's exact two-sided p-value: how likely a split at least this uneven is when a scene is as
+    likely to be lost as won."""
     n = lost + won
-    p_value = min(1.0, 2 * sum(math.comb(n, k) for k in range(min(lost, won) + 1)) / 2**n) if n else 1.0
-    return {"lost": lost, "won": won, "p_value": p_value}
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(lost, won) + 1)) / 2**n) if n else 1.0
 
 
 def agreement(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[float, float]:
@@ -229,6 +234,14 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
                  *(f"{a[name]:.1%}" for name in ("kind", "colour", "count", "position", "size", "background")),
                  f"{r['forced_next_token_agreement']:.2%}", f"{r['forced_logit_cosine']:.5f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    families = sorted({r["family"] for r in rows})
+    if len(families) > 1:  # the same level on both models: more scenes, one test
+        lines += ["", f"Pooled over {' and '.join(families)}: scenes lost / won against fp32 (McNemar's exact p).", "",
+                  "| level | lost / won (p) |", "| --- | ---: |"]
+        for level in dict.fromkeys(r["level"] for r in rows if r["level"] != "fp32"):
+            lost = sum(r["paired_vs_fp32"]["lost"] for r in rows if r["level"] == level)
+            won = sum(r["paired_vs_fp32"]["won"] for r in rows if r["level"] == level)
+            lines.append(f"| {level} | {lost} / {won} ({mcnemar_p(lost, won):.2g}) |")
     return "\n".join(lines) + "\n"
 
 
