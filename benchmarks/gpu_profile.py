@@ -460,10 +460,16 @@ def profile_folder(folder: Path, device: str) -> dict[str, Any]:
     names = [n for n in VARIANTS if "argmax-fp16" not in n and n != "topk"] if "bf16" in folder.name else VARIANTS
     variants = {name: make_variant(folder, name, VARIANTS[name]) for name in names}
     variants.update({name: make_variant(folder, name, rewrite=rewrite) for name, rewrite in WEIGHT_VARIANTS.items()})
-    loaded = {"base": base, **{name: Captioner.load(path, device=device) for name, path in variants.items()}}
-    for name in LEAN:
-        if name in loaded:
-            loaded[name].model.prefill_decoder = base.model.decoder
+    loaded, report["failed"] = {"base": base}, {}
+    for name, path in variants.items():  # a variant onnxruntime cannot run here is reported, not fatal
+        try:
+            loaded[name] = Captioner.load(path, device=device)
+            if name in LEAN:  # a decode-only graph: prompts run on the base folder's decoder
+                loaded[name].model.prefill_decoder = base.model.decoder
+            loaded[name].caption(sample_images(1, size=base.manifest.image_size), max_new_tokens=2)
+        except Exception as error:
+            report["failed"][name] = f"{type(error).__name__}: {error}"[:300]
+            loaded.pop(name, None)
     report["same_tokens_as_base"] = {name: same_tokens(base, c) for name, c in loaded.items()
                                      if not name.startswith("probe")}
     report["step_ms"] = in_turns({name: (lambda c=c: step_ms(c)) for name, c in loaded.items()})
@@ -490,6 +496,8 @@ def markdown(report: dict[str, Any]) -> str:
         for name, ms in folder["step_ms"].items():
             same = folder["same_tokens_as_base"].get(name, "(probe)")
             lines.append(f"| {name} | {ms:.3f} | {folder['replay_ms'][name]:.3f} | {same} |")
+        for name, error in folder.get("failed", {}).items():
+            lines.append(f"| {name} | did not run: {error[:120]} | | |")
         for key in ("kernels_graph_off", "kernels_graph_on"):
             k = folder.get(key, {})
             if "top" not in k:
