@@ -35,9 +35,7 @@ def test_evaluate_captions_the_scenes_it_is_given(shapes_exported):
     """Given scenes (the benchmark's edge set) replace the stream's: the report scores those, in order."""
     scenes = [dataclasses.replace(scene, background="plain") for scene in make_scenes(6, seed=3)]
     report = evaluate(Captioner.load(shapes_exported("fp32"), device="cpu"), count=200, seed=3, scenes=scenes)
-    assert [s.truth for s in report.scenes] == [scene.truth("caption en") for scene in scenes]
-    assert len({s.truth for s in report.scenes} & {scene.truth("caption en") for scene in make_scenes(6, seed=3)}) \
-        < 6  # the changed backgrounds are what was scored
+    assert [s.truth for s in report.scenes] == [scene.truth("caption en") for scene in scenes]  # not 200 others
 
 
 def test_trained_checkpoint_exports_exactly(shapes_pg1, shapes_exported):
