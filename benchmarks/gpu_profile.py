@@ -1,6 +1,7 @@
 """Where a batch-1 decode step's time goes on a GPU, and what a change to the decoder graph would buy.
 
     python benchmarks/gpu_profile.py --work DIR --out DIR [--folders pg1-3b-224-fp16 ...] [--device cuda]
+        [--parts settings products variants]
 
 For each model folder (built for CUDA, in --work):
 
@@ -13,8 +14,10 @@ For each model folder (built for CUDA, in --work):
    image merge and the last-position gather (prompts on the base graph), the linear layers' weights stored
    transposed ([N, K], FusedMatMul transB=1: a new weights file), and a probe that breaks the tokens and only
    says what a piece costs (no argmax). Timed in turns with the base folder.
-   With `ORT_DISABLE_FLASH_ATTENTION=1` in a child process: the memory-efficient attention kernel instead.
-3. single products at the decoder's shapes, each captured in a CUDA graph: the time (per run, and of its
+3. settings (`SETTINGS`), one child process each: onnxruntime's attention kernel chosen by environment
+   variables or the CUDA provider's `sdpa_kernel`, with the host pieces of a step (token upload, lengths
+   upload, next-token read-back) timed by leaving each out, and the kernel table;
+4. single products at the decoder's shapes, each captured in a CUDA graph: the time (per run, and of its
    kernels alone) and bytes/s of each fp16 linear layer as MatMul and as FusedMatMul over transposed weights,
    the lm_head Gemm, the ArgMax over the vocabulary (what the weights' floor can be reached at).
 
