@@ -8,7 +8,7 @@ For each model folder (built for CUDA, in --work):
 1. the step three ways: through `DecoderState.step` (what a caption pays: token and length uploads, the
    step, the next token read back), replaying the step alone (nothing uploaded or read), and the GPU's
    kernel time per step (CUPTI, through torch.profiler when torch is there), with the kernels that take
-   it (the CUDA graph off, so each kernel is seen with its launch);
+   it, with the CUDA graph on and off;
 2. variants of the decoder graph, rewritten on a copy of the folder that shares its weights (hard
    links): the argmax on the float16 logits, TopK(1) instead of ArgMax, a decode-only graph without the
    image merge and the last-position gather (prompts on the base graph), the linear layers' weights stored
