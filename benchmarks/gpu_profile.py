@@ -46,16 +46,19 @@ from palionnx import Captioner
 from palionnx.runtime.contract import DECODER, GRAPH_FILES
 from palionnx.runtime.defaults import DEFAULT_PROMPT
 from palionnx.runtime.integrity import sha256_of
+from palionnx.runtime.measure import decode_step_ms
 from palionnx.runtime.preprocess import image_pixels
 from palionnx.samples import sample_images
 
 STEPS = int(os.environ.get("PROFILE_STEPS", "64"))
+ROOM = 1024  # new tokens the cache has room for (the CUDA floor's length either way)
 
 
 # --- timing ---------------------------------------------------------------------------------------------
 
-def prefilled_state(captioner: Captioner, room: int = 1024) -> tuple[Any, np.ndarray]:
-    """A batch-1 state after the default prompt, warmed (and its CUDA graph captured)."""
+def prefilled_state(captioner: Captioner, room: int = ROOM) -> tuple[Any, np.ndarray]:
+    """A batch-1 state after the default prompt, warmed (and its CUDA graph captured), as
+    `runtime.measure.decode_step_ms` makes it."""
     image = sample_images(1, size=captioner.manifest.image_size)[0]
     batch = captioner.prompt_batch(image_pixels(image, captioner.image_spec)[None], [DEFAULT_PROMPT])
     state = captioner.model.new_state(1, batch.input_ids.shape[1] + room)
@@ -68,11 +71,7 @@ def prefilled_state(captioner: Captioner, room: int = 1024) -> tuple[Any, np.nda
 
 def step_ms(captioner: Captioner) -> float:
     """ms per `DecoderState.step` (uploads, the step, the next token read back) over STEPS steps."""
-    state, tokens = prefilled_state(captioner)
-    started = time.perf_counter()
-    for _ in range(STEPS):
-        tokens = state.step(tokens).next_token()
-    return 1000 * (time.perf_counter() - started) / STEPS
+    return decode_step_ms(captioner, ROOM, STEPS)
 
 
 def replay_ms(captioner: Captioner) -> float:
