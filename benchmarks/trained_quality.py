@@ -19,11 +19,10 @@ LEVEL:qgemm for int8 QGEMM (dynamically quantized activations) in the vision enc
 Writes benchmarks/results/trained-quality-cpu.{json,md} (--name to change).
 
 On a GPU: `--device cuda --levels fp32 fp16 bf16 int8:cuda int4:cuda` runs every level but fp32 (the CPU
-reference) on CUDA (LEVEL:cuda: int8/int4 built for CUDA at its default blocks, 32 and 128). `--checkpoints DIR`
-takes the trained
-checkpoints from DIR/shapes-pg1 and DIR/shapes-pg2 instead of the cache (a machine with other torch or
-transformers versions would otherwise train its own); `--work DIR --export-only` exports every level there
-first, and a later run with the same `--work` reuses those folders.
+reference) on CUDA (LEVEL:cuda: int8/int4 built for CUDA at its default blocks, 32 and 128).
+`--checkpoints DIR` takes the trained checkpoints from DIR/shapes-pg1 and DIR/shapes-pg2 instead of the
+cache (a machine with other torch or transformers versions would otherwise train its own); `--work DIR
+--export-only` exports every level there first, and a later run with the same `--work` reuses those folders.
 """
 
 from __future__ import annotations
