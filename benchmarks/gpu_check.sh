@@ -19,9 +19,10 @@
 # trained models ≈ 1.5 per family, the host-CPU comparison ≈ 7 from prep's start: one measure call of at most
 # 600 s holds gpu_check and one family (QUALITY_FAMILIES, default pg1), so run the other in a second call:
 #   bash benchmarks/gpu_check.sh quality pg2
-# The decode-step profile (benchmarks/gpu_profile.py) instead of the full check: `profile-prep` in call 1 and
-# `profile` after piece 4; with QUALITY_FAMILIES=pg2 set for piece 2 and profile, only that family's
-# trained-model quality follows it.
+# The decode-step profile (benchmarks/gpu_profile.py) instead of the full check: `profile-prep` in call 1 (it
+# also makes the graph variants' folders, on the CPU) and `profile` after piece 4 (it waits for profile-prep;
+# PROFILE_PARTS picks the parts, default all); with QUALITY_FAMILIES=pg2 set for piece 2 and profile, only that
+# family's trained-model quality follows it.
 set -euo pipefail
 work=/tmp/gpu/work
 gpu_cores=0-11
@@ -72,7 +73,7 @@ a = sys.argv[1:]; export(a[0], a[1], quant=a[2], device=a[3], block_size=int(a[4
     for pid in "${pids[@]}"; do wait "$pid"; done
     echo "prep done"
     ;;
-  profile-prep)  # pg1-3b-224 at fp16 and bf16 only, for gpu_profile.py
+  profile-prep)  # pg1-3b-224 at fp16 and bf16 only, and the fp16 folder's graph variants, for gpu_profile.py
     mkdir -p "$work"
     python3 -c "import sys; from palionnx.export.synth import write_checkpoint as w; w(*sys.argv[1:3], dtype='bfloat16')" \
       pg1-3b-224 "$work/pg1-3b-224"
@@ -81,6 +82,7 @@ a = sys.argv[1:]; export(a[0], a[1], quant=a[2], device=a[3], block_size=int(a[4
 export(sys.argv[1], sys.argv[2], quant=sys.argv[3], progress=print)" "$work/pg1-3b-224" "$work/pg1-3b-224-$level" "$level" &
     done
     wait
+    python3 benchmarks/gpu_profile.py --work "$work" --parts prepare --jobs 3  # 3 x 12 GB of the host's memory
     echo "prep done"
     ;;
   profile)  # after profile-prep: benchmarks/gpu_profile.py, then the trained models' quality if they came
@@ -88,6 +90,8 @@ export(sys.argv[1], sys.argv[2], quant=sys.argv[3], progress=print)" "$work/pg1-
     out=${OUT:-/tmp/gpu-out}
     mkdir -p "$out"
     set +e
+    while [ ! -f /tmp/gpu/prep.rc ]; do sleep 3; done  # profile-prep's folders are complete
+    echo "profile-prep exit $(cat /tmp/gpu/prep.rc); $(tail -n 3 /tmp/gpu/prep.log)" | tee -a "$out/all.log"
     taskset -c "$gpu_cores" python3 benchmarks/gpu_profile.py --work "$work" --out "$out" \
       --parts ${PROFILE_PARTS:-settings products variants} 2>&1 | tee -a "$out/all.log"
     [ -f /tmp/gpu/quality.log ] && bash "$0" quality ${QUALITY_FAMILIES:-pg1 pg2} 2>&1 | tee -a "$out/all.log"

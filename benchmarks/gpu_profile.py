@@ -1,7 +1,7 @@
 """Where a batch-1 decode step's time goes on a GPU, and what a change to the decoder graph would buy.
 
     python benchmarks/gpu_profile.py --work DIR --out DIR [--folders pg1-3b-224-fp16 ...] [--device cuda]
-        [--parts settings products variants]
+        [--parts settings products variants | --parts prepare]
 
 For each model folder (built for CUDA, in --work):
 
@@ -11,9 +11,11 @@ For each model folder (built for CUDA, in --work):
    it, with the CUDA graph on and off;
 2. variants of the decoder graph, rewritten on a copy of the folder that shares its weights (hard
    links): the argmax on the float16 logits, TopK(1) instead of ArgMax, a decode-only graph without the
-   image merge and the last-position gather (prompts on the base graph), the linear layers' weights stored
-   transposed ([N, K], FusedMatMul transB=1: a new weights file), and a probe that breaks the tokens and only
-   says what a piece costs (no argmax). Timed in turns with the base folder.
+   image merge and the last-position gather (prompts on the base graph), and a probe that breaks the tokens
+   and only says what a piece costs (no argmax); for float16 folders also three with a new weights file each:
+   the linear layers' weights stored transposed ([N, K], FusedMatMul transB=1), gate_proj and up_proj packed
+   into one MatMul and a Split, and both. Timed in turns with the base folder. `--parts prepare` only makes
+   the variants' folders (CPU work: the GPU check's profile-prep runs it).
 3. settings (`SETTINGS`), one child process each: onnxruntime's attention kernel chosen by environment
    variables or the CUDA provider's `sdpa_kernel`, with the host pieces of a step (token upload, lengths
    upload, next-token read-back) timed by leaving each out, and the kernel table;
@@ -34,6 +36,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +221,11 @@ def decode_lean(graph: onnx.GraphProto) -> None:
     _prune(graph)
 
 
+def decode_lean_argmax_fp16(graph: onnx.GraphProto) -> None:
+    decode_lean(graph)
+    argmax_fp16(graph)
+
+
 def linear_transposed(model: onnx.ModelProto) -> None:
     """Every MatMul by a constant weight [K, N] becomes FusedMatMul(x, W [N, K], transB=1): the weights in
     PyTorch's layout, so cuBLAS runs the "TN" GEMV the lm_head's Gemm(transB=1) gets (a dot product per
@@ -231,14 +239,45 @@ def linear_transposed(model: onnx.ModelProto) -> None:
             node.attribute.extend([helper.make_attribute("transB", 1)])
 
 
-WEIGHT_VARIANTS: dict[str, Callable[[onnx.ModelProto], None]] = {"linear-transposed": linear_transposed}
+def gate_up_packed(model: onnx.ModelProto) -> None:
+    """Each layer's gate_proj and up_proj as one MatMul over their weights side by side ([K, 2N]) and a Split:
+    one GEMV twice as wide instead of two (a Split kernel in place of the second launch). Rewrites the
+    weights file."""
+    graph = model.graph
+    weights = {w.name: w for w in graph.initializer}
+    for gate in [n for n in graph.node if n.op_type == "MatMul" and n.name.endswith("/gate_proj")]:
+        up = _node(graph, gate.name.removesuffix("gate_proj") + "up_proj")
+        w_gate, w_up = weights[gate.input[1]], weights[up.input[1]]
+        both = np.concatenate([onnx.numpy_helper.to_array(w) for w in (w_gate, w_up)], axis=1)
+        w_gate.CopyFrom(onnx.numpy_helper.from_array(both, w_gate.name))
+        graph.initializer.remove(w_up)
+        sizes = helper.make_tensor(f"{gate.name}/sizes", onnx.TensorProto.INT64, [2], [both.shape[1] // 2] * 2)
+        graph.initializer.append(sizes)
+        outputs = [gate.output[0], up.output[0]]
+        gate.output[0] = f"{gate.name}/both"
+        split = helper.make_node("Split", [gate.output[0], sizes.name], outputs, f"{gate.name}/split", axis=-1)
+        at = list(graph.node).index(up)
+        graph.node.remove(up)
+        graph.node.insert(at, split)
+
+
+def gate_up_packed_transposed(model: onnx.ModelProto) -> None:
+    gate_up_packed(model)
+    linear_transposed(model)
+
+
+WEIGHT_VARIANTS: dict[str, Callable[[onnx.ModelProto], None]] = {
+    "linear-transposed": linear_transposed,
+    "gate-up-packed": gate_up_packed,
+    "gate-up-packed-transposed": gate_up_packed_transposed,
+}
 
 VARIANTS: dict[str, Callable[[onnx.GraphProto], None]] = {
     "argmax-fp16": argmax_fp16,
     "topk": topk,
     "probe-no-argmax": no_argmax,
     "decode-lean": decode_lean,
-    "decode-lean-argmax-fp16": lambda g: (decode_lean(g), argmax_fp16(g)),
+    "decode-lean-argmax-fp16": decode_lean_argmax_fp16,
 }
 LEAN = ("decode-lean", "decode-lean-argmax-fp16")  # their prompts run on the base folder's decoder
 
@@ -260,8 +299,11 @@ def _read_weights(model: onnx.ModelProto, folder: Path) -> None:
 def make_variant(folder: Path, name: str, change: Callable[[onnx.GraphProto], None] | None = None,
                  rewrite: Callable[[onnx.ModelProto], None] | None = None) -> Path:
     """A copy of `folder` (hard links to its files) whose decoder graph has `change` applied, or whose decoder
-    graph and weights file (a new file) are rewritten by `rewrite`."""
+    graph and weights file (a new file) are rewritten by `rewrite`. One made before (its manifest is written
+    last) is taken as it is."""
     target = folder.parent / f"{folder.name}--{name}"
+    if (target / "palionnx.json").exists():
+        return target
     target.mkdir(exist_ok=True)
     graph_file = GRAPH_FILES[DECODER]
     rewritten = [graph_file, "palionnx.json"] + [f"{graph_file}.data"] * (rewrite is not None)
@@ -287,6 +329,27 @@ def make_variant(folder: Path, name: str, change: Callable[[onnx.GraphProto], No
                                       "sha256": sha256_of(target / written)}
     (target / "palionnx.json").write_text(json.dumps(manifest, indent=2))
     return target
+
+
+def _weight_variant(folder: Path, name: str) -> Path:
+    return make_variant(folder, name, rewrite=WEIGHT_VARIANTS[name])
+
+
+def make_variants(folder: Path, jobs: int = 1) -> dict[str, Path]:
+    """Every variant of `folder` this GPU can run: CUDA has no ArgMax or TopK for bfloat16, so the head
+    variants need float16 logits; the weight variants (a new weights file each, `jobs` processes at once,
+    each holding the model twice) are made for float16 folders only, which keeps them within the GPU
+    machine's disk."""
+    bf16 = "bf16" in folder.name
+    names = [n for n in VARIANTS if not (bf16 and ("argmax-fp16" in n or n == "topk"))]
+    made = {name: make_variant(folder, name, VARIANTS[name]) for name in names}
+    if not bf16 and jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            names = list(WEIGHT_VARIANTS)
+            made.update(zip(names, pool.map(_weight_variant, [folder] * len(names), names)))
+    elif not bf16:
+        made.update({name: _weight_variant(folder, name) for name in WEIGHT_VARIANTS})
+    return made
 
 
 def same_tokens(a: Captioner, b: Captioner) -> bool:
@@ -360,6 +423,8 @@ def products(device: str, hidden: int = 2048, inter: int = 16384, vocab: int = 2
         "FusedMatMul transB fp16 16384x2048 (down)": transposed(inter, hidden),
         "FusedMatMul transB fp16 2048x2560 (qkv)": transposed(hidden, 2560),
         "FusedMatMul transB fp16 2048x2048 (o_proj)": transposed(hidden, hidden),
+        "MatMul fp16 2048x32768 (gate and up packed)": matmul(hidden, 2 * inter),
+        "FusedMatMul transB fp16 2048x32768 (gate and up packed)": transposed(hidden, 2 * inter),
         "Gemm transB fp16 (lm_head)": ([helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
                                        {"x": normal(1, hidden)}, {"w": normal(vocab, hidden)},
                                        np.zeros((1, vocab), f16), 2 * hidden * vocab),
@@ -458,12 +523,8 @@ def sweep_settings(folder: Path, device: str) -> dict[str, Any]:
 def profile_folder(folder: Path, device: str) -> dict[str, Any]:
     report: dict[str, Any] = {"model": folder.name}
     base = Captioner.load(folder, device=device)
-    # CUDA has no ArgMax or TopK for bfloat16: the head variants need float16 logits
-    names = [n for n in VARIANTS if "argmax-fp16" not in n and n != "topk"] if "bf16" in folder.name else VARIANTS
-    variants = {name: make_variant(folder, name, VARIANTS[name]) for name in names}
-    variants.update({name: make_variant(folder, name, rewrite=rewrite) for name, rewrite in WEIGHT_VARIANTS.items()})
     loaded, report["failed"] = {"base": base}, {}
-    for name, path in variants.items():  # a variant onnxruntime cannot run here is reported, not fatal
+    for name, path in make_variants(folder).items():  # a variant onnxruntime cannot run here is reported, not fatal
         try:
             loaded[name] = Captioner.load(path, device=device)
             if name in LEAN:  # a decode-only graph: prompts run on the base folder's decoder
@@ -550,8 +611,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu-out")))
     parser.add_argument("--folders", nargs="+", default=["pg1-3b-224-fp16", "pg1-3b-224-bf16"])
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--jobs", type=int, default=1, help="processes making the weight variants (prepare)")
     parser.add_argument("--parts", nargs="+", default=["products", "variants", "settings"],
-                        choices=["products", "variants", "settings"])
+                        choices=["prepare", "products", "variants", "settings"])
     parser.add_argument("--setting-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cuda-options", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -565,6 +627,12 @@ def main() -> None:
                               "settings": []}
     save = lambda: (args.out / "gpu_profile.json").write_text(json.dumps(report, indent=2) + "\n")  # noqa: E731
     folders = [args.work / name for name in args.folders if (args.work / name).is_dir()]
+    if args.parts == ["prepare"]:  # the variants' folders only (CPU work, while the GPU kit arrives)
+        for folder in folders:
+            started = time.perf_counter()
+            made = make_variants(folder, args.jobs)
+            print(folder.name, sorted(made), f"{time.perf_counter() - started:.0f} s", flush=True)
+        return
     if "settings" in args.parts:  # first: the attention kernel and the host's share of a step
         for folder in folders:
             report["settings"].append(sweep_settings(folder, args.device))
