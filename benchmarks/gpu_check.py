@@ -34,7 +34,7 @@ import onnxruntime as ort
 
 from palionnx import Captioner
 from palionnx.runtime.contract import DECODER
-from palionnx.runtime.measure import decode_step_ms, gpu_memory_mb
+from palionnx.runtime.measure import decode_step_ms, device_name, gpu_memory_mb
 from palionnx.samples import sample_images
 
 PROMPTS = ["caption en", "describe this picture in great detail", "caption en", "x"]
@@ -249,8 +249,7 @@ def main() -> None:
         print(json.dumps(bench(args.bench_one, args.device, args.batches)))
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                         text=True).stdout.strip() if args.device == "cuda" else "CPU"
+    gpu = device_name(args.device)
     report: dict[str, Any] = {"gpu": gpu, "onnxruntime": ort.__version__}
     save = lambda: (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")  # noqa: E731
     report["parity"] = parity(args.work, args.device)

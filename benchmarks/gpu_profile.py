@@ -49,7 +49,7 @@ from palionnx import Captioner
 from palionnx.runtime.contract import DECODER, GRAPH_FILES
 from palionnx.runtime.defaults import DEFAULT_PROMPT
 from palionnx.runtime.integrity import sha256_of
-from palionnx.runtime.measure import decode_step_ms
+from palionnx.runtime.measure import decode_step_ms, device_name
 from palionnx.runtime.preprocess import image_pixels
 from palionnx.samples import sample_images
 
@@ -621,8 +621,7 @@ def main() -> None:
         print(json.dumps(setting_child(args.setting_child, args.device, json.loads(args.cuda_options))))
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                         text=True).stdout.strip() if args.device == "cuda" else "CPU"
+    gpu = device_name(args.device)
     report: dict[str, Any] = {"gpu": gpu, "onnxruntime": ort.__version__, "products": [], "folders": [],
                               "settings": []}
     save = lambda: (args.out / "gpu_profile.json").write_text(json.dumps(report, indent=2) + "\n")  # noqa: E731

@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import math
-import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 
 from palionnx import Captioner
 from palionnx.evaluation import evaluate, text_ids
+from palionnx.runtime.measure import device_name
 from palionnx.runtime.preprocess import image_pixels
 from palionnx.scenes import CAPTION_PROMPT, Scene, make_scenes, render
 
@@ -200,16 +200,9 @@ def measure_family(family: str, args: argparse.Namespace, work: Path) -> list[di
     return rows
 
 
-def gpu_name() -> str:
-    import subprocess
-
-    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
-    return out.stdout.strip() or "CUDA"
-
-
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     where = (f"on {args.device_name} (fp32 on the CPU)" if args.device == "cuda"
-             else f"on the CPU ({platform.processor() or platform.machine()})")
+             else f"on the CPU ({args.device_name})")
     lines = [f"Trained test models, {args.scenes} held-out scenes{' at the edges' if args.edge else ''} "
              f"(seed {args.seed}), `caption en`, greedy, "
              f"{where}. Lost / won: scenes wrong at this level and right at fp32, and the reverse (McNemar's "
@@ -271,7 +264,7 @@ def main() -> None:
             for level in args.levels:
                 export_level(checkpoint_of(family, args), level, level_folder(args.work, family, level))
         return
-    args.device_name = gpu_name() if args.device == "cuda" else "CPU"
+    args.device_name = device_name(args.device)
 
     work = args.work or Path(tempfile.mkdtemp(prefix="palionnx-quality-"))
     try:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..system import rss_bytes
+from ..system import cpu_name, nvidia_gpus, rss_bytes
 from .captioner import Captioner
 from .contract import folder_size
 from .preprocess import image_pixels
@@ -42,6 +42,14 @@ def gpu_memory_mb() -> float | None:
         if pid == str(os.getpid()):
             return float(used)
     return None
+
+
+def device_name(device: str) -> str:
+    """What a report names the machine by: the first GPU's name (nvidia-smi) for "cuda", else the CPU's."""
+    if device == "cuda":
+        gpus = nvidia_gpus()
+        return gpus[0].name if gpus else "CUDA"
+    return cpu_name()
 
 
 def measure(folder: Path, *, images: int, max_new_tokens: int, batch_size: int, device: str,
