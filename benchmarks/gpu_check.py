@@ -2,9 +2,9 @@
 
     python benchmarks/gpu_check.py --work DIR [--out DIR] [--device cuda]
 
-Expects in DIR what `benchmarks/gpu_check.sh prep` made: `pg1-3b-224-{fp16,int4,bf16}` (built for CUDA),
-`tiny-{pg1,pg2}-{fp32,fp16,int4,bf16}` and `hot-pg2-{fp32,fp16,bf16}`
-folders. Prints and writes (JSON + Markdown under --out):
+Expects in DIR what `benchmarks/gpu_check.sh prep` made: `pg1-3b-224-{fp16,int4,bf16,fp16-nk,bf16-nk}` (built
+for CUDA; -nk: the linear weights [N, K] for FusedMatMul transB=1), `tiny-{pg1,pg2}-{fp32,fp16,int4,bf16,fp16-nk}`
+and `hot-pg2-{fp32,fp16,bf16}` folders. Prints and writes (JSON + Markdown under --out):
 
 1. parity: greedy tokens of the tiny models on CUDA against the same folder on the CPU (bf16, which the
    CPU cannot run: against the fp32 folder), batch 1 and 4, and with the CUDA graph on against off;
@@ -38,7 +38,8 @@ from palionnx.runtime.measure import decode_step_ms, device_name, gpu_memory_mb
 from palionnx.samples import sample_images
 
 PROMPTS = ["caption en", "describe this picture in great detail", "caption en", "x"]
-BIG = ("pg1-3b-224-fp16", "pg1-3b-224-int4", "pg1-3b-224-bf16")
+# measured in this order (a run cut short keeps the first); -nk: linear weights [N, K], FusedMatMul transB=1
+BIG = ("pg1-3b-224-fp16", "pg1-3b-224-fp16-nk", "pg1-3b-224-bf16", "pg1-3b-224-bf16-nk", "pg1-3b-224-int4")
 CACHE_FLOORS = (0, 1024, 4096)
 
 
@@ -46,7 +47,8 @@ def parity(work: Path, device: str) -> list[dict[str, Any]]:
     """Greedy tokens on `device` (graph on and off) against the CPU, tiny models, batch 1 and 4."""
     rows = []
     images = sample_images(4)
-    for name in [f"tiny-{family}-{level}" for family in ("pg1", "pg2") for level in ("fp16", "int4", "bf16")]:
+    levels = ("fp16", "fp16-nk", "int4", "bf16")
+    for name in [f"tiny-{family}-{level}" for family in ("pg1", "pg2") for level in levels]:
         folder = work / name
         reference = work / name.replace("bf16", "fp32")  # the CPU cannot run bf16: compare with fp32
         runs, logits = {}, {}

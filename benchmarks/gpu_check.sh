@@ -10,7 +10,8 @@
 # xz-packed to fit the transfer), into /tmp/gpu; the piece-2
 # call then starts exporting the trained models (benchmarks/trained_quality.py --export-only), detached.
 # prep (started detached by call 1, on the machine's CPUs while the pieces arrive) synthesises pg1-3b-224 and
-# the tiny test models and exports them for CUDA (fp16, bf16, int4). With HOST_CPU_CORES set (e.g. "14,15"),
+# the tiny test models and exports them for CUDA (fp16, bf16, int4; fp16 and bf16 also with the linear
+# weights in the [N, K] layout, "-nk"). With HOST_CPU_CORES set (e.g. "14,15"),
 # it also runs benchmarks/compare.py for the CPU (transformers fp32 and palionnx int4, exported and
 # kernel-tuned on those cores only) on that slice of the host's CPU, with the image's CPU onnxruntime.
 # measure waits for prep, runs benchmarks/gpu_check.py (every figure of the README's GPU table, parity, the
@@ -60,18 +61,22 @@ case "${1:-}" in
     fi
     for family in tiny-pg1 tiny-pg2; do synth "$family" "$work/$family" float32; done
     python3 benchmarks/gpu_check.py --work "$work" --make-hot "$work/hot-pg2"
-    export_for_cuda() {  # SOURCE OUT QUANT [DEVICE [BLOCK]]
+    export_for_cuda() {  # SOURCE OUT QUANT [DEVICE [BLOCK [LINEAR_LAYOUT]]]
       taskset -c "$gpu_cores" python3 -c "import sys; from palionnx.export.convert import export
-a = sys.argv[1:]; export(a[0], a[1], quant=a[2], device=a[3], block_size=int(a[4]) if a[4] else None, progress=print)" \
-        "$1" "$2" "$3" "${4:-auto}" "${5:-}"
+a = sys.argv[1:]; export(a[0], a[1], quant=a[2], device=a[3], block_size=int(a[4]) if a[4] else None, progress=print,
+linear_layout=a[5])" "$1" "$2" "$3" "${4:-auto}" "${5:-}" "${6:-kn}"
     }
     pids=()
     export_for_cuda "$work/pg1-3b-224" "$work/pg1-3b-224-fp16" fp16 & pids+=($!)
     export_for_cuda "$work/pg1-3b-224" "$work/pg1-3b-224-bf16" bf16 & pids+=($!)
     export_for_cuda "$work/pg1-3b-224" "$work/pg1-3b-224-int4" int4 cuda & pids+=($!)
+    for level in fp16 bf16; do  # the other layout of the linear weights, [N, K] for FusedMatMul transB=1
+      export_for_cuda "$work/pg1-3b-224" "$work/pg1-3b-224-$level-nk" "$level" auto "" nk & pids+=($!)
+    done
     for family in tiny-pg1 tiny-pg2; do
       for level in fp32 fp16 bf16; do export_for_cuda "$work/$family" "$work/$family-$level" "$level"; done
       export_for_cuda "$work/$family" "$work/$family-int4" int4 cuda
+      export_for_cuda "$work/$family" "$work/$family-fp16-nk" fp16 auto "" nk
     done
     for level in fp32 fp16 bf16; do export_for_cuda "$work/hot-pg2" "$work/hot-pg2-$level" "$level"; done
     for pid in "${pids[@]}"; do wait "$pid"; done

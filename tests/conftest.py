@@ -29,22 +29,25 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, checkpoints):
-    """exported(family, quant, device, kernels) -> model folder, exported on first use and reused.
+    """exported(family, quant, device, kernels, linear_layout) -> model folder, exported on first use and reused.
 
     device "auto" is what the level implies (fp32: cpu, fp16: cuda) and cpu for int8/int4 on these
     machines; pass "cuda" for int8/int4 folders built for CUDA (float16 compute), which run on the CPU too.
     kernels: the CPU kernels of int8/int4 ("auto": the tiny decoders are too small to measure, so MatMulNBits
-    at block 32; "qgemm": int8 QGEMM for the vision encoder and prefill)."""
+    at block 32; "qgemm": int8 QGEMM for the vision encoder and prefill). linear_layout: "kn" or "nk" (fp32/fp16/bf16
+    linear weights for MatMul or FusedMatMul transB=1)."""
     from palionnx.export.convert import export
 
     root = tmp_path_factory.mktemp("exports")
-    cache: dict[tuple[str, str, str, str], Path] = {}
+    cache: dict[tuple[str, ...], Path] = {}
 
-    def get(family: str, quant: str = "fp32", device: str = "auto", kernels: str = "auto") -> Path:
-        key = (family, quant, device, kernels)
+    def get(family: str, quant: str = "fp32", device: str = "auto", kernels: str = "auto",
+            linear_layout: str = "kn") -> Path:
+        key = (family, quant, device, kernels, linear_layout)
         if key not in cache:
             folder = root / "-".join(key)
-            export(checkpoints[family], folder, quant=quant, device=device, kernels=kernels)
+            export(checkpoints[family], folder, quant=quant, device=device, kernels=kernels,
+                   linear_layout=linear_layout)
             cache[key] = folder
         return cache[key]
 

@@ -370,6 +370,37 @@ def test_decoder_layers_are_fused(family, quant, device, exported):
         assert not ops & {"Softmax", "ScatterElements", "Transpose", "ReduceMean", "Concat"}
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nk_layout_matches_generate(family, exported, reference, tmp_path):
+    """linear_layout "nk": every linear weight stored [N, K] and multiplied by FusedMatMul transB=1 (no MatMul
+    left in a layer, still at most 15 nodes per layer); fp32 greedy tokens equal generate()'s at batch 4 with
+    left padding, fp16 gives the "kn" fp16 folder's tokens. int8/int4 and unknown layouts are refused."""
+    from palionnx.export.convert import ExportError, export
+
+    model, processor = reference(family)
+    images = sample_images(4)
+    expected, _ = reference_generate(model, processor, images, PROMPTS, 24)
+    folder = exported(family, "fp32", linear_layout="nk")
+    for graph in ["decoder.onnx"] + (["decoder_windowed.onnx"] if family == "tiny-pg2" else []):
+        decoder = onnx.load(str(folder / graph), load_external_data=False).graph
+        layers = [n for n in decoder.node if n.name.startswith("layers.")]
+        assert {n.op_type for n in layers} >= {"FusedMatMul"} and "MatMul" not in {n.op_type for n in layers}
+        assert max(_nodes_per_layer(folder / graph).values()) <= 15
+    shapes = {i.name: tuple(i.dims) for i in decoder.initializer}
+    config = Manifest.load(folder)
+    assert shapes["layers.0.down.weight_nk"] == (config.hidden, shapes["layers.0.gate.weight_nk"][0])
+    results = Captioner.load(folder, device="cpu").caption(images, prompt=PROMPTS, max_new_tokens=24, batch_size=4)
+    assert [r.tokens for r in results] == expected
+
+    half = [Captioner.load(exported(family, "fp16", linear_layout=layout), device="cpu") for layout in ("kn", "nk")]
+    tokens = [[r.tokens for r in c.caption(images, prompt=PROMPTS, max_new_tokens=24, batch_size=4)] for c in half]
+    assert tokens[0] == tokens[1]
+    with pytest.raises(ExportError, match="fp32/fp16/bf16"):
+        export(folder, tmp_path / "int4", quant="int4", linear_layout="nk")
+    with pytest.raises(ExportError, match="linear_layout must be one of"):
+        export(folder, tmp_path / "bad", quant="fp32", linear_layout="kx")
+
+
 def test_cuda_block_size_defaults():
     """int4 folders for CUDA default to block 128 (measured faster on an H200) where the hidden size allows;
     int8 stays at 32."""

@@ -36,6 +36,8 @@ from .output import staged_output
 from .quantize import Kernel
 from .weights import CheckpointWeights
 
+LINEAR_LAYOUTS = ("kn", "nk")  # fp32/fp16/bf16 linear weights: [K, N] for MatMul, [N, K] for FusedMatMul transB=1
+
 Progress = Callable[[str], None]
 
 
@@ -51,12 +53,14 @@ def export(
     device: str = "auto",
     progress: Progress | None = None,
     kernels: str = "auto",
+    linear_layout: str = "kn",
 ) -> Manifest:
     """Export `source` (a local checkpoint folder or a hub id) to `outdir` at `quant` precision, built for
     `device` (see `target_device`). int8/int4: `block_size` None is measured on the CPU (for CUDA: int4 128
     where the hidden size allows, else 32);
     `kernels` "auto" (measured), "nbits" (MatMulNBits only) or "qgemm" (int8 QGEMM for the vision encoder
-    and prefill: CPU only)."""
+    and prefill: CPU only); fp32/fp16/bf16: `linear_layout` "kn" (MatMul over [K, N] weights) or "nk"
+    (FusedMatMul transB=1 over [N, K]; benchmarks/gpu_check.py times both on CUDA)."""
     if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
         raise ExportError(f"--block-size must be a power of two >= 16, got {block_size}")
     try:
@@ -67,17 +71,22 @@ def export(
         raise ExportError(f"--cpu-kernels must be one of {', '.join(tune.KERNEL_CHOICES)}, got {kernels!r}")
     if kernels == "qgemm" and (target != "cpu" or quant not in quantize.BITS):
         raise ExportError("--cpu-kernels qgemm is for int8/int4 folders built for the CPU (QGEMM has no CUDA kernel)")
+    if linear_layout not in LINEAR_LAYOUTS:
+        raise ExportError(f"linear_layout must be one of {', '.join(LINEAR_LAYOUTS)}, got {linear_layout!r}")
+    if linear_layout == "nk" and quant in quantize.BITS:
+        raise ExportError("linear_layout nk is for fp32/fp16/bf16 (int8/int4 weights have their kernel's layout)")
     started = time.monotonic()
     say = _timed(progress, started)
     with staged_output(Path(outdir)) as staging:  # renamed to `outdir` once complete; removed on failure
-        manifest = _write_folder(source, staging, quant, block_size, kernels, target, progress, started)
+        manifest = _write_folder(source, staging, quant, block_size, kernels, linear_layout == "nk", target,
+                                 progress, started)
     say(f"done: {outdir}")
     return manifest
 
 
 def _write_folder(
-    source: str | Path, outdir: Path, quant: str, block_size: int | None, kernels: str, target: str,
-    progress: Progress | None, started: float,
+    source: str | Path, outdir: Path, quant: str, block_size: int | None, kernels: str, transposed: bool,
+    target: str, progress: Progress | None, started: float,
 ) -> Manifest:
     """Write the whole model folder into `outdir`, the manifest (with every file's size and hash) last."""
     say = _timed(progress, started)
@@ -88,7 +97,7 @@ def _write_folder(
         raise ExportError(f"--block-size {block_size} does not divide the hidden size {config.hidden}")
     checkpoint.tokenizer.backend_tokenizer.save(str(outdir / TOKENIZER_NAME))
     plan = _cpu_kernels(checkpoint, config, quant, kernels, block_size, say) if target == "cpu" else None
-    precision = _precision(quant, target, config, block_size, plan)
+    precision = _precision(quant, target, config, block_size, plan, transposed)
 
     staging = outdir / ".staging"
     staging.mkdir(exist_ok=True)
@@ -105,8 +114,9 @@ def _write_folder(
                 shutil.move(str(path), outdir / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    prefill = f", prefill graph on {precision.prefill_kernel.name}" if precision.prefill_kernel else ""
-    say(f"writing the decoder ({quant}, {precision.compute_dtype} compute, for {target}{prefill})")
+    notes = f", prefill graph on {precision.prefill_kernel.name}" if precision.prefill_kernel else ""
+    notes += ", linear weights [N, K]" if precision.transposed else ""
+    say(f"writing the decoder ({quant}, {precision.compute_dtype} compute, for {target}{notes})")
     weights = CheckpointWeights(checkpoint.folder, checkpoint.config.text_config,
                                 "float16" if quant == "fp16" else "float32")
     graphs = {VISION_ENCODER: vision, **build_decoder(outdir, config, precision, weights)}
@@ -142,9 +152,10 @@ def _cpu_kernels(checkpoint: Checkpoint, config: DecoderConfig, quant: str, kern
 
 
 def _precision(quant: str, target: str, config: DecoderConfig, block_size: int | None,
-               plan: CpuKernels | None) -> Precision:
+               plan: CpuKernels | None, transposed: bool) -> Precision:
     if plan is None:
-        return Precision.for_level(quant, target, config.gemma2, block_size or cuda_block_size(quant, config.hidden))
+        return Precision.for_level(quant, target, config.gemma2, block_size or cuda_block_size(quant, config.hidden),
+                                   transposed=transposed)
     table_block = tune.table_block_size(plan, block_size)
     return Precision.for_level(quant, target, config.gemma2, table_block, Kernel.parse(plan.decode),
                                Kernel.parse(plan.prefill))

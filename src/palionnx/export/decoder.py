@@ -20,6 +20,9 @@ Kernels: int8/int4 linear layers run on `Precision.kernel` (MatMulNBits, or for 
 when `Precision.prefill_kernel` differs (CPU folders, chosen by measurement in export/tune.py), a third graph,
 `decoder_prefill`, is the same decoder with its linear layers on that kernel, sharing every other weight
 (embedding table, norms, rotary tables) in the same weights file; the runtime runs prompts on it.
+fp32/fp16/bf16 linear layers are MatMuls over [K, N] weights, or with `Precision.transposed` FusedMatMul
+(transB=1) over [N, K] (PyTorch's layout), which cuBLAS multiplies by one token as a dot product per
+contiguous row (the lm_head's `Gemm(transB=1)` always is).
 
 Precision: fp32 and CPU-targeted int8/int4 compute in float32. Half precision (fp16, and CUDA-targeted
 int8/int4) computes matmuls, attention and the KV cache in float16; Gemma 2 keeps its residual stream and
@@ -102,6 +105,7 @@ class Precision:
     accuracy_level: int = 0  # int8/int4: 4 lets CPU kernels use int8 activations
     kernel: quantize.Kernel | None = None  # int8/int4: the linear layers' (default: MatMulNBits, block_size)
     prefill_kernel: quantize.Kernel | None = None  # a different one: the decoder_prefill graph's
+    transposed: bool = False  # fp32/fp16/bf16: linear weights stored [N, K] and multiplied by FusedMatMul transB=1
 
     @property
     def compute_dtype(self) -> str:
@@ -120,7 +124,10 @@ class Precision:
 
     @classmethod
     def for_level(cls, level: str, device: str, gemma2: bool, block_size: int,
-                  kernel: quantize.Kernel | None = None, prefill_kernel: quantize.Kernel | None = None) -> Precision:
+                  kernel: quantize.Kernel | None = None, prefill_kernel: quantize.Kernel | None = None,
+                  transposed: bool = False) -> Precision:
+        if transposed and level in quantize.BITS:
+            raise ValueError("int8/int4 weights have their kernel's own layout: [N, K] applies to fp32/fp16/bf16")
         half = level == "fp16" or (level in quantize.BITS and device == "cuda")
         compute = BF16 if level == "bf16" else F16 if half else F32
         residual = F32 if (compute == F32 or (compute == F16 and gemma2)) else compute
@@ -128,7 +135,7 @@ class Precision:
         if device != "cpu" and any(k and k.cpu_only for k in (kernel, prefill_kernel)):
             raise ValueError(f"{device} folders cannot use CPU-only kernels")
         prefill = prefill_kernel if prefill_kernel != kernel else None
-        return cls(level, compute, residual, block_size, accuracy, kernel, prefill)
+        return cls(level, compute, residual, block_size, accuracy, kernel, prefill, transposed)
 
 
 class DecoderWeights(Protocol):
@@ -318,6 +325,9 @@ class _DecoderGraph:
             return np.concatenate([self.src.linear(layer, part) for part in parts], axis=0)
 
         key = f"layers.{layer}.{'_'.join(parts)}"
+        if p.weights not in quantize.BITS and p.transposed:  # [N, K]: each output a contiguous row's dot product
+            w = g.weight(f"{key}.weight_nk", lambda: weight().astype(p.compute))
+            return g.op("FusedMatMul", [x, w], name, domain="com.microsoft", transB=1)[0]
         if p.weights not in quantize.BITS:
             w = g.weight(f"{key}.weight", lambda: weight().T.astype(p.compute))
             return g.op("MatMul", [x, w], name)[0]
