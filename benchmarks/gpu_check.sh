@@ -21,10 +21,10 @@
 # 600 s holds gpu_check and one family (QUALITY_FAMILIES, default pg1), so run the other in a second call:
 #   bash benchmarks/gpu_check.sh quality pg2
 # The decode-step profile (benchmarks/gpu_profile.py) instead of the full check: `profile-prep` in call 1 (it
-# also makes the graph variants' folders, on the CPU) and `profile` after piece 4 (it waits for profile-prep);
-# PROFILE_LEVELS picks the folders (default "fp16 bf16", set it for both calls), PROFILE_PARTS the parts
-# (default all); with QUALITY_FAMILIES=pg2 set for piece 2 and profile, only that family's trained-model
-# quality follows it. E.g. call 1: bash .gpu/c1/start.sh 'PROFILE_LEVELS=fp16 bash benchmarks/gpu_check.sh
+# also exports each level with linear_layout "nk" and makes the graph variants' folders, on the CPU) and
+# `profile` after piece 4 (it waits for profile-prep); PROFILE_LEVELS picks the levels (default "fp16 bf16",
+# set it for both calls), PROFILE_PARTS the parts (default all); with QUALITY_FAMILIES=pg2 set for piece 2
+# and profile, only that family's trained-model quality follows it. E.g. call 1: bash .gpu/c1/start.sh 'PROFILE_LEVELS=fp16 bash benchmarks/gpu_check.sh
 # profile-prep'; call 4: bash benchmarks/gpu_check.sh piece 4 && PROFILE_LEVELS=fp16 PROFILE_PARTS="variants
 # products" bash benchmarks/gpu_check.sh profile
 set -euo pipefail
@@ -32,6 +32,11 @@ work=/tmp/gpu/work
 gpu_cores=0-11
 quality_levels=(fp32 fp16 bf16 int8:cuda int4:cuda)
 profile_folders() { for level in ${PROFILE_LEVELS:-fp16 bf16}; do echo "pg1-3b-224-$level"; done; }
+export_for_cuda() {  # SOURCE OUT QUANT [DEVICE [BLOCK [LINEAR_LAYOUT]]]
+  taskset -c "$gpu_cores" python3 -c "import sys; from palionnx.export.convert import export
+a = sys.argv[1:]; export(a[0], a[1], quant=a[2], device=a[3], block_size=int(a[4]) if a[4] else None, progress=print,
+linear_layout=a[5])" "$1" "$2" "$3" "${4:-auto}" "${5:-}" "${6:-kn}"
+}
 case "${1:-}" in
   piece)
     cp ".gpu/c$2/part" "/tmp/gpu/part$2"
@@ -61,11 +66,6 @@ case "${1:-}" in
     fi
     for family in tiny-pg1 tiny-pg2; do synth "$family" "$work/$family" float32; done
     python3 benchmarks/gpu_check.py --work "$work" --make-hot "$work/hot-pg2"
-    export_for_cuda() {  # SOURCE OUT QUANT [DEVICE [BLOCK [LINEAR_LAYOUT]]]
-      taskset -c "$gpu_cores" python3 -c "import sys; from palionnx.export.convert import export
-a = sys.argv[1:]; export(a[0], a[1], quant=a[2], device=a[3], block_size=int(a[4]) if a[4] else None, progress=print,
-linear_layout=a[5])" "$1" "$2" "$3" "${4:-auto}" "${5:-}" "${6:-kn}"
-    }
     pids=()
     export_for_cuda "$work/pg1-3b-224" "$work/pg1-3b-224-fp16" fp16 & pids+=($!)
     export_for_cuda "$work/pg1-3b-224" "$work/pg1-3b-224-bf16" bf16 & pids+=($!)
@@ -82,16 +82,16 @@ linear_layout=a[5])" "$1" "$2" "$3" "${4:-auto}" "${5:-}" "${6:-kn}"
     for pid in "${pids[@]}"; do wait "$pid"; done
     echo "prep done"
     ;;
-  profile-prep)  # pg1-3b-224 at PROFILE_LEVELS (default fp16 bf16) only, and their graph variants, for gpu_profile.py
+  profile-prep)  # pg1-3b-224 at PROFILE_LEVELS (default fp16 bf16), in both linear layouts, and their variants
     mkdir -p "$work"
     python3 -c "import sys; from palionnx.export.synth import write_checkpoint as w; w(*sys.argv[1:3], dtype='bfloat16')" \
       pg1-3b-224 "$work/pg1-3b-224"
     for level in ${PROFILE_LEVELS:-fp16 bf16}; do
-      taskset -c "$gpu_cores" python3 -c "import sys; from palionnx.export.convert import export
-export(sys.argv[1], sys.argv[2], quant=sys.argv[3], progress=print)" "$work/pg1-3b-224" "$work/pg1-3b-224-$level" "$level" &
+      export_for_cuda "$work/pg1-3b-224" "$work/pg1-3b-224-$level" "$level" &
+      export_for_cuda "$work/pg1-3b-224" "$work/pg1-3b-224-$level-nk" "$level" auto "" nk &
     done
     wait
-    python3 benchmarks/gpu_profile.py --work "$work" --folders $(profile_folders) --parts prepare --jobs 3  # 3 x 12 GB of the host's memory
+    python3 benchmarks/gpu_profile.py --work "$work" --folders $(profile_folders) --parts prepare --jobs 2  # 2 x 12 GB of the host's memory
     echo "prep done"
     ;;
   profile)  # after profile-prep: benchmarks/gpu_profile.py, then the trained models' quality if they came

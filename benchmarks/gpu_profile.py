@@ -12,10 +12,11 @@ For each model folder (built for CUDA, in --work):
 2. variants of the decoder graph, rewritten on a copy of the folder that shares its weights (hard
    links): the argmax on the float16 logits, TopK(1) instead of ArgMax, a decode-only graph without the
    image merge and the last-position gather (prompts on the base graph), and a probe that breaks the tokens
-   and only says what a piece costs (no argmax); for float16 folders also three with a new weights file each:
-   the linear layers' weights stored transposed ([N, K], FusedMatMul transB=1), gate_proj and up_proj packed
-   into one MatMul and a Split, and both. Timed in turns with the base folder. `--parts prepare` only makes
-   the variants' folders (CPU work: the GPU check's profile-prep runs it).
+   and only says what a piece costs (no argmax); the same checkpoint exported with linear_layout "nk" (linear
+   weights [N, K], FusedMatMul transB=1: the "-nk" folder beside it, where profile-prep made one); for float16
+   folders also gate_proj and up_proj packed into one product and a Split (a new weights file), of the folder
+   and of its "nk" one. Timed in turns with the base folder. `--parts prepare` only makes the variants'
+   folders (CPU work: the GPU check's profile-prep runs it).
 3. settings (`SETTINGS`), one child process each: onnxruntime's attention kernel chosen by environment
    variables or the CUDA provider's `sdpa_kernel`, with the host pieces of a step (token upload, lengths
    upload, next-token read-back) timed by leaving each out, and the kernel table;
@@ -226,32 +227,20 @@ def decode_lean_argmax_fp16(graph: onnx.GraphProto) -> None:
     argmax_fp16(graph)
 
 
-def linear_transposed(model: onnx.ModelProto) -> None:
-    """Every MatMul by a constant weight [K, N] becomes FusedMatMul(x, W [N, K], transB=1): the weights in
-    PyTorch's layout, so cuBLAS runs the "TN" GEMV the lm_head's Gemm(transB=1) gets (a dot product per
-    contiguous row). Rewrites the weights file."""
-    weights = {w.name: w for w in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in weights and len(weights[node.input[1]].dims) == 2:
-            w = weights[node.input[1]]
-            w.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(onnx.numpy_helper.to_array(w).T), w.name))
-            node.op_type, node.domain = "FusedMatMul", "com.microsoft"
-            node.attribute.extend([helper.make_attribute("transB", 1)])
-
-
 def gate_up_packed(model: onnx.ModelProto) -> None:
-    """Each layer's gate_proj and up_proj as one MatMul over their weights side by side ([K, 2N]) and a Split:
-    one GEMV twice as wide instead of two (a Split kernel in place of the second launch). Rewrites the
-    weights file."""
+    """Each layer's gate_proj and up_proj as one product over their weights side by side ([K, 2N] for MatMul,
+    [2N, K] for an "nk" folder's FusedMatMul) and a Split: one GEMV twice as wide instead of two (a Split
+    kernel in place of the second launch). Rewrites the weights file."""
     graph = model.graph
     weights = {w.name: w for w in graph.initializer}
-    for gate in [n for n in graph.node if n.op_type == "MatMul" and n.name.endswith("/gate_proj")]:
+    for gate in [n for n in graph.node if n.op_type in ("MatMul", "FusedMatMul") and n.name.endswith("/gate_proj")]:
         up = _node(graph, gate.name.removesuffix("gate_proj") + "up_proj")
         w_gate, w_up = weights[gate.input[1]], weights[up.input[1]]
-        both = np.concatenate([onnx.numpy_helper.to_array(w) for w in (w_gate, w_up)], axis=1)
+        axis = 0 if gate.op_type == "FusedMatMul" else 1  # the output dimension: N of [N, K] or of [K, N]
+        both = np.concatenate([onnx.numpy_helper.to_array(w) for w in (w_gate, w_up)], axis=axis)
         w_gate.CopyFrom(onnx.numpy_helper.from_array(both, w_gate.name))
         graph.initializer.remove(w_up)
-        sizes = helper.make_tensor(f"{gate.name}/sizes", onnx.TensorProto.INT64, [2], [both.shape[1] // 2] * 2)
+        sizes = helper.make_tensor(f"{gate.name}/sizes", onnx.TensorProto.INT64, [2], [both.shape[axis] // 2] * 2)
         graph.initializer.append(sizes)
         outputs = [gate.output[0], up.output[0]]
         gate.output[0] = f"{gate.name}/both"
@@ -261,16 +250,7 @@ def gate_up_packed(model: onnx.ModelProto) -> None:
         graph.node.insert(at, split)
 
 
-def gate_up_packed_transposed(model: onnx.ModelProto) -> None:
-    gate_up_packed(model)
-    linear_transposed(model)
-
-
-WEIGHT_VARIANTS: dict[str, Callable[[onnx.ModelProto], None]] = {
-    "linear-transposed": linear_transposed,
-    "gate-up-packed": gate_up_packed,
-    "gate-up-packed-transposed": gate_up_packed_transposed,
-}
+WEIGHT_VARIANTS: dict[str, Callable[[onnx.ModelProto], None]] = {"gate-up-packed": gate_up_packed}
 
 VARIANTS: dict[str, Callable[[onnx.GraphProto], None]] = {
     "argmax-fp16": argmax_fp16,
@@ -336,19 +316,24 @@ def _weight_variant(folder: Path, name: str) -> Path:
 
 
 def make_variants(folder: Path, jobs: int = 1) -> dict[str, Path]:
-    """Every variant of `folder` this GPU can run: CUDA has no ArgMax or TopK for bfloat16, so the head
+    """Every variant of `folder` this GPU can run, and where profile-prep exported it, the same checkpoint with
+    linear_layout "nk" (the "-nk" folder beside it). CUDA has no ArgMax or TopK for bfloat16, so the head
     variants need float16 logits; the weight variants (a new weights file each, `jobs` processes at once,
-    each holding the model twice) are made for float16 folders only, which keeps them within the GPU
-    machine's disk."""
+    each holding the model twice; of the folder and of its "nk" one) are made for float16 folders only,
+    which keeps them within the GPU machine's disk."""
     bf16 = "bf16" in folder.name
     names = [n for n in VARIANTS if not (bf16 and ("argmax-fp16" in n or n == "topk"))]
     made = {name: make_variant(folder, name, VARIANTS[name]) for name in names}
-    if not bf16 and jobs > 1:
+    nk = folder.parent / f"{folder.name}-nk"
+    bases = {"": folder} | ({"nk-": nk} if nk.is_dir() else {})
+    made.update({"nk": nk} if nk.is_dir() else {})
+    todo = [] if bf16 else [(prefix, base, name) for prefix, base in bases.items() for name in WEIGHT_VARIANTS]
+    if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
-            names = list(WEIGHT_VARIANTS)
-            made.update(zip(names, pool.map(_weight_variant, [folder] * len(names), names)))
-    elif not bf16:
-        made.update({name: _weight_variant(folder, name) for name in WEIGHT_VARIANTS})
+            paths = list(pool.map(_weight_variant, [t[1] for t in todo], [t[2] for t in todo]))
+    else:
+        paths = [_weight_variant(base, name) for _, base, name in todo]
+    made.update({prefix + name: path for (prefix, _, name), path in zip(todo, paths)})
     return made
 
 
