@@ -16,17 +16,19 @@
 # kernel-tuned on those cores only) on that slice of the host's CPU, with the image's CPU onnxruntime.
 # measure waits for prep, runs benchmarks/gpu_check.py (every figure of the README's GPU table, parity, the
 # float16-range check, the cache-length sweep) and benchmarks/trained_quality.py on CUDA when the trained
-# models came; everything lands in $OUT. Seen on an H200 (2026-11-26): prep ≈ 3 minutes, gpu_check ≈ 5, the
-# trained models ≈ 1.5 per family, the host-CPU comparison ≈ 7 from prep's start: one measure call of at most
-# 600 s holds gpu_check and one family (QUALITY_FAMILIES, default pg1), so run the other in a second call:
+# models came; everything lands in $OUT. Seen on an H200 (2026-11-26): prep ≈ 3 minutes, gpu_check ≈ 5 with
+# three 3B folders (five since the -nk ones: expect ≈ 7), the trained models ≈ 1.5 per family, the host-CPU
+# comparison ≈ 7 from prep's start: one measure call of at most 600 s holds gpu_check and one family
+# (QUALITY_FAMILIES, default pg1; "none" on pieces 2 and measure skips them), so run the other in a second call:
 #   bash benchmarks/gpu_check.sh quality pg2
 # The decode-step profile (benchmarks/gpu_profile.py) instead of the full check: `profile-prep` in call 1 (it
 # also exports each level with linear_layout "nk" and makes the graph variants' folders, on the CPU) and
-# `profile` after piece 4 (it waits for profile-prep); PROFILE_LEVELS picks the levels (default "fp16 bf16",
-# set it for both calls), PROFILE_PARTS the parts (default all); with QUALITY_FAMILIES=pg2 set for piece 2
-# and profile, only that family's trained-model quality follows it. E.g. call 1: bash .gpu/c1/start.sh 'PROFILE_LEVELS=fp16 bash benchmarks/gpu_check.sh
-# profile-prep'; call 4: bash benchmarks/gpu_check.sh piece 4 && PROFILE_LEVELS=fp16 PROFILE_PARTS="variants
-# products" bash benchmarks/gpu_check.sh profile
+# `profile` after piece 4 (the kit's env.sh waits for profile-prep). PROFILE_LEVELS picks the levels
+# (default "fp16 bf16"; set it for both calls), PROFILE_PARTS the parts (default all); with QUALITY_FAMILIES=pg2
+# set for piece 2 and profile, only that family's trained-model quality follows it. For example:
+#   call 1: bash .gpu/c1/start.sh 'PROFILE_LEVELS=fp16 bash benchmarks/gpu_check.sh profile-prep'
+#   call 4: bash benchmarks/gpu_check.sh piece 4 && PROFILE_LEVELS=fp16 PROFILE_PARTS="variants products" \
+#             bash benchmarks/gpu_check.sh profile
 set -euo pipefail
 work=/tmp/gpu/work
 gpu_cores=0-11
@@ -99,8 +101,6 @@ case "${1:-}" in
     out=${OUT:-/tmp/gpu-out}
     mkdir -p "$out"
     set +e
-    while [ ! -f /tmp/gpu/prep.rc ]; do sleep 3; done  # profile-prep's folders are complete
-    echo "profile-prep exit $(cat /tmp/gpu/prep.rc); $(tail -n 3 /tmp/gpu/prep.log)" | tee -a "$out/all.log"
     taskset -c "$gpu_cores" python3 benchmarks/gpu_profile.py --work "$work" --out "$out" --folders $(profile_folders) \
       --parts ${PROFILE_PARTS:-settings products variants} 2>&1 | tee -a "$out/all.log"
     [ -f /tmp/gpu/quality.log ] && bash "$0" quality ${QUALITY_FAMILIES:-pg1 pg2} 2>&1 | tee -a "$out/all.log"
