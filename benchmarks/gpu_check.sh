@@ -10,8 +10,9 @@
 # xz-packed to fit the transfer), into /tmp/gpu; the piece-2
 # call then starts exporting the trained models (benchmarks/trained_quality.py --export-only), detached.
 # prep (started detached by call 1, on the machine's CPUs while the pieces arrive) synthesises pg1-3b-224 and
-# the tiny test models and exports them for CUDA (fp16, bf16, int4; fp16 and bf16 also with the linear
-# weights in the [N, K] layout, "-nk"). With HOST_CPU_CORES set (e.g. "14,15"),
+# the tiny test models and exports them for CUDA (pg1-3b-224 at BIG_LEVELS, default "fp16 fp16-nk bf16
+# bf16-nk int4", -nk: the linear weights in the [N, K] layout; each prep export adds about a minute to prep
+# and a 3B folder about a minute to measure). With HOST_CPU_CORES set (e.g. "14,15"),
 # it also runs benchmarks/compare.py for the CPU (transformers fp32 and palionnx int4, exported and
 # kernel-tuned on those cores only) on that slice of the host's CPU, with the image's CPU onnxruntime.
 # measure waits for prep, runs benchmarks/gpu_check.py (every figure of the README's GPU table, parity, the
@@ -69,11 +70,10 @@ case "${1:-}" in
     for family in tiny-pg1 tiny-pg2; do synth "$family" "$work/$family" float32; done
     python3 benchmarks/gpu_check.py --work "$work" --make-hot "$work/hot-pg2"
     pids=()
-    export_for_cuda "$work/pg1-3b-224" "$work/pg1-3b-224-fp16" fp16 & pids+=($!)
-    export_for_cuda "$work/pg1-3b-224" "$work/pg1-3b-224-bf16" bf16 & pids+=($!)
-    export_for_cuda "$work/pg1-3b-224" "$work/pg1-3b-224-int4" int4 cuda & pids+=($!)
-    for level in fp16 bf16; do  # the other layout of the linear weights, [N, K] for FusedMatMul transB=1
-      export_for_cuda "$work/pg1-3b-224" "$work/pg1-3b-224-$level-nk" "$level" auto "" nk & pids+=($!)
+    for level in ${BIG_LEVELS:-fp16 fp16-nk bf16 bf16-nk int4}; do  # -nk: linear weights [N, K], FusedMatMul transB=1
+      quant=${level%-nk} layout=kn
+      [ "$level" = "$quant" ] || layout=nk
+      export_for_cuda "$work/pg1-3b-224" "$work/pg1-3b-224-$level" "$quant" cuda "" "$layout" & pids+=($!)
     done
     for family in tiny-pg1 tiny-pg2; do
       for level in fp32 fp16 bf16; do export_for_cuda "$work/$family" "$work/$family-$level" "$level"; done
