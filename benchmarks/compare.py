@@ -20,7 +20,10 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +49,7 @@ def copy_bandwidth_gbs(megabytes: int = 2048, repeats: int = 5) -> float:
     return 2 * sum(source.nbytes for source in sources) / best / 1e9
 
 
-def _timed(fn) -> float:
+def _timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -78,7 +81,7 @@ def decoder_weight_bytes(folder: Path) -> int:
     return total
 
 
-def load_transformers(checkpoint: Path, images: int):
+def load_transformers(checkpoint: Path, images: int) -> tuple[Any, Any, list[Any]]:
     """The origin script's setup: transformers fp32, eager attention, all cores; plus the test images."""
     import torch
 
@@ -105,10 +108,10 @@ def measure_transformers(checkpoint: Path, images: int, new_tokens: int) -> dict
         model.generate(**warm, max_new_tokens=2, do_sample=False)  # warm-up, excluded
         for picture in pictures:
             inputs = processor(images=picture, text="<image>" + DEFAULT_PROMPT, return_tensors="pt")
-            vision = _timed(lambda inputs=inputs: model.get_image_features(inputs["pixel_values"]))
-            first = _timed(lambda inputs=inputs: model(**inputs, use_cache=True))  # vision + prefill
-            total = _timed(lambda inputs=inputs: model.generate(**inputs, max_new_tokens=new_tokens,
-                                                                 min_new_tokens=new_tokens, do_sample=False))
+            vision = _timed(partial(model.get_image_features, inputs["pixel_values"]))
+            first = _timed(partial(model, **inputs, use_cache=True))  # vision + prefill
+            total = _timed(partial(model.generate, **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                   do_sample=False))
             rows.append((vision, first - vision, (total - first) / (new_tokens - 1), total))
     vision, prefill, decode, total = (float(np.median(column)) for column in zip(*rows))
     return {
@@ -140,7 +143,7 @@ def measure_palionnx(folder: Path, images: int, new_tokens: int, batch_size: int
     return row
 
 
-def in_subprocess(kind: str, *args) -> dict:
+def in_subprocess(kind: str, *args: Any) -> dict:
     out = subprocess.run([sys.executable, __file__, "--measure", json.dumps([kind, *map(str, args)])],
                          capture_output=True, text=True)
     if out.returncode:
@@ -169,7 +172,7 @@ def prepare(geometry: str, levels: list[str], work: Path) -> tuple[Path, dict[st
     return checkpoint, folders
 
 
-def markdown(rows: list[dict], floor_ms: dict[str, float], machine: str, args) -> str:
+def markdown(rows: list[dict], floor_ms: dict[str, float], machine: str, args: argparse.Namespace) -> str:
     lines = [
         f"`{args.geometry}`, {args.new_tokens} new tokens (eos ignored), batch {args.batch_size}, "
         f"{args.images} images, prompt `{DEFAULT_PROMPT}`. Machine: {machine}.",
@@ -217,7 +220,8 @@ def _parse_level(spec: str) -> tuple[str, str, str]:
     return parts[0], parts[1] if len(parts) > 1 else "auto", parts[2] if len(parts) > 2 else ""
 
 
-def measure_round(args, checkpoint: Path, folders: dict[str, Path], floor_ms: dict[str, float]) -> list[dict]:
+def measure_round(args: argparse.Namespace, checkpoint: Path, folders: dict[str, Path],
+                  floor_ms: dict[str, float]) -> list[dict]:
     """One measurement of transformers (unless skipped) and of every palionnx folder, each in its own process."""
     rows = [] if args.skip_transformers else [in_subprocess("transformers", checkpoint, args.images, args.new_tokens)]
     if rows and args.batch8:
@@ -272,7 +276,7 @@ def main() -> None:
     checkpoint, folders = prepare(args.geometry, args.levels, args.work)
     bandwidth = copy_bandwidth_gbs()
     floor_ms = {level: decoder_weight_bytes(folder) / (bandwidth * 1e9) * 1000 for level, folder in folders.items()}
-    rows = []
+    rows: list[dict] = []
     for _ in range(args.rounds):  # each engine once per round; the fastest round of each is kept
         rows = _best_rows(rows, measure_round(args, checkpoint, folders, floor_ms))
     if copy_bandwidth_gbs() > bandwidth:  # the copy, like the rest, is only ever slowed by other work

@@ -38,6 +38,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -141,9 +142,9 @@ def cupti_kernels(run: Callable[[], Any], steps: int, trace: Path) -> dict[str, 
     kernels: dict[str, list[float]] = {}
     for e in events:
         kernels.setdefault(f"{e['cat']}: {e['name']}", []).append(float(e["dur"]))
-    rows = sorted(({"kernel": name[:120], "calls_per_step": len(times) / steps,
-                    "us_per_step": sum(times) / steps} for name, times in kernels.items()),
-                  key=lambda row: -row["us_per_step"])
+    rows: list[dict[str, Any]] = sorted(
+        ({"kernel": name[:120], "calls_per_step": len(times) / steps, "us_per_step": sum(times) / steps}
+         for name, times in kernels.items()), key=lambda row: -row["us_per_step"])
     span = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
     return {"steps": steps, "wall_ms_per_step_profiled": 1000 * wall / steps,
             "gpu_span_ms_per_step": span / steps / 1000,
@@ -457,7 +458,7 @@ def with_cuda_options(extra: dict[str, str]) -> None:
             return p
         return real(path, sess_options=sess_options, providers=[add(p) for p in providers or []], **kwargs)
 
-    ort.InferenceSession = session  # type: ignore[misc]
+    ort.InferenceSession = session
 
 
 def setting_child(folder: Path, device: str, options: dict[str, str]) -> dict[str, Any]:
@@ -520,8 +521,8 @@ def profile_folder(folder: Path, device: str) -> dict[str, Any]:
             loaded.pop(name, None)
     report["same_tokens_as_base"] = {name: same_tokens(base, c) for name, c in loaded.items()
                                      if not name.startswith("probe")}
-    report["step_ms"] = in_turns({name: (lambda c=c: step_ms(c)) for name, c in loaded.items()})
-    report["replay_ms"] = in_turns({name: (lambda c=c: replay_ms(c)) for name, c in loaded.items()})
+    report["step_ms"] = in_turns({name: partial(step_ms, c) for name, c in loaded.items()})
+    report["replay_ms"] = in_turns({name: partial(replay_ms, c) for name, c in loaded.items()})
     report["cuda_graph"] = {name: c.model.cuda_graph for name, c in loaded.items()}  # False: capture failed
     print(folder.name, report, flush=True)
     del loaded

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from palionnx.export import tune
+import palionnx.export.tune as tune
 from palionnx.export.synth import GEOMETRIES
 
 

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from palionnx import Captioner
 from palionnx.runtime.defaults import DEFAULT_PROMPT
@@ -27,7 +28,8 @@ from palionnx.samples import sample_images
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def teacher_forced_logits(folder: Path, images, tokens: np.ndarray | None, steps: int) -> tuple[np.ndarray, np.ndarray]:
+def teacher_forced_logits(folder: Path, images: list[Image.Image], tokens: np.ndarray | None,
+                          steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Logits [steps, b, vocab] along `tokens` [b, steps] (or along its own greedy choice when None)."""
     captioner = Captioner.load(folder, device="cpu")
     pixels = np.stack([image_pixels(image, captioner.image_spec) for image in images])

@@ -43,7 +43,7 @@ def start(model: Path, slots: int | None) -> tuple[subprocess.Popen, str]:
         except httpx.TransportError:
             time.sleep(0.1)
     process.kill()
-    raise RuntimeError(process.stderr.read())
+    raise RuntimeError(process.stderr.read() if process.stderr else "the server did not start")
 
 
 def slot_counters(url: str) -> dict[str, float]:

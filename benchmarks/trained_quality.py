@@ -41,7 +41,7 @@ from palionnx import Captioner
 from palionnx.evaluation import evaluate, text_ids
 from palionnx.runtime.measure import device_name
 from palionnx.runtime.preprocess import image_pixels
-from palionnx.scenes import CAPTION_PROMPT, Scene, make_scenes, render
+from palionnx.scenes import CAPTION_PROMPT, Scene, Shape, make_scenes, render
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LEVELS = ["fp32", "fp16", "int8:32", "int8:64", "int8:128", "int4:32", "int4:64", "int4:128", "int4:auto",
@@ -92,10 +92,12 @@ def at_the_edges(scene: Scene) -> Scene:
     """The scene with every jitter at the end of its training range that makes it hardest: small shapes at
     their largest and large ones at their smallest (the sizes closest to each other), the strongest colour
     tint, the largest offset from the cell's centre. Still inside what training saw."""
-    shapes = tuple(dataclasses.replace(
-        shape, scale=1.12 if shape.size == "small" else 0.88, tint=tuple(20 if t >= 0 else -20 for t in shape.tint),
-        dx=0.04 if shape.dx >= 0 else -0.04, dy=0.04 if shape.dy >= 0 else -0.04) for shape in scene.shapes)
-    return dataclasses.replace(scene, shapes=shapes)
+    def edge(shape: Shape) -> Shape:
+        r, g, b = (20 if t >= 0 else -20 for t in shape.tint)
+        return dataclasses.replace(shape, scale=1.12 if shape.size == "small" else 0.88, tint=(r, g, b),
+                                   dx=0.04 if shape.dx >= 0 else -0.04, dy=0.04 if shape.dy >= 0 else -0.04)
+
+    return dataclasses.replace(scene, shapes=tuple(edge(shape) for shape in scene.shapes))
 
 
 def held_out(count: int, args: argparse.Namespace) -> list[Scene]:

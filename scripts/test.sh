@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh dev
 . .venv/bin/activate
 ruff check src tests benchmarks
-mypy src/palionnx
+mypy src/palionnx benchmarks
 python -m pytest -q "$@"
