@@ -374,7 +374,8 @@ def test_decoder_layers_are_fused(family, quant, device, exported):
 def test_nk_layout_matches_generate(family, exported, reference, tmp_path):
     """linear_layout "nk": every linear weight stored [N, K] and multiplied by FusedMatMul transB=1 (no MatMul
     left in a layer, still at most 15 nodes per layer); fp32 greedy tokens equal generate()'s at batch 4 with
-    left padding, fp16 gives the "kn" fp16 folder's tokens. int8/int4 and unknown layouts are refused."""
+    left padding; PaliGemma 2 at fp16 gives the "kn" fp16 folder's tokens. int8/int4 and unknown layouts are
+    refused."""
     from palionnx.export.convert import ExportError, export
 
     model, processor = reference(family)
@@ -392,9 +393,10 @@ def test_nk_layout_matches_generate(family, exported, reference, tmp_path):
     results = Captioner.load(folder, device="cpu").caption(images, prompt=PROMPTS, max_new_tokens=24, batch_size=4)
     assert [r.tokens for r in results] == expected
 
-    half = [Captioner.load(exported(family, "fp16", linear_layout=layout), device="cpu") for layout in ("kn", "nk")]
-    tokens = [[r.tokens for r in c.caption(images, prompt=PROMPTS, max_new_tokens=24, batch_size=4)] for c in half]
-    assert tokens[0] == tokens[1]
+    if family == "tiny-pg2":  # fp16 with the float32 residual stream and the windowed graph: the harder build
+        half = [Captioner.load(exported(family, "fp16", linear_layout=layout), device="cpu") for layout in ("kn", "nk")]
+        tokens = [[r.tokens for r in c.caption(images, prompt=PROMPTS, max_new_tokens=24, batch_size=4)] for c in half]
+        assert tokens[0] == tokens[1]
     with pytest.raises(ExportError, match="fp32/fp16/bf16"):
         export(folder, tmp_path / "int4", quant="int4", linear_layout="nk")
     with pytest.raises(ExportError, match="linear_layout must be one of"):
