@@ -16,7 +16,6 @@ any sequence of kills and re-runs every caption has exactly one --jsonl record.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..system import ProcessId, is_alive
-from .files import TEMP_SUFFIX, append_line, write_atomic
+from .files import append_line, temp_files, write_atomic
 
 CLAIM_SUFFIX = ".palionnx-claim"
 CLAIM_LEASE_S = 3600.0  # a claim from another host is taken over after this long
@@ -149,7 +148,7 @@ def recover_stale(path: Path, target: Path) -> bool:
         if info.line and info.jsonl and target.is_file():
             append_missing_record(Path(info.jsonl), info.line)
         # a caption only its claim's holder writes: a temp file of it is the dead owner's, half-written
-        for temp in target.parent.glob(f".{glob.escape(target.name)}.*{TEMP_SUFFIX}"):
+        for temp in temp_files(target):
             temp.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         return True

@@ -72,6 +72,16 @@ def caption_path(job: ImageJob, ext: str, output_dir: Path | None) -> Path:
     return output_dir / relative / name
 
 
+def temp_file(path: Path, pid: int) -> Path:
+    """Where `write_atomic` in process `pid` writes `path` before the rename."""
+    return path.with_name(f".{path.name}.{pid}{TEMP_SUFFIX}")
+
+
+def temp_files(path: Path) -> list[Path]:
+    """The temp files of `path` there now, any process's (a killed writer's are half-written)."""
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"))
+
+
 def write_atomic(path: Path, text: str, exclusive: bool = False) -> None:
     """Write via a temp file and a rename: a reader (or a crash) never sees half a caption.
 
@@ -79,7 +89,7 @@ def write_atomic(path: Path, text: str, exclusive: bool = False) -> None:
     otherwise), so a caption that another process wrote in the meantime is never replaced.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+    temp = temp_file(path, os.getpid())
     try:
         with open(temp, "w", encoding="utf-8") as handle:
             handle.write(text)
