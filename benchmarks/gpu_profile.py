@@ -325,9 +325,10 @@ def make_variants(folder: Path, jobs: int = 1) -> dict[str, Path]:
     bf16 = "bf16" in folder.name
     names = [n for n in VARIANTS if not (bf16 and ("argmax-fp16" in n or n == "topk"))]
     made = {name: make_variant(folder, name, VARIANTS[name]) for name in names}
+    bases = {"": folder}
     nk = folder.parent / f"{folder.name}-nk"
-    bases = {"": folder} | ({"nk-": nk} if nk.is_dir() else {})
-    made.update({"nk": nk} if nk.is_dir() else {})
+    if nk.is_dir():
+        made["nk"] = bases["nk-"] = nk
     todo = [] if bf16 else [(prefix, base, name) for prefix, base in bases.items() for name in WEIGHT_VARIANTS]
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
