@@ -1,6 +1,6 @@
 """palionnx: PaliGemma image captioning through ONNX Runtime, without PyTorch."""
 
-__version__ = "0.1.0"
+from .version import __version__
 
 # onnxruntime comes from an extra, in one of two flavours (they install the same module): say which.
 NO_ONNXRUNTIME = ("palionnx needs onnxruntime: pip install 'palionnx[cpu]', or 'palionnx[gpu]' for NVIDIA CUDA "

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from .. import __version__
 from ..system import CPU_FEATURES, Gpu, cpu_count, cpu_flags, cpu_name, memory, nvidia_gpus
+from ..version import __version__
 from .export_plan import free_disk
 from .models import cache_root, cached_models
 from .tables import human_bytes

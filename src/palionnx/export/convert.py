@@ -22,13 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
 from ..runtime.contract import GRAPH_FILES, MANIFEST_NAME, TOKENIZER_NAME, VISION_ENCODER, graph_io
 from ..runtime.defaults import CUDA_INT4_BLOCK_SIZE, DEFAULT_BLOCK_SIZE
 from ..runtime.integrity import record_files
 from ..runtime.levels import LevelError, target_device
 from ..runtime.manifest import CpuKernels, GraphInfo, Manifest, QuantInfo
 from ..system import rss_bytes
+from ..version import __version__
 from . import quantize, tune
 from .checkpoint import Checkpoint, open_checkpoint
 from .decoder import DecoderConfig, Precision, build_decoder

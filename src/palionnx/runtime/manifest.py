@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..version import __version__
 from .contract import MANIFEST_NAME, REQUIRED_GRAPHS, SCHEMA_VERSION, TOKENIZER_NAME
 from .integrity import FileInfo, size_problems
 from .levels import QUANT_LEVELS
@@ -197,8 +198,6 @@ class Manifest:
 
 def _remedy(written_by: object) -> str:
     """What to do about a manifest this palionnx cannot read: upgrade if a newer palionnx wrote it."""
-    from .. import __version__
-
     if isinstance(written_by, str) and _version_tuple(written_by) > _version_tuple(__version__):
         return f"it was written by palionnx {written_by}, newer than this one ({__version__}): upgrade palionnx"
     return "export the model again"
