@@ -21,9 +21,9 @@ fi
 extras="$flavour,export"
 [ "${1:-}" = "dev" ] && extras="$extras,dev"
 
-# Up to date: the same pyproject.toml and setup script, and these extras (or more) installed before.
+# Up to date: the same pyproject.toml, version and setup script, and these extras (or more) installed before.
 stamp=.venv/.palionnx-setup
-digest="$(cat pyproject.toml "$0" | cksum | cut -d' ' -f1)"
+digest="$(cat pyproject.toml src/palionnx/version.py "$0" | cksum | cut -d' ' -f1)"
 if [ -x .venv/bin/palionnx ] && [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$digest" ]; then
   installed="$(tail -n1 "$stamp")"
   missing=""
