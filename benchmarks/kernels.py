@@ -39,23 +39,25 @@ def main() -> None:
     timings = tune.measure(kernels, decoder, vision, threads=args.threads)
     seconds = time.perf_counter() - started
     print(f"{tune.cpu_name()}, threads {args.threads or 'all'}; {seconds:.0f} s")
-    print(f"{'kernel':12s} {'prefill ms':>11s} {'GOP/s':>7s} {'decode ms':>10s} {'vision ms':>10s} {'GOP/s':>7s} "
-          f"{'error':>7s}")
+    batches = [f"batch{rows}" for rows in tune.BATCH_ROWS]
+    print(f"{'kernel':12s} {'prefill ms':>11s} {'GOP/s':>7s} {'decode ms':>10s} "
+          + " ".join(f"{b:>8s}" for b in batches) + f" {'vision ms':>10s} {'GOP/s':>7s}")
     for kernel in kernels:
         name = kernel.name
         pre, dec, vis = (timings[phase][name] for phase in ("prefill", "decode", "vision"))
-        print(f"{name:12s} {pre.ms:11.1f} {_gops(decoder, pre.ms):7.0f} {dec.ms:10.2f} {vis.ms:10.1f} "
-              f"{_gops(vision, vis.ms):7.0f} {max(pre.error, vis.error):7.4f}")
+        print(f"{name:12s} {pre:11.1f} {_gops(decoder, pre):7.0f} {dec:10.2f} "
+              + " ".join(f"{timings[b][name]:8.2f}" for b in batches) + f" {vis:10.1f} {_gops(vision, vis):7.0f}")
     params = decoder.params * g.layers
     plan = tune.choose(args.level, g.hidden, params, args.kernels, None, lambda _: timings,
                        params + g.vocab_size * g.hidden * (8 if args.level == "int8" else 4) // 8)
-    print(f"chosen: vision {plan.vision}, prefill {plan.prefill}, decode {plan.decode} "
-          f"(per layer, a {tune.CAPTION_TOKENS}-token caption: see export/tune.py)")
+    print(f"chosen: vision {plan.vision}, prefill {plan.prefill}, decode {plan.decode}, decode batches of "
+          f"{plan.batch_decode_from or 'no'}+ rows on the prefill kernel (per layer, a {tune.CAPTION_TOKENS}-token "
+          "caption: see export/tune.py; errors are not measured here: they need a model's activations)")
     if args.json:
         args.json.write_text(json.dumps({"cpu": tune.cpu_name(), "threads": args.threads, "geometry": args.geometry,
                                          "level": args.level, "probe_ms": plan.probe_ms,
-                                         "probe_error": plan.probe_error, "chosen": [plan.vision, plan.prefill,
-                                                                                     plan.decode]}, indent=2) + "\n")
+                                         "chosen": [plan.vision, plan.prefill, plan.decode],
+                                         "batch_decode_from": plan.batch_decode_from}, indent=2) + "\n")
 
 
 def _gops(probe: tune.Probe, ms: float) -> float:

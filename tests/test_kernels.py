@@ -1,5 +1,6 @@
-"""CPU kernels: int8 QGEMM for the vision encoder and prefill, MatMulNBits block sizes chosen by measurement,
-the choice recorded in the manifest and overridable, and never a CPU-only operator in a CUDA folder."""
+"""CPU kernels: int8 QGEMM (activations per row) for the vision encoder and prefill, MatMulNBits block sizes
+chosen by measurement, batched decode on the prefill graph, the choice recorded in the manifest and
+overridable, and never a CPU-only operator in a CUDA folder."""
 
 import dataclasses
 import json
@@ -17,7 +18,8 @@ from palionnx.runtime.manifest import Manifest
 from palionnx.samples import sample_images
 
 FAMILIES = ["tiny-pg1", "tiny-pg2"]
-CPU_ONLY = {"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear", "MatMulIntegerToFloat"}
+CPU_ONLY = {"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear", "MatMulIntegerToFloat",
+            "QuantizeLinear"}
 
 
 def _graph(path):
@@ -28,7 +30,7 @@ def _weighted(graph) -> dict[str, str]:
     """op type of every node whose second input is an initializer (the linear layers), by node name."""
     inits = {i.name for i in graph.initializer}
     return {n.name: n.op_type for n in graph.node if len(n.input) > 1 and n.input[1] in inits
-            and n.op_type in {"MatMul", "Gemm", "MatMulNBits", "DynamicQuantizeMatMul"}}
+            and n.op_type in {"MatMul", "Gemm", "MatMulNBits", "MatMulIntegerToFloat"}}
 
 
 def _cosine(a, b):
@@ -42,14 +44,16 @@ def test_int4_qgemm_folder_prefills_on_an_int8_graph_sharing_the_rest(family, ex
     kernels = manifest.quant.cpu_kernels
     assert (kernels.vision, kernels.prefill, kernels.decode, kernels.chosen_by) == ("qgemm8", "qgemm8",
                                                                                      "nbits4-b32", "user")
-    assert manifest.quant.method.endswith("DynamicQuantizeMatMul for vision, prefill")
+    assert manifest.quant.method.endswith("MatMulIntegerToFloat (int8 activations per row) for vision, prefill")
     io = graph_io(DECODER_PREFILL, manifest.layers)
     assert manifest.graphs[DECODER_PREFILL].inputs == io.inputs == graph_io(DECODER, manifest.layers).inputs
     decoder, prefill = _graph(folder / "decoder.onnx"), _graph(folder / "decoder_prefill.onnx")
     assert [i.name for i in prefill.input] == io.inputs and [o.name for o in prefill.output] == io.outputs
 
     layers = {name: op for name, op in _weighted(prefill).items() if name.startswith("layers.")}
-    assert len(layers) == 5 * manifest.layers and set(layers.values()) == {"DynamicQuantizeMatMul"}
+    assert len(layers) == 5 * manifest.layers and set(layers.values()) == {"MatMulIntegerToFloat"}
+    quantized = [n for n in prefill.node if n.op_type == "QuantizeLinear"]  # one per input, shared by its layers
+    assert len(quantized) == 4 * manifest.layers and all(n.attribute[0].name == "axis" for n in quantized)
     assert set(_weighted(decoder).values()) == {"MatMulNBits"} and not CPU_ONLY & {n.op_type for n in decoder.node}
     assert _weighted(prefill)["head/lm_head"] == "MatMulNBits"
     shared = {i.name: i for i in decoder.initializer}
@@ -58,7 +62,7 @@ def test_int4_qgemm_folder_prefills_on_an_int8_graph_sharing_the_rest(family, ex
             assert init.external_data == shared[init.name].external_data
     assert {n.input[1] for n in prefill.node if n.name == "head/lm_head"} <= set(shared)
     vision = _weighted(_graph(folder / "vision_encoder.onnx"))
-    assert vision and set(vision.values()) == {"DynamicQuantizeMatMul"}
+    assert vision and set(vision.values()) == {"MatMulIntegerToFloat"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -86,7 +90,7 @@ def test_int8_qgemm_is_one_graph_and_agrees_with_fp32(exported):
     manifest = Manifest.load(folder)
     assert DECODER_PREFILL not in manifest.graphs and manifest.quant.cpu_kernels.decode == "qgemm8"
     ops = _weighted(_graph(folder / "decoder.onnx"))
-    assert ops.pop("head/lm_head") == "MatMulNBits" and set(ops.values()) == {"DynamicQuantizeMatMul"}
+    assert ops.pop("head/lm_head") == "MatMulNBits" and set(ops.values()) == {"MatMulIntegerToFloat"}
     images, prompts = sample_images(8), ["caption en"] * 8
     reference = Captioner.load(exported("tiny-pg1", "fp32"), device="cpu").prefill_logits(images, prompts)
     got = Captioner.load(folder, device="cpu").prefill_logits(images, prompts)
@@ -108,17 +112,29 @@ def test_cuda_folders_never_get_cpu_only_kernels(exported, checkpoints, tmp_path
 
 
 def _timings(prefill: dict[str, float], decode: dict[str, float], vision: dict[str, float] | None = None,
-             error: dict[str, float] | None = None):
+             batches: dict[int, dict[str, float]] | None = None):
     """A fake `measure`: the given ms per layer; records which kernels it was asked for."""
     asked: list[str] = []
 
     def measure(kernels):
         asked.extend(k.name for k in kernels)
-        table = {"prefill": prefill, "decode": decode, "vision": vision or prefill}
-        return {phase: {k.name: tune.Timing(by[k.name], (error or {}).get(k.name, 0.01)) for k in kernels
-                        if k.name in by} for phase, by in table.items()}
+        table = {"prefill": prefill, "decode": decode, "vision": vision or prefill,
+                 **{f"batch{rows}": by for rows, by in (batches or {}).items()}}
+        return {phase: {k.name: by[k.name] for k in kernels if k.name in by} for phase, by in table.items()}
 
     return measure, asked
+
+
+def _check(broken: set[str] = frozenset()):
+    """A fake `check`: every site fine, except that the kernels in `broken` need float somewhere."""
+    from palionnx.export.linear import SitePlan
+
+    def check(graph, kernel):
+        if kernel.name in broken:
+            return {"a": SitePlan(float_compute=True, plain_error=0.9), "b": SitePlan(plain_error=0.01)}
+        return {"a": SitePlan((3,), error=0.01, plain_error=0.3), "b": SitePlan(plain_error=0.005)}
+
+    return check
 
 
 BIG = 2_000_000_000  # decoder parameters: measured
@@ -131,15 +147,30 @@ def test_choice_follows_the_measurements():
     plan = tune.choose("int4", 2048, BIG, measure=measure)
     assert sorted(asked) == sorted(PREFILL) and plan.chosen_by == "measurement" and plan.cpu
     # a caption (64 steps + prefill): b32 270.6, b64 251.4, b128 238.6 on the QGEMM prefill; b64 is within 10 %
-    # of the cheapest and more accurate (smaller error) than b128
-    measure, _ = _timings(PREFILL, DECODE, error={"nbits4-b32": 0.086, "nbits4-b64": 0.095, "nbits4-b128": 0.104})
-    plan = tune.choose("int4", 2048, BIG, measure=measure)
+    # of the cheapest and stores the weights more finely than b128
     assert (plan.prefill, plan.decode, plan.vision) == ("qgemm8", "nbits4-b64", "qgemm8")
     assert plan.probe_ms["qgemm8"]["prefill"] == 85.0 and plan.gain("prefill", "nbits4-b32") == pytest.approx(230 / 85)
+    assert plan.batch_decode_from == 0 and not plan.sites  # no batch timings; no check
 
     close = dict(PREFILL, qgemm8=150.0)  # QGEMM prefill only 1.1x the best shared one: no second graph
     plan = tune.choose("int4", 2048, BIG, measure=_timings(close, DECODE)[0])
     assert plan.prefill == plan.decode == "nbits4-b128"
+
+
+def test_batched_decode_runs_on_the_prefill_kernel_from_where_it_is_faster():
+    batches = {2: {"nbits4-b64": 3.3, "qgemm8": 5.0}, 4: {"nbits4-b64": 5.4, "qgemm8": 5.6},
+               8: {"nbits4-b64": 8.7, "qgemm8": 6.6}, 16: {"nbits4-b64": 16.3, "qgemm8": 9.1},
+               32: {"nbits4-b64": 31.0, "qgemm8": 14.0}}
+    plan = tune.choose("int4", 2048, BIG, measure=_timings(PREFILL, DECODE, batches=batches)[0])
+    assert (plan.prefill, plan.decode, plan.batch_decode_from) == ("qgemm8", "nbits4-b64", 8)
+    batches[4]["qgemm8"] = 5.0  # 8 % faster at 4 rows: within the margin
+    assert tune.choose("int4", 2048, BIG, measure=_timings(PREFILL, DECODE, batches=batches)[0]).batch_decode_from == 8
+    batches[4]["qgemm8"] = 4.8  # 12 % faster: from 4 rows up
+    assert tune.choose("int4", 2048, BIG, measure=_timings(PREFILL, DECODE, batches=batches)[0]).batch_decode_from == 4
+    batches[32]["qgemm8"] = 32.0  # faster up to 16 but not at 32: never (a larger batch would lose)
+    assert tune.choose("int4", 2048, BIG, measure=_timings(PREFILL, DECODE, batches=batches)[0]).batch_decode_from == 0
+    close = dict(PREFILL, qgemm8=150.0)  # no prefill graph: nothing to decode batches on
+    assert tune.choose("int4", 2048, BIG, measure=_timings(close, DECODE, batches=batches)[0]).batch_decode_from == 0
 
 
 def test_user_settings_narrow_the_choice():
@@ -156,15 +187,22 @@ def test_user_settings_narrow_the_choice():
         "qgemm8", "qgemm8", "nbits4-b32", "user")
     plan = tune.choose("int4", 2048, 1_000_000, measure=measure)  # too small to measure
     assert not asked and (plan.decode, plan.prefill, plan.chosen_by) == ("nbits4-b32", "nbits4-b32", "default")
+    plan = tune.choose("int4", 2048, 1_000_000, measure=measure, always_measure=True)  # ... unless asked to
+    assert asked and plan.chosen_by == "measurement"
     with pytest.raises(ValueError, match="unknown kernels"):
         tune.choose("int4", 2048, BIG, kernels="fast")
 
 
-def test_a_kernel_beyond_its_error_bound_is_never_chosen():
-    measure, _ = _timings(PREFILL, DECODE, error={"qgemm8": 0.5})  # e.g. a saturating integer kernel
-    plan = tune.choose("int4", 2048, BIG, measure=measure)
+def test_a_kernel_needing_float_somewhere_is_chosen_only_when_every_one_does():
+    measure, _ = _timings(PREFILL, DECODE)  # e.g. a saturating integer kernel
+    plan = tune.choose("int4", 2048, BIG, measure=measure, check=_check({"qgemm8"}))
     assert "qgemm8" not in (plan.vision, plan.prefill, plan.decode)
-    assert plan.probe_error["qgemm8"] == 0.5  # recorded all the same
+    assert plan.probe_error["qgemm8"] == 0.9 and plan.error_bound > 0  # recorded all the same
+    assert set(plan.sites) == {"vision_encoder", "decoder"}
+    assert plan.sites["decoder"]["a"] == {"outliers": 1, "float": False, "error": 0.01, "plain_error": 0.3}
+    plan = tune.choose("int4", 2048, BIG, measure=measure, check=_check(set(PREFILL)))  # none is safe
+    assert (plan.prefill, plan.decode) == ("qgemm8", "nbits4-b64")
+    assert plan.site_counts("decoder_prefill") == {"sites": 2, "split": 0, "float": 1}
 
 
 def test_measure_times_every_candidate_on_real_sessions():
@@ -172,20 +210,24 @@ def test_measure_times_every_candidate_on_real_sessions():
     vision = tune.vision_probe(32, 64, image_tokens=4)
     kernels = [Kernel.parse(name) for name in ("nbits4-b32", "nbits8-b64", "qgemm8")]
     result = tune.measure(kernels, decoder, vision)
-    for phase in ("prefill", "decode", "vision"):
-        assert set(result[phase]) == {k.name for k in kernels} and all(t.ms > 0 for t in result[phase].values())
-    errors = {name: t.error for name, t in result["prefill"].items()}
-    assert errors["nbits4-b32"] < 0.25 and errors["nbits8-b64"] < 0.02 and errors["qgemm8"] < 0.05
+    phases = {"prefill", "decode", "vision", *(f"batch{rows}" for rows in tune.BATCH_ROWS)}
+    assert set(result) == phases
+    for phase in phases:
+        assert set(result[phase]) == {k.name for k in kernels} and all(ms > 0 for ms in result[phase].values())
 
 
-def test_measured_choice_is_recorded_and_overridable(checkpoints, tmp_path, monkeypatch):
+def test_measured_choice_is_recorded_and_overridable(checkpoints, tmp_path):
     from palionnx.export.convert import export
 
-    monkeypatch.setattr(tune, "MIN_MEASURED_PARAMS", 0)  # measure even the tiny decoder
-    manifest = export(checkpoints["tiny-pg1"], tmp_path / "auto", quant="int4", device="cpu")
+    manifest = export(checkpoints["tiny-pg1"], tmp_path / "auto", quant="int4", device="cpu", always_measure=True)
     kernels = manifest.quant.cpu_kernels
     assert kernels.chosen_by == "measurement" and kernels.cpu and set(kernels.probe_ms) == {
         "nbits4-b32", "nbits4-b64", "qgemm8"}  # hidden 64: blocks of 128 do not divide it
+    assert set(kernels.probe_ms["qgemm8"]) == {"prefill", "decode", "vision", "batch2", "batch4", "batch8",
+                                               "batch16", "batch32"}
+    assert kernels.calibration == "4 sample images and 4 scenes" and kernels.error_bound == 0.02
+    assert set(kernels.activations) == {"vision", "decoder"} and "layers.1.down" in kernels.activations["decoder"]
+    assert set(kernels.probe_error) >= {kernels.decode, kernels.vision}  # checked on the calibration activations
     assert (DECODER_PREFILL in manifest.graphs) == (kernels.prefill != kernels.decode)
     assert manifest.quant.block_size == Kernel.parse(kernels.decode).block_size
     assert Manifest.load(tmp_path / "auto") == manifest

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from ..runtime.preprocess import IMAGE_EXTENSIONS
 from ..system import fsync_folder, link_exclusive, pid_alive
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 TEMP_SUFFIX = ".palionnx-tmp"
 
 

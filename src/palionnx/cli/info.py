@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..runtime.contract import folder_size, graph_files
 from ..runtime.integrity import hash_problems
-from ..runtime.manifest import Manifest
+from ..runtime.manifest import CpuKernels, Manifest
 
 
 def info_rows(folder: Path, m: Manifest) -> list[tuple[str, str]]:
@@ -44,8 +44,28 @@ def _kernel_rows(m: Manifest) -> list[tuple[str, str]]:
     if not kernels:
         return []
     where = f" on {kernels.cpu}" if kernels.cpu else ""
-    return [("kernels", f"vision {kernels.vision}, prefill {kernels.prefill}, decode {kernels.decode} "
+    rows = [("kernels", f"vision {kernels.vision}, prefill {kernels.prefill}, decode {kernels.decode} "
                         f"(chosen by {kernels.chosen_by}{where})")]
+    if kernels.batch_decode_from:
+        rows.append(("batches", f"decode steps of {kernels.batch_decode_from} or more rows on {kernels.prefill} "
+                                "(decoder_prefill), measured faster there"))
+    if kernels.sites:
+        rows.append(("activations", f"int8, calibrated on {kernels.calibration}: each input within "
+                                    f"{kernels.error_bound:g} relative error"))
+        rows += [("inputs", site_summary(kernels, role)) for role in kernels.sites]
+    return rows
+
+
+def site_summary(kernels: CpuKernels, role: str) -> str:
+    """One graph's inputs in a line: how many split off outlier channels or compute in float, and the
+    largest errors with and without."""
+    sites = kernels.sites[role]
+    counts = kernels.site_counts(role)
+    worst = max((s["error"] for s in sites.values()), default=0.0)
+    plain = max((s["plain_error"] for s in sites.values()), default=0.0)
+    channels = sum(s["outliers"] for s in sites.values())
+    return (f"{role}: {counts['sites']} inputs, {counts['split']} with outlier channels split off ({channels} "
+            f"channels in all), {counts['float']} in float; largest error {worst:.4f} ({plain:.4f} without)")
 
 
 def verify_rows(folder: Path, m: Manifest) -> tuple[list[tuple[str, str]], list[str]]:

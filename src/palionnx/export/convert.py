@@ -19,19 +19,22 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..runtime.contract import GRAPH_FILES, MANIFEST_NAME, TOKENIZER_NAME, VISION_ENCODER, graph_io
-from ..runtime.defaults import CUDA_INT4_BLOCK_SIZE, DEFAULT_BLOCK_SIZE
+from ..runtime.defaults import CUDA_INT4_BLOCK_SIZE, DEFAULT_BLOCK_SIZE, DEFAULT_PROMPT
 from ..runtime.integrity import record_files
 from ..runtime.levels import LevelError, target_device
 from ..runtime.manifest import CpuKernels, GraphInfo, Manifest, QuantInfo
+from ..runtime.preprocess import ImageSpec
 from ..system import rss_bytes
 from ..version import __version__
-from . import quantize, tune
+from . import calibrate, quantize, tune
 from .checkpoint import Checkpoint, open_checkpoint
 from .decoder import DecoderConfig, Precision, build_decoder
+from .linear import SitePlan
 from .output import staged_output
 from .quantize import Kernel
 from .weights import CheckpointWeights
@@ -54,12 +57,17 @@ def export(
     progress: Progress | None = None,
     kernels: str = "auto",
     linear_layout: str = "kn",
+    calibration: str | Path | None = None,
+    always_measure: bool = False,
 ) -> Manifest:
     """Export `source` (a local checkpoint folder or a hub id) to `outdir` at `quant` precision, built for
     `device` (see `target_device`). int8/int4: `block_size` None is measured on the CPU (for CUDA: int4 128
     where the hidden size allows, else 32);
     `kernels` "auto" (measured), "nbits" (MatMulNBits only) or "qgemm" (int8 QGEMM for the vision encoder
-    and prefill: CPU only); fp32/fp16/bf16: `linear_layout` "kn" (MatMul over [K, N] weights) or "nk"
+    and prefill: CPU only); CPU int8/int4 run the float model on `calibration` (a folder of images; default
+    the packaged samples and procedural scenes) to keep each layer's int8 activations within
+    linear.ERROR_BOUND, and time the kernels only for decoders of tune.MIN_MEASURED_PARAMS or more unless
+    `always_measure`; fp32/fp16/bf16: `linear_layout` "kn" (MatMul over [K, N] weights) or "nk"
     (FusedMatMul transB=1 over [N, K]; benchmarks/gpu_check.py times both on CUDA)."""
     if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
         raise ExportError(f"--block-size must be a power of two >= 16, got {block_size}")
@@ -75,40 +83,63 @@ def export(
         raise ExportError(f"linear_layout must be one of {', '.join(LINEAR_LAYOUTS)}, got {linear_layout!r}")
     if linear_layout == "nk" and quant in quantize.BITS:
         raise ExportError("linear_layout nk is for fp32/fp16/bf16 (int8/int4 weights have their kernel's layout)")
+    calibrated = target == "cpu" and quant in quantize.BITS
+    if calibration is not None and not calibrated:
+        raise ExportError("--calibration is for int8/int4 folders built for the CPU (the only ones with int8 "
+                          "activations)")
+    if calibration is not None and not Path(calibration).is_dir():
+        raise ExportError(f"--calibration {calibration} is not a folder of images")
     started = time.monotonic()
     say = _timed(progress, started)
+    options = _Options(quant, block_size, kernels, linear_layout == "nk", target,
+                       Path(calibration) if calibration is not None else None, always_measure)
     with staged_output(Path(outdir)) as staging:  # renamed to `outdir` once complete; removed on failure
-        manifest = _write_folder(source, staging, quant, block_size, kernels, linear_layout == "nk", target,
-                                 progress, started)
+        manifest = _write_folder(source, staging, options, progress, started)
     say(f"done: {outdir}")
     return manifest
 
 
-def _write_folder(
-    source: str | Path, outdir: Path, quant: str, block_size: int | None, kernels: str, transposed: bool,
-    target: str, progress: Progress | None, started: float,
-) -> Manifest:
+@dataclass(frozen=True)
+class _Options:
+    """What `export` was asked for, checked."""
+
+    quant: str
+    block_size: int | None
+    kernels: str
+    transposed: bool
+    target: str
+    calibration: Path | None
+    always_measure: bool
+
+
+def _write_folder(source: str | Path, outdir: Path, o: _Options, progress: Progress | None,
+                  started: float) -> Manifest:
     """Write the whole model folder into `outdir`, the manifest (with every file's size and hash) last."""
     say = _timed(progress, started)
     say(f"reading checkpoint {source}")
     checkpoint = open_checkpoint(source, load_model=False)
     config = DecoderConfig.from_text_config(checkpoint.config.text_config)
-    if quant in quantize.BITS and block_size and config.hidden % block_size:
-        raise ExportError(f"--block-size {block_size} does not divide the hidden size {config.hidden}")
+    if o.quant in quantize.BITS and o.block_size and config.hidden % o.block_size:
+        raise ExportError(f"--block-size {o.block_size} does not divide the hidden size {config.hidden}")
     checkpoint.tokenizer.backend_tokenizer.save(str(outdir / TOKENIZER_NAME))
-    plan = _cpu_kernels(checkpoint, config, quant, kernels, block_size, say) if target == "cpu" else None
-    precision = _precision(quant, target, config, block_size, plan, transposed)
-
+    weights = CheckpointWeights(checkpoint.folder, checkpoint.config.text_config,
+                                "float16" if o.quant == "fp16" else "float32")
     staging = outdir / ".staging"
     staging.mkdir(exist_ok=True)
+    plan = calibration = None
     try:
         # bf16 folders keep the fp16 vision encoder: onnxruntime's CUDA Conv has bfloat16 from opset 22 only
-        vision = _export_in_child(checkpoint.folder, staging, quant in ("fp16", "bf16"), progress, started)
-        if quant in quantize.BITS:
+        vision = _export_in_child(checkpoint.folder, staging, o.quant in ("fp16", "bf16"), progress, started)
+        if o.target == "cpu" and o.quant in quantize.BITS:
+            calibration = _calibrate(checkpoint, config, staging / vision.file, weights, o.calibration, say)
+            plan = _cpu_kernels(checkpoint, config, o, calibration, say)
+        precision = _precision(o, config, plan, calibration)
+        if o.quant in quantize.BITS:
             vision_kernel = Kernel.parse(plan.vision) if plan else precision.table_kernel
-            say(f"quantizing the vision encoder to {quant} ({vision_kernel.name})")
+            say(f"quantizing the vision encoder to {o.quant} ({vision_kernel.name})")
             quantize.quantize_graph(staging / vision.file, outdir / vision.file, vision_kernel,
-                                    precision.accuracy_level)
+                                    precision.accuracy_level,
+                                    calibration.check("vision", vision_kernel) if calibration else None)
         else:
             for path in staging.iterdir():
                 shutil.move(str(path), outdir / path.name)
@@ -116,49 +147,75 @@ def _write_folder(
         shutil.rmtree(staging, ignore_errors=True)
     notes = f", prefill graph on {precision.prefill_kernel.name}" if precision.prefill_kernel else ""
     notes += ", linear weights [N, K]" if precision.transposed else ""
-    say(f"writing the decoder ({quant}, {precision.compute_dtype} compute, for {target}{notes})")
-    weights = CheckpointWeights(checkpoint.folder, checkpoint.config.text_config,
-                                "float16" if quant == "fp16" else "float32")
+    say(f"writing the decoder ({o.quant}, {precision.compute_dtype} compute, for {o.target}{notes})")
     graphs = {VISION_ENCODER: vision, **build_decoder(outdir, config, precision, weights)}
-    manifest = _manifest(checkpoint, graphs, precision, target, plan)
+    manifest = _manifest(checkpoint, graphs, precision, o.target, plan)
     say("recording file sizes and SHA-256")
     manifest.files = record_files(outdir, skip=(MANIFEST_NAME,))
     manifest.save(outdir)
     return manifest
 
 
-def _cpu_kernels(checkpoint: Checkpoint, config: DecoderConfig, quant: str, kernels: str, block_size: int | None,
-                 say: Progress) -> CpuKernels | None:
-    """The kernels of an int8/int4 folder for the CPU: timed here on the candidates the options leave."""
-    if quant not in quantize.BITS:
-        return None
+def _calibrate(checkpoint: Checkpoint, config: DecoderConfig, vision_graph: Path, weights: CheckpointWeights,
+               folder: Path | None, say: Progress) -> calibrate.Calibration:
+    """Run the float model on the calibration images (a folder's, or the packaged samples and scenes)."""
+    spec = ImageSpec(checkpoint.image_size, checkpoint.image_mean, checkpoint.image_std, checkpoint.rescale_factor,
+                     checkpoint.resample)
+    try:
+        images = calibrate.calibration_images(folder, checkpoint.image_size)
+    except calibrate.CalibrationError as exc:
+        raise ExportError(str(exc)) from None
+    described = f"{folder} ({len(images)} images)" if folder else \
+        f"{calibrate.SAMPLE_IMAGES} sample images and {calibrate.SCENES} scenes"
+    tokens = checkpoint.tokenizer
+    text = [checkpoint.bos_token_id] + tokens.encode(DEFAULT_PROMPT + "\n", add_special_tokens=False)
+    return calibrate.calibrate(images, described, spec, vision_graph, weights, config, text, say)
+
+
+def _cpu_kernels(checkpoint: Checkpoint, config: DecoderConfig, o: _Options, calibration: calibrate.Calibration,
+                 say: Progress) -> CpuKernels:
+    """The kernels of an int8/int4 folder for the CPU: timed here on the candidates the options leave, each
+    checked on the calibration activations."""
     vision_config = checkpoint.config.vision_config
     decoder = tune.decoder_probe(config.hidden, config.intermediate, config.heads, config.kv_heads, config.head_dim,
                                  checkpoint.image_seq_length + tune.PROMPT_TEXT_TOKENS)
     vision = tune.vision_probe(vision_config.hidden_size, vision_config.intermediate_size,
                                checkpoint.image_seq_length)
 
-    def measure(kernels: list[Kernel]) -> dict[str, dict[str, tune.Timing]]:
+    def measure(kernels: list[Kernel]) -> dict[str, dict[str, float]]:
         say(f"timing {len(kernels)} kernels on one decoder layer and one vision layer "
             f"({', '.join(k.name for k in kernels)})")
         return tune.measure(kernels, decoder, vision, say=say)
 
+    def check(graph: str, kernel: Kernel) -> dict[str, SitePlan]:
+        plans = calibration.check(graph, kernel)
+        split = sum(1 for p in plans.values() if p.outliers)
+        floats = sum(1 for p in plans.values() if p.float_compute)
+        say(f"  {kernel.name} on the {graph}'s {len(plans)} inputs: {split} with outlier channels split off, "
+            f"{floats} in float (largest error as they are: {max(p.plain_error for p in plans.values()):.3f})")
+        return plans
+
     params = decoder.params * config.layers
     # a prefill graph holds int8 copies of the layers, and its own prepacked copy of the lm_head table
-    split_bytes = params + config.vocab * config.hidden * quantize.BITS[quant] // 8
-    plan = tune.choose(quant, config.hidden, params, kernels, block_size, measure, split_bytes)
-    say(f"kernels ({plan.chosen_by}): vision {plan.vision}, prefill {plan.prefill}, decode {plan.decode}")
+    split_bytes = params + config.vocab * config.hidden * quantize.BITS[o.quant] // 8
+    plan = tune.choose(o.quant, config.hidden, params, o.kernels, o.block_size, measure, split_bytes, check,
+                       o.always_measure)
+    plan.calibration, plan.activations = calibration.images, calibration.summary()
+    batched = f", decode batches of {plan.batch_decode_from}+ on {plan.prefill}" if plan.batch_decode_from else ""
+    say(f"kernels ({plan.chosen_by}): vision {plan.vision}, prefill {plan.prefill}, decode {plan.decode}{batched}")
     return plan
 
 
-def _precision(quant: str, target: str, config: DecoderConfig, block_size: int | None,
-               plan: CpuKernels | None, transposed: bool) -> Precision:
+def _precision(o: _Options, config: DecoderConfig, plan: CpuKernels | None,
+               calibration: calibrate.Calibration | None) -> Precision:
     if plan is None:
-        return Precision.for_level(quant, target, config.gemma2, block_size or cuda_block_size(quant, config.hidden),
-                                   transposed=transposed)
-    table_block = tune.table_block_size(plan, block_size)
-    return Precision.for_level(quant, target, config.gemma2, table_block, Kernel.parse(plan.decode),
-                               Kernel.parse(plan.prefill))
+        return Precision.for_level(o.quant, o.target, config.gemma2,
+                                   o.block_size or cuda_block_size(o.quant, config.hidden), transposed=o.transposed)
+    table_block = tune.table_block_size(plan, o.block_size)
+    kernels = {Kernel.parse(plan.decode), Kernel.parse(plan.prefill)}
+    sites = {k.name: calibration.check("decoder", k) for k in kernels} if calibration else {}
+    return Precision.for_level(o.quant, o.target, config.gemma2, table_block, Kernel.parse(plan.decode),
+                               Kernel.parse(plan.prefill), sites=sites)
 
 
 def cuda_block_size(quant: str, hidden: int) -> int:
@@ -282,13 +339,13 @@ def _manifest(checkpoint: Checkpoint, graphs: dict[str, GraphInfo], precision: P
 
 
 def _method(plan: CpuKernels | None) -> str:
-    """The operators, in words: MatMulNBits everywhere, or which parts run on DynamicQuantizeMatMul."""
+    """The operators, in words: MatMulNBits everywhere, or which parts run on int8 QGEMM."""
     method = "MatMulNBits + GatherBlockQuantized"
     if plan is None:
         return method
     parts = [name for name, kernel in (("vision", plan.vision), ("prefill", plan.prefill), ("decode", plan.decode))
              if kernel == quantize.QGEMM.name]
-    return method + (f"; DynamicQuantizeMatMul for {', '.join(parts)}" if parts else "")
+    return method + (f"; MatMulIntegerToFloat (int8 activations per row) for {', '.join(parts)}" if parts else "")
 
 
 def _quiet_exporters() -> None:

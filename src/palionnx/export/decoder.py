@@ -33,7 +33,7 @@ bfloat16, the checkpoints' own type, whose float32 range lets Gemma 2's residual
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +44,7 @@ from onnx import helper
 from ..runtime.contract import DECODER, DECODER_PREFILL, DECODER_WINDOWED, GRAPH_FILES, data_file, graph_io
 from ..runtime.manifest import GraphInfo
 from . import quantize
+from .linear import PLAIN, LinearInput, SitePlan
 from .onnx_builder import GraphBuilder, Weights
 
 F32, F16, BF16 = np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)
@@ -106,6 +107,8 @@ class Precision:
     kernel: quantize.Kernel | None = None  # int8/int4: the linear layers' (default: MatMulNBits, block_size)
     prefill_kernel: quantize.Kernel | None = None  # a different one: the decoder_prefill graph's
     transposed: bool = False  # fp32/fp16/bf16: linear weights stored [N, K] and multiplied by FusedMatMul transB=1
+    # int8/int4 on the CPU: per kernel name, how each site's input is fed (export/linear.py; default as it is)
+    sites: dict[str, dict[str, SitePlan]] = field(default_factory=dict)
 
     @property
     def compute_dtype(self) -> str:
@@ -122,10 +125,14 @@ class Precision:
         """The tied embedding / lm_head table's: MatMulNBits (GatherBlockQuantized reads the same blob)."""
         return quantize.nbits(self.weights, self.block_size)
 
+    def site(self, kernel: quantize.Kernel, name: str) -> SitePlan:
+        """How the input `name` ("layers.N.qkv", ".o", ".mlp", ".down") is fed to `kernel`."""
+        return self.sites.get(kernel.name, {}).get(name, PLAIN)
+
     @classmethod
     def for_level(cls, level: str, device: str, gemma2: bool, block_size: int,
                   kernel: quantize.Kernel | None = None, prefill_kernel: quantize.Kernel | None = None,
-                  transposed: bool = False) -> Precision:
+                  transposed: bool = False, sites: dict[str, dict[str, SitePlan]] | None = None) -> Precision:
         if transposed and level in quantize.BITS:
             raise ValueError("int8/int4 weights have their kernel's own layout: [N, K] applies to fp32/fp16/bf16")
         half = level == "fp16" or (level in quantize.BITS and device == "cuda")
@@ -135,7 +142,7 @@ class Precision:
         if device != "cpu" and any(k and k.cpu_only for k in (kernel, prefill_kernel)):
             raise ValueError(f"{device} folders cannot use CPU-only kernels")
         prefill = prefill_kernel if prefill_kernel != kernel else None
-        return cls(level, compute, residual, block_size, accuracy, kernel, prefill, transposed)
+        return cls(level, compute, residual, block_size, accuracy, kernel, prefill, transposed, sites or {})
 
 
 class DecoderWeights(Protocol):
@@ -244,7 +251,7 @@ class _DecoderGraph:
             x, hidden = self._skip_norm(hidden, skip, self._gain(i, "input_layernorm", p.residual),
                                         f"{name}/input_norm")
             x = self._cast(x, p.residual, p.compute, f"{name}/input_norm_cast")
-        qkv = self._linear(x, i, ("q", "k", "v"), f"{name}/qkv")
+        qkv = self._linear(self._input(x, i, "qkv"), i, ("q", "k", "v"), f"{name}/qkv")
         sliding_here = self.windowed and c.sliding and c.sliding[i]
         (past_k, past_v), (present_k, present_v) = caches
         attn = g.op("GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens, total, cos, sin], f"{name}/attn",
@@ -252,17 +259,19 @@ class _DecoderGraph:
                     num_heads=c.heads, kv_num_heads=c.kv_heads, scale=c.scale, softcap=c.attn_softcap,
                     do_rotary=1, rotary_interleaved=0, causal=int(bool(sliding_here)),
                     local_window_size=c.window if sliding_here else -1)[0]
-        out = self._linear(attn, i, ("o",), f"{name}/o_proj")
+        out = self._linear(self._input(attn, i, "o"), i, ("o",), f"{name}/o_proj")
         pre_mlp = "post_attention_layernorm"
         if c.gemma2:
             out = self._norm(out, self._gain(i, "post_attention_layernorm", p.residual), f"{name}/post_attention_norm")
             pre_mlp = "pre_feedforward_layernorm"
         x, hidden = self._skip_norm(hidden, out, self._gain(i, pre_mlp, p.residual), f"{name}/pre_mlp_norm")
         x = self._cast(x, p.residual, p.compute, f"{name}/pre_mlp_norm_cast")
-        gate = self._linear(x, i, ("gate",), f"{name}/gate_proj")
-        up = self._linear(x, i, ("up",), f"{name}/up_proj")
+        mlp_input = self._input(x, i, "mlp")
+        gate = self._linear(mlp_input, i, ("gate",), f"{name}/gate_proj")
+        up = self._linear(mlp_input, i, ("up",), f"{name}/up_proj")
         gate = g.op("Gelu", [gate], f"{name}/gelu", approximate="tanh")[0]
-        mlp = self._linear(g.op("Mul", [gate, up], f"{name}/gate_up")[0], i, ("down",), f"{name}/down_proj")
+        down_input = self._input(g.op("Mul", [gate, up], f"{name}/gate_up")[0], i, "down")
+        mlp = self._linear(down_input, i, ("down",), f"{name}/down_proj")
         if c.gemma2:
             mlp = self._norm(mlp, self._gain(i, "post_feedforward_layernorm", p.residual),
                              f"{name}/post_feedforward_norm")
@@ -275,21 +284,23 @@ class _DecoderGraph:
         rows = g.op("Reshape", [normed, g.constant("head/rows", [-1, c.hidden], np.int64)], "head/rows")[0]
         x = g.op("Gather", [rows, last], "head/last")[0]
         x = self._cast(x, p.residual, p.compute, "head/cast_in")
+        # the last node writes the graph's logits output itself (an Identity would copy [b, vocab] every step)
+        final: list[str] | int = [outputs[0]] if p.compute == F32 else 1  # what the last float node writes
+        head_out = final if not c.final_softcap else 1
         if p.weights in quantize.BITS:
             table, scales = self._quantized_embedding()
             op_type, attributes = p.table_kernel.operator(c.hidden, c.vocab, p.accuracy_level)
-            logits = g.op(op_type, [x, table, scales], "head/lm_head", domain="com.microsoft", **attributes)[0]
+            logits = g.op(op_type, [x, table, scales], "head/lm_head", head_out, domain="com.microsoft",
+                          **attributes)[0]
         else:
-            logits = g.op("Gemm", [x, self._embedding()], "head/lm_head", transB=1)[0]
+            logits = g.op("Gemm", [x, self._embedding()], "head/lm_head", head_out, transB=1)[0]
         if c.final_softcap:
             cap = g.constant("head/softcap", c.final_softcap, p.compute)
             logits = g.op("Div", [logits, cap], "head/softcap_div")[0]
             logits = g.op("Tanh", [logits], "head/softcap_tanh")[0]
-            logits = g.op("Mul", [logits, cap], "head/softcap_mul")[0]
+            logits = g.op("Mul", [logits, cap], "head/softcap_mul", final)[0]
         if p.compute != F32:
             g.op("Cast", [logits], "head/logits", outputs=[outputs[0]], to=1)
-        else:
-            g.op("Identity", [logits], "head/logits", outputs=[outputs[0]])
         g.op("ArgMax", [outputs[0]], "head/argmax", outputs=[outputs[1]], axis=-1, keepdims=0)
 
     # --- building blocks ---------------------------------------------------------------------------
@@ -317,7 +328,17 @@ class _DecoderGraph:
         return self.g.weight(f"{key}.gain_{np.dtype(dtype).name}",
                              lambda: (1.0 + self.src.norm(layer, norm).astype(F32)).astype(dtype))
 
-    def _linear(self, x: str, layer: int, parts: tuple[str, ...], name: str) -> str:
+    def _input(self, x: str, layer: int, site: str) -> str | LinearInput:
+        """The input `x` of the layer's linear site ("qkv", "o", "mlp" or "down"): for int8/int4 a LinearInput
+        that feeds it to the kernel as the precision's plan for the site says."""
+        if self.p.weights not in quantize.BITS:
+            return x
+        kernel = self.kernel or self.p.linear_kernel
+        k = self.c.heads * self.c.head_dim if site == "o" else self.c.intermediate if site == "down" else self.c.hidden
+        name = f"layers.{layer}.{site}"
+        return LinearInput(self.g, x, k, kernel, self.p.site(kernel, name), self.p.accuracy_level, f"{name}/input")
+
+    def _linear(self, x: str | LinearInput, layer: int, parts: tuple[str, ...], name: str) -> str:
         """x @ W.T for the named linear layers of `layer`, concatenated along the output (packed QKV)."""
         p, g = self.p, self.g
 
@@ -325,17 +346,21 @@ class _DecoderGraph:
             return np.concatenate([self.src.linear(layer, part) for part in parts], axis=0)
 
         key = f"layers.{layer}.{'_'.join(parts)}"
-        if p.weights not in quantize.BITS and p.transposed:  # [N, K]: each output a contiguous row's dot product
+        if isinstance(x, LinearInput):
+            n = sum(self.c.linear_shape(part)[0] for part in parts)
+            cached: dict[str, np.ndarray] = {}
+
+            def float_weight() -> np.ndarray:  # read once for the quantized and the outlier weights
+                if not cached:
+                    cached["w"] = weight()
+                return cached["w"]
+
+            return x.product(lambda kernel: self._quantized(key, float_weight, kernel), float_weight, n, key, name)
+        if p.transposed:  # [N, K]: each output a contiguous row's dot product
             w = g.weight(f"{key}.weight_nk", lambda: weight().astype(p.compute))
             return g.op("FusedMatMul", [x, w], name, domain="com.microsoft", transB=1)[0]
-        if p.weights not in quantize.BITS:
-            w = g.weight(f"{key}.weight", lambda: weight().T.astype(p.compute))
-            return g.op("MatMul", [x, w], name)[0]
-        n, k = sum(self.c.linear_shape(part)[0] for part in parts), self.c.linear_shape(parts[0])[1]
-        kernel = self.kernel or p.linear_kernel
-        packed, scales = self._quantized(key, weight, kernel)
-        op_type, attributes = kernel.operator(k, n, p.accuracy_level)
-        return g.op(op_type, [x, packed, scales], name, domain="com.microsoft", **attributes)[0]
+        w = g.weight(f"{key}.weight", lambda: weight().T.astype(p.compute))
+        return g.op("MatMul", [x, w], name)[0]
 
     def _quantized(self, key: str, weight: Any, kernel: quantize.Kernel) -> tuple[str, str]:
         """The quantized weight and scales of a [N, K] weight on `kernel` (quantized once, shared by every
@@ -346,7 +371,7 @@ class _DecoderGraph:
         def quantized(part: str) -> np.ndarray:
             if not blobs:
                 blobs["packed"], scales = kernel.arrays(weight())
-                # DynamicQuantizeMatMul takes float32 scales; MatMulNBits the compute type
+                # MatMulIntegerToFloat takes float32 scales; MatMulNBits the compute type
                 blobs["scales"] = scales.astype(F32 if kernel.op == "qgemm" else p.compute)
             return blobs[part]
 

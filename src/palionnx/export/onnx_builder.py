@@ -20,24 +20,26 @@ INLINE_BYTES = 1024  # smaller tensors stay inside the graph file
 
 
 class Weights:
-    """One external-data file and the initializers written to it, by name."""
+    """One external-data file and the initializers written to it, by name (with no path: all kept inside
+    the graph, for small graphs built in memory)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None = None):
         self.path = path
-        self.file = open(path, "wb")  # noqa: SIM115 (closed by close(), after every graph is built)
+        self.file = open(path, "wb") if path else None  # noqa: SIM115 (closed by close(), after every graph)
         self.tensors: dict[str, TensorProto] = {}
 
     def add(self, name: str, make: Callable[[], np.ndarray]) -> str:
         """Store the array `make()` returns under `name` (once: a second add of the name reuses it)."""
         if name not in self.tensors:
             array = np.ascontiguousarray(make())
-            if array.nbytes <= INLINE_BYTES:
+            if array.nbytes <= INLINE_BYTES or self.file is None:
                 self.tensors[name] = numpy_helper.from_array(array, name)
             else:
                 self.tensors[name] = self._write(name, array)
         return name
 
     def _write(self, name: str, array: np.ndarray) -> TensorProto:
+        assert self.file is not None and self.path is not None
         offset = -self.file.tell() % ALIGN + self.file.tell()
         self.file.seek(offset)
         self.file.write(array.tobytes())
@@ -52,7 +54,8 @@ class Weights:
         return tensor
 
     def close(self) -> None:
-        self.file.close()
+        if self.file:
+            self.file.close()
 
 
 class GraphBuilder:
@@ -90,12 +93,16 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, inputs, names, name=name, domain=domain, **attributes))
         return names
 
-    def save(self, path: Path, opset: int) -> None:
-        """Write the graph file (its weights are already in the data file)."""
-        graph = helper.make_graph(self.nodes, path.stem, self.inputs, self.outputs,
+    def model(self, name: str, opset: int) -> onnx.ModelProto:
+        """The graph as a model (its large weights in the data file, if it has one)."""
+        graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs,
                                   initializer=[self.weights.tensors[name] for name in self.used])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
                                                         helper.make_opsetid("com.microsoft", 1)],
                                   producer_name="palionnx")
         model.ir_version = 10
-        onnx.save_model(model, str(path))
+        return model
+
+    def save(self, path: Path, opset: int) -> None:
+        """Write the graph file (its weights are already in the data file)."""
+        onnx.save_model(self.model(path.stem, opset), str(path))

@@ -6,12 +6,14 @@ Two formulations (`Kernel`):
   per block of `block_size` along K (onnxruntime's own blockwise quantizer). Runs on the CPU (with
   accuracy_level 4 its kernels quantize the activations to int8 per block) and on CUDA. The same blob
   serves GatherBlockQuantized, so the decoder's tied embedding is stored once.
-- `qgemm` (DynamicQuantizeMatMul): int8 weights with one scale per output column, times the activations
-  quantized to uint8 per tensor at run time: onnxruntime's integer GEMM (MLAS QGEMM, VNNI where the CPU
-  has it). CPU only: it must never reach a folder built for CUDA (it would run on the CPU there).
+- `qgemm` (MatMulIntegerToFloat): int8 weights with one scale per output column, times the activations
+  quantized to int8 per row at run time (export/linear.py writes those nodes): onnxruntime's integer GEMM
+  (MLAS QGEMM, VNNI where the CPU has it, AMX on Xeons). CPU only: it must never reach a folder built for
+  CUDA (it would run on the CPU there).
 
 `quantize_graph` applies a kernel to every MatMul by a constant weight of an exported graph (the vision
-encoder); the decoder builder (export/decoder.py) calls `Kernel.arrays` per weight.
+encoder); the decoder builder (export/decoder.py) quantizes each weight through `Kernel.arrays`; both write
+the products through export/linear.py, which also keeps outlier channels out of the int8 activations.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 from onnx import external_data_helper, helper, numpy_helper
+
+if TYPE_CHECKING:
+    from .linear import SitePlan
 
 OPSET = 21
 BITS = {"int8": 8, "int4": 4}
@@ -35,7 +40,7 @@ CPU_ACCURACY_LEVEL = 4
 
 @dataclass(frozen=True)
 class Kernel:
-    """One formulation of a linear layer: "nbits" (MatMulNBits) or "qgemm" (DynamicQuantizeMatMul)."""
+    """One formulation of a linear layer: "nbits" (MatMulNBits) or "qgemm" (MatMulIntegerToFloat)."""
 
     op: str
     bits: int
@@ -66,9 +71,9 @@ class Kernel:
         return quantize_blocks(weight, self.bits, self.block_size)
 
     def operator(self, k: int, n: int, accuracy_level: int) -> tuple[str, dict[str, Any]]:
-        """(op_type, attributes) of the node computing x @ W.T with inputs [x, quantized, scales]."""
-        if self.op == "qgemm":
-            return "DynamicQuantizeMatMul", {}
+        """(op_type, attributes) of the MatMulNBits node computing x @ W.T with inputs [x, quantized, scales]
+        (QGEMM products are written by export/linear.py: they need their activations quantized first)."""
+        assert self.op == "nbits", "QGEMM is written by export.linear.LinearInput"
         return "MatMulNBits", dict(K=k, N=n, bits=self.bits, block_size=self.block_size,
                                    accuracy_level=accuracy_level)
 
@@ -103,7 +108,7 @@ def quantize_blocks(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.
 
 def quantize_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[N, K] float weight -> (int8 [K, N], scales float32 [N]): symmetric, one scale per output column,
-    values in -127 .. 127 (DynamicQuantizeMatMul's B and b_scale)."""
+    values in -127 .. 127 (MatMulIntegerToFloat's B and b_scale)."""
     weight = weight.astype(np.float32, copy=False)
     peak = np.abs(weight).max(axis=1)
     scales = np.where(peak > 0, peak / 127, 1.0).astype(np.float32)
@@ -120,35 +125,43 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
                     location=data, size_threshold=1024)
 
 
-def quantize_graph(src: Path, dst: Path, kernel: Kernel, accuracy_level: int) -> None:
-    """Write `dst`: `src` with every MatMul by a constant weight on `kernel`.
+def quantize_graph(src: Path, dst: Path, kernel: Kernel, accuracy_level: int,
+                   plans: dict[str, SitePlan] | None = None) -> None:
+    """Write `dst`: `src` with every MatMul by a constant weight on `kernel`, each input fed as `plans` says
+    (by input tensor name; export/linear.py: outlier channels, float compute; default: as it is).
 
     Weights are streamed: the graph is read without its external data and each weight is loaded,
     quantized and dropped, so memory holds one float weight at a time plus the quantized results.
     """
+    from .linear import PLAIN, LinearInput
+    from .onnx_builder import GraphBuilder, Weights
+
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     model = onnx.load(str(src), load_external_data=False)
     graph, base = model.graph, str(src.parent)
     weights = {init.name: init for init in graph.initializer}
+    g = GraphBuilder(Weights())
+    sites: dict[str, LinearInput] = {}
     nodes: list[onnx.NodeProto] = []
-    added: list[onnx.TensorProto] = []
     for node in graph.node:
-        name = node.input[-1]
+        x, name = node.input[0], node.input[-1]
         if node.op_type != "MatMul" or name not in weights or len(weights[name].dims) != 2:
             nodes.append(node)
             continue
-        tensor = onnx.TensorProto()
-        tensor.CopyFrom(weights[name])
-        external_data_helper.load_external_data_for_tensor(tensor, base)
-        weight = numpy_helper.to_array(tensor)  # [K, N]
-        quantized, scales = kernel.arrays(weight.T.astype(np.float32))
-        # DynamicQuantizeMatMul's scales are float32 always; MatMulNBits' take the activations' type
-        scale_type = np.float32 if kernel.op == "qgemm" else weight.dtype
-        added += [numpy_helper.from_array(quantized, name + "_Q"),
-                  numpy_helper.from_array(scales.astype(scale_type), name + "_scales")]
-        op_type, attributes = kernel.operator(weight.shape[0], weight.shape[1], accuracy_level)
-        nodes.append(helper.make_node(op_type, [node.input[0], name + "_Q", name + "_scales"], list(node.output),
-                                      name=(node.name or name) + "_Q", domain="com.microsoft", **attributes))
+        weight = load_initializer(weights[name], base).T.astype(np.float32)  # [N, K]
+        n, k = weight.shape
+        site = sites.get(x) or sites.setdefault(x, LinearInput(g, x, k, kernel, (plans or {}).get(x, PLAIN),
+                                                               accuracy_level, f"{x}/int8"))
+        def quantized(chosen: Kernel, name: str = name, weight: np.ndarray = weight) -> tuple[str, str]:
+            packed, scales = chosen.arrays(weight)
+            return g.weight(name + "_Q", lambda: packed), g.weight(name + "_scales", lambda: scales)
+
+        def float_weight(weight: np.ndarray = weight) -> np.ndarray:
+            return weight
+
+        start = len(g.nodes)
+        site.product(quantized, float_weight, n, name, (node.name or name) + "_Q", output=node.output[0])
+        nodes += g.nodes[start:]
 
     used = {name for node in nodes for name in node.input}
     kept = [init for init in graph.initializer if init.name in used]
@@ -158,9 +171,17 @@ def quantize_graph(src: Path, dst: Path, kernel: Kernel, accuracy_level: int) ->
             init.data_location = onnx.TensorProto.DEFAULT
             del init.external_data[:]
     del graph.initializer[:]
-    graph.initializer.extend(kept + added)
+    graph.initializer.extend(kept + [g.weights.tensors[name] for name in g.used])
     del graph.node[:]
     graph.node.extend(nodes)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     save_model(model, dst)
+
+
+def load_initializer(init: onnx.TensorProto, base: str) -> np.ndarray:
+    """An initializer of a graph read without its external data, as an array (its data read from `base`)."""
+    tensor = onnx.TensorProto()
+    tensor.CopyFrom(init)
+    external_data_helper.load_external_data_for_tensor(tensor, base)
+    return numpy_helper.to_array(tensor)

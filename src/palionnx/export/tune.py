@@ -13,12 +13,17 @@ tokens, on every candidate kernel (export/quantize.py's `Kernel`), then picks:
 - prefill: on the decoder graph itself, or on a second graph (`decoder_prefill`) whose linear layers use
   int8 QGEMM, sharing the rest of the weights. It holds int8 copies of the layers (for the 3B int4 model
   ~2 GB more on disk and in memory), so it is chosen only when it makes prefill SPLIT_GAIN times faster;
-- vision: the fastest kernel at the image's tokens (the vision encoder only ever runs compute-bound).
+- vision: the fastest kernel at the image's tokens (the vision encoder only ever runs compute-bound);
+- batched decode: with a prefill graph, decode steps of at least `batch_decode_from` rows run on it too,
+  where its kernel measured faster than the decoder's at those rows (BATCH_ROWS) and every larger count.
 
-Candidates are checked against a float product; one whose error is far beyond its quantization's (a
-kernel that saturates) is never chosen. Users narrow the choice (`kernels`, `block_size`); decoders too
-small to time meaningfully keep the defaults. The result, with every candidate's timings, is recorded in
-the manifest (`CpuKernels`) and shown by `palionnx bench`. Never imports torch.
+Every candidate is also checked on the model's own activations (`check`: export/linear.py's plan of each
+site, measured on calibration rows with the real weights): a kernel that cannot keep every site within
+linear.ERROR_BOUND without computing some of them in float (a kernel that saturates, say) is only chosen
+when no candidate can. Users narrow the choice (`kernels`, `block_size`); decoders too small to time
+meaningfully keep the defaults unless `always_measure`. The result, with every candidate's timings and
+errors, is recorded in the manifest (`CpuKernels`) and shown by `palionnx bench` and `palionnx info`.
+Never imports torch.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import numpy as np
 from .. import system
 from ..runtime.defaults import DEFAULT_BLOCK_SIZE
 from ..runtime.manifest import CpuKernels
+from .linear import ERROR_BOUND, LinearInput, SitePlan
 from .quantize import BITS, CPU_ACCURACY_LEVEL, OPSET, QGEMM, Kernel
 
 PROMPT_TEXT_TOKENS = 4  # <bos>, a short prompt and "\n" after the image tokens: the prefill probe's rows
@@ -44,43 +50,36 @@ MAX_SPLIT_MEMORY = 0.25  # ... and only where its weights take at most this shar
 SPLIT_GAIN = 1.3  # a second (int8) prefill graph costs memory: only for at least this prefill speed-up
 MIN_MEASURED_PARAMS = 50_000_000  # smaller decoders keep the defaults: their products time overheads
 BLOCK_SIZES = {"int4": (32, 64, 128), "int8": (32, 64, 128, 256)}  # int4 beyond 128 loses too much accuracy
-MAX_ERROR = {4: 0.25, 8: 0.05}  # relative error of a probe product beyond which a kernel is broken here
+BATCH_ROWS = (2, 4, 8, 16, 32)  # decode steps of this many rows are timed too (batched decode)
 KERNEL_CHOICES = ("auto", "nbits", "qgemm")
 
 
 @dataclass(frozen=True)
 class Probe:
-    """One layer's matrix products at real shapes: (K, N) of each, run at `tokens` rows."""
+    """One layer's matrix products at real shapes, run at `tokens` rows: per input, its width K and the
+    output widths N of the products reading it (as the layer's graph shares its inputs)."""
 
-    shapes: tuple[tuple[int, int], ...]
+    inputs: tuple[tuple[int, tuple[int, ...]], ...]
     tokens: int
 
     @property
     def params(self) -> int:
-        return sum(k * n for k, n in self.shapes)
-
-
-@dataclass(frozen=True)
-class Timing:
-    """One kernel on one probe: best ms per layer and the relative error against the float product."""
-
-    ms: float
-    error: float
+        return sum(k * n for k, outputs in self.inputs for n in outputs)
 
 
 def decoder_probe(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int,
                   prompt_tokens: int) -> Probe:
-    """A decoder layer: packed QKV, o_proj, gate, up, down."""
+    """A decoder layer: packed QKV, o_proj, gate and up, down."""
     attention = heads * head_dim
     qkv = attention + 2 * kv_heads * head_dim
-    shapes = ((hidden, qkv), (attention, hidden), (hidden, intermediate), (hidden, intermediate),
-              (intermediate, hidden))
-    return Probe(shapes, prompt_tokens)
+    return Probe(((hidden, (qkv,)), (attention, (hidden,)), (hidden, (intermediate, intermediate)),
+                  (intermediate, (hidden,))), prompt_tokens)
 
 
 def vision_probe(hidden: int, intermediate: int, image_tokens: int) -> Probe:
-    """A SigLIP layer: q, k, v, o, fc1, fc2."""
-    return Probe(((hidden, hidden),) * 4 + ((hidden, intermediate), (intermediate, hidden)), image_tokens)
+    """A SigLIP layer: q, k and v, o, fc1, fc2."""
+    return Probe(((hidden, (hidden,) * 3), (hidden, (hidden,)), (hidden, (intermediate,)), (intermediate, (hidden,))),
+                 image_tokens)
 
 
 @dataclass(frozen=True)
@@ -117,62 +116,125 @@ def allowed(level: str, hidden: int, kernels: str = "auto", block_size: int | No
     return Allowed(nbits + ([QGEMM] if level == "int8" else []), [*nbits, QGEMM], "measured")
 
 
-Measure = Callable[[list[Kernel]], dict[str, dict[str, Timing]]]
+Measure = Callable[[list[Kernel]], dict[str, dict[str, float]]]  # kernels -> {phase: {kernel name: ms}}
+Check = Callable[[str, Kernel], dict[str, SitePlan]]  # ("vision" | "decoder", kernel) -> each site's plan
 
 
 def choose(level: str, hidden: int, decoder_params: int, kernels: str = "auto", block_size: int | None = None,
-           measure: Measure | None = None, split_bytes: int = 0) -> CpuKernels:
-    """The folder's kernels. When there is a choice left and the decoder is big enough, `measure(kernels)`
-    times the candidates ({"decode" | "prefill" | "vision": {kernel name: Timing}}); otherwise the first
-    candidate of each (MatMulNBits at the default block size unless the user said otherwise). A prefill
-    graph whose memory (`split_bytes`) would exceed MAX_SPLIT_MEMORY of this machine's is not measured."""
+           measure: Measure | None = None, split_bytes: int = 0, check: Check | None = None,
+           always_measure: bool = False) -> CpuKernels:
+    """The folder's kernels, and with `check` how each site of each graph is fed to them.
+
+    When there is a choice left and the decoder is big enough (or `always_measure`), `measure(kernels)`
+    times the candidates ({"decode" | "prefill" | "vision" | "batchM": {kernel name: ms}}); otherwise the
+    first candidate of each (MatMulNBits at the default block size unless the user said otherwise). A
+    prefill graph whose memory (`split_bytes`) would exceed MAX_SPLIT_MEMORY of this machine's is not
+    measured."""
     options = allowed(level, hidden, kernels, block_size)
     if options.split == "measured" and split_bytes > MAX_SPLIT_MEMORY * physical_memory():
         options = dataclasses.replace(options, split="never")  # the vision encoder may still use QGEMM
-    if options.fixed or decoder_params < MIN_MEASURED_PARAMS or measure is None:
+    plans: dict[tuple[str, str], dict[str, SitePlan]] = {}
+
+    def sites(graph: str, kernel: Kernel) -> dict[str, SitePlan]:
+        if check is None:
+            return {}
+        if (graph, kernel.name) not in plans:
+            plans[graph, kernel.name] = check(graph, kernel)
+        return plans[graph, kernel.name]
+
+    measured = not options.fixed and measure is not None and (always_measure or decoder_params >= MIN_MEASURED_PARAMS)
+    if not measured:
         decode = next((k for k in options.decode if k.block_size in (0, block_size or DEFAULT_BLOCK_SIZE)),
                       options.decode[0])
         vision = next((k for k in options.vision if k.name == decode.name), options.vision[0])
         by = "user" if kernels != "auto" or block_size else "default"
-        return _plan(decode, QGEMM if options.split == "always" else decode, vision, by)
-    timings = measure(options.kernels)
-    correct = {phase: {name: t for name, t in by.items() if t.error <= MAX_ERROR[Kernel.parse(name).bits]}
-               for phase, by in timings.items()}
-    plan = _plan(*_cheapest(options, correct), "measurement")
-    plan.cpu = cpu_name()
-    names = {name for by in timings.values() for name in by}
-    plan.probe_ms = {name: {phase: round(by[name].ms, 3) for phase, by in timings.items() if name in by}
-                     for name in sorted(names)}
-    plan.probe_error = {name: round(max(by[name].error for by in timings.values() if name in by), 4)
-                        for name in sorted(names)}
+        plan = _plan(decode, QGEMM if options.split == "always" else decode, vision, by)
+    else:
+        assert measure is not None
+        timings = measure(options.kernels)
+        plan = _plan(*_cheapest(options, _safe(options, timings, sites)), "measurement")
+        plan.cpu = cpu_name()
+        names = {name for by in timings.values() for name in by}
+        plan.probe_ms = {name: {phase: round(by[name], 3) for phase, by in timings.items() if name in by}
+                         for name in sorted(names)}
+        plan.batch_decode_from = batch_decode_from(plan, timings)
+    if check is not None:
+        roles = {"vision_encoder": ("vision", plan.vision), "decoder": ("decoder", plan.decode)}
+        if plan.prefill != plan.decode:
+            roles["decoder_prefill"] = ("decoder", plan.prefill)
+        plan.sites = {role: {site: p.to_json() for site, p in sites(graph, Kernel.parse(name)).items()}
+                      for role, (graph, name) in roles.items()}
+        plan.error_bound = ERROR_BOUND
+        plan.probe_error = {name: round(max((p.plain_error for p in by.values()), default=0.0), 4)
+                            for (_, name), by in sorted(plans.items())}
     return plan
 
 
-def _cheapest(options: Allowed, times: dict[str, dict[str, Timing]]) -> tuple[Kernel, Kernel, Kernel]:
+def _safe(options: Allowed, timings: dict[str, dict[str, float]], sites: Check) -> dict[str, dict[str, float]]:
+    """The timings of the candidates that keep every site of their graph quantized (none left for a phase:
+    all of them, the fastest then computing some sites in float). Checked lazily: the cheapest choice first,
+    a kernel that fails dropped from its phase, until the choice holds."""
+    graph_of = {"decode": "decoder", "prefill": "decoder", "vision": "vision"}
+    usable = {phase: dict(timings[phase]) for phase in graph_of}
+    exhausted: set[str] = set()  # phases where no candidate holds
+    while True:
+        chosen = dict(zip(("decode", "prefill", "vision"), _cheapest(options, usable)))
+        failing = [(phase, kernel) for phase, kernel in chosen.items() if phase not in exhausted
+                   and any(p.float_compute for p in sites(graph_of[phase], kernel).values())]
+        if not failing:
+            return usable
+        for phase, kernel in failing:
+            if usable[phase].pop(kernel.name, None) is None or not usable[phase]:  # nothing left that holds
+                usable[phase] = dict(timings[phase])
+                exhausted.add(phase)
+
+
+def batch_decode_from(plan: CpuKernels, timings: dict[str, dict[str, float]]) -> int:
+    """With a prefill graph: the fewest rows from which its kernel decodes MARGIN faster than the decoder's
+    (the margin pays for its per-row quantization nodes, which the probe's products leave out), at every
+    measured row count from there up (0: never)."""
+    if plan.prefill == plan.decode:
+        return 0
+    start = 0
+    for rows in BATCH_ROWS:
+        by = timings.get(f"batch{rows}", {})
+        faster = plan.prefill in by and plan.decode in by and by[plan.prefill] * (1 + MARGIN) < by[plan.decode]
+        start = (start or rows) if faster else 0
+    return start
+
+
+def _cheapest(options: Allowed, times: dict[str, dict[str, float]]) -> tuple[Kernel, Kernel, Kernel]:
     """(decode, prefill, vision) kernels. A plan's cost is a caption's: CAPTION_TOKENS decode steps plus the
     prefill, on the decode graph (shared) or on a QGEMM prefill graph (split). Among plans within MARGIN of
-    the cheapest, the smallest error (finer blocks) wins. The split plan is taken when allowed, cheaper,
-    and its prefill SPLIT_GAIN times faster than the shared plan's; the vision kernel likewise by its time."""
+    the cheapest, the finer block (smaller weight error) wins. The split plan is taken when allowed,
+    cheaper, and its prefill SPLIT_GAIN times faster than the shared plan's; the vision kernel likewise by
+    its time."""
     dec, pre, vis = times["decode"], times["prefill"], times["vision"]
     usable = [k for k in options.decode if k.name in dec and k.name in pre] or options.decode[:1]
 
     def cost(decode: Kernel, prefill: Kernel) -> float:
-        return CAPTION_TOKENS * dec.get(decode.name, Timing(0.0, 0.0)).ms + pre.get(prefill.name, Timing(1e9, 0.0)).ms
+        return CAPTION_TOKENS * dec.get(decode.name, 0.0) + pre.get(prefill.name, 1e9)
 
-    def pick(plans: list[tuple[float, Kernel, Kernel]], by: dict[str, Timing]) -> tuple[float, Kernel, Kernel]:
-        return min(_near_best(plans), key=lambda p: (by[p[1].name].error if p[1].name in by else 0.0, p[0]))
+    def pick(plans: list[tuple[float, Kernel, Kernel]]) -> tuple[float, Kernel, Kernel]:
+        return min(_near_best(plans), key=lambda p: (_weight_error(p[1]), p[0]))
 
-    shared = pick([(cost(k, k), k, k) for k in usable], dec) if options.split != "always" else None
-    split = pick([(cost(k, QGEMM), k, QGEMM) for k in usable if k != QGEMM], dec) \
+    shared = pick([(cost(k, k), k, k) for k in usable]) if options.split != "always" else None
+    split = pick([(cost(k, QGEMM), k, QGEMM) for k in usable if k != QGEMM]) \
         if options.split != "never" and QGEMM.name in pre and usable != [QGEMM] else None
     chosen = shared or split
     if split and shared and options.split == "measured":
-        faster = pre.get(shared[2].name, Timing(0.0, 0.0)).ms >= SPLIT_GAIN * pre[QGEMM.name].ms
+        faster = pre.get(shared[2].name, 0.0) >= SPLIT_GAIN * pre[QGEMM.name]
         chosen = split if faster and split[0] < shared[0] else shared
     assert chosen is not None
-    timed = [(vis[k.name].ms, k, k) for k in options.vision if k.name in vis]
-    vision = pick(timed, vis)[1] if timed else chosen[1]
+    timed = [(vis[k.name], k, k) for k in options.vision if k.name in vis]
+    vision = pick(timed)[1] if timed else chosen[1]
     return chosen[1], chosen[2], vision
+
+
+def _weight_error(kernel: Kernel) -> tuple[int, int]:
+    """Orders kernels by how finely they store weights: more bits first, then smaller blocks (QGEMM's
+    per-column int8 counts as 8 bits in blocks of the whole row)."""
+    return (-kernel.bits, kernel.block_size or 1 << 30)
 
 
 def _near_best(plans: list[tuple[float, Kernel, Kernel]]) -> list[tuple[float, Kernel, Kernel]]:
@@ -203,10 +265,11 @@ ROUNDS = 4  # every candidate is timed once per round, so a burst of other work 
 
 
 def measure(kernels: list[Kernel], decoder: Probe, vision: Probe, threads: int | None = None,
-            say: Callable[[str], None] | None = None) -> dict[str, dict[str, Timing]]:
-    """Time each kernel on the decoder probe (prefill rows, and one row with the weights read from memory)
-    and on the vision probe: the best of ROUNDS interleaved rounds."""
-    phases = {"decoder": {"prefill": decoder.tokens, "decode": 1}, "vision": {"vision": vision.tokens}}
+            say: Callable[[str], None] | None = None) -> dict[str, dict[str, float]]:
+    """Time each kernel on the decoder probe (prefill rows; one row and BATCH_ROWS rows with the weights read
+    from memory) and on the vision probe: the best ms of ROUNDS interleaved rounds."""
+    batches = {f"batch{rows}": rows for rows in BATCH_ROWS}
+    phases = {"decoder": {"prefill": decoder.tokens, "decode": 1, **batches}, "vision": {"vision": vision.tokens}}
     runs: dict[tuple[str, str], _Probed] = {}
     for seed, (name, probe) in enumerate((("decoder", decoder), ("vision", vision))):
         weights = _probe_weights(probe, seed)
@@ -214,41 +277,37 @@ def measure(kernels: list[Kernel], decoder: Probe, vision: Probe, threads: int |
             runs[kernel.name, name] = _Probed(kernel, probe, weights, phases[name], threads)
         del weights
     scratch = np.zeros(_cache_bytes() // 4, dtype=np.float32)
+    from_memory = {"decode", *batches}
     for _ in range(ROUNDS):
         for run in runs.values():
             for phase in run.feeds:
-                for _ in range(3 if phase == "decode" else 1):
-                    if phase == "decode":
+                for _ in range(3 if phase in from_memory else 1):
+                    if phase in from_memory:
                         scratch += 1.0  # evict the caches: a decode step reads its weights from memory
                     run.time(phase)
-    result: dict[str, dict[str, Timing]] = {"prefill": {}, "decode": {}, "vision": {}}
+    result: dict[str, dict[str, float]] = {phase: {} for by in phases.values() for phase in by}
     for (kernel_name, _), run in runs.items():
         for phase, best in run.best.items():
-            result[phase][kernel_name] = Timing(1000 * best, run.error)
+            result[phase][kernel_name] = 1000 * best
     for kernel in kernels if say else []:
         assert say is not None
-        say(f"  {kernel.name}: " + ", ".join(f"{phase} {by[kernel.name].ms:.2f}" for phase, by in result.items())
+        say(f"  {kernel.name}: " + ", ".join(f"{phase} {by[kernel.name]:.2f}" for phase, by in result.items())
             + " ms per layer")
     return result
 
 
 class _Probed:
-    """One probe on one kernel: its session, inputs per phase, error against float and best times."""
+    """One probe on one kernel: its session, inputs per phase and best times."""
 
-    def __init__(self, kernel: Kernel, probe: Probe, weights: list[np.ndarray], rows: dict[str, int],
+    def __init__(self, kernel: Kernel, probe: Probe, weights: list[list[np.ndarray]], rows: dict[str, int],
                  threads: int | None):
         self.session = _probe_session(kernel, probe, weights, threads)
         rng = np.random.default_rng(2)
-        widths = sorted({k for k, _ in probe.shapes})
-        self.feeds = {phase: {f"x{k}": rng.standard_normal((m, k), dtype=np.float32) for k in widths}
-                      for phase, m in rows.items()}
+        self.feeds = {phase: {f"x{i}": rng.standard_normal((m, k), dtype=np.float32)
+                              for i, (k, _) in enumerate(probe.inputs)} for phase, m in rows.items()}
         self.best = {phase: float("inf") for phase in rows}
-        self.error = 0.0
-        for feeds in self.feeds.values():  # warm-up, and the error of the first rows against float
-            outputs = self.session.run(None, feeds)
-            for y, (k, _), w in zip(outputs, probe.shapes, weights):
-                exact = feeds[f"x{k}"][:16] @ w.T
-                self.error = max(self.error, float(np.linalg.norm(y[:16] - exact) / np.linalg.norm(exact)))
+        for feeds in self.feeds.values():  # warm-up
+            self.session.run(None, feeds)
 
     def time(self, phase: str) -> None:
         started = time.perf_counter()
@@ -256,35 +315,37 @@ class _Probed:
         self.best[phase] = min(self.best[phase], time.perf_counter() - started)
 
 
-def _probe_weights(probe: Probe, seed: int) -> list[np.ndarray]:
-    """Random [N, K] float weights, one per product (the values do not change the kernels' speed)."""
+def _probe_weights(probe: Probe, seed: int) -> list[list[np.ndarray]]:
+    """Random [N, K] float weights per input and product (the values do not change the kernels' speed)."""
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal((n, k), dtype=np.float32) * np.float32(k**-0.5) for k, n in probe.shapes]
+    return [[rng.standard_normal((n, k), dtype=np.float32) * np.float32(k**-0.5) for n in outputs]
+            for k, outputs in probe.inputs]
 
 
-def _probe_session(kernel: Kernel, probe: Probe, weights: list[np.ndarray], threads: int | None) -> Any:
-    """An onnxruntime session computing every product of the probe on `kernel`, with the runtime's options."""
+def _probe_session(kernel: Kernel, probe: Probe, weights: list[list[np.ndarray]], threads: int | None) -> Any:
+    """An onnxruntime session computing every product of the probe on `kernel` as a folder's graph would
+    (export/linear.py), with the runtime's options."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
 
     from ..runtime.sessions import session_options
+    from .onnx_builder import GraphBuilder, Weights
 
-    nodes, initializers = [], []
-    for i, ((k, n), weight) in enumerate(zip(probe.shapes, weights)):
-        quantized, scales = kernel.arrays(weight)
-        initializers += [numpy_helper.from_array(quantized, f"w{i}"), numpy_helper.from_array(scales, f"s{i}")]
-        op_type, attributes = kernel.operator(k, n, CPU_ACCURACY_LEVEL)
-        nodes.append(helper.make_node(op_type, [f"x{k}", f"w{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
-                                      **attributes))
-    widths = sorted({k for k, _ in probe.shapes})
-    graph = helper.make_graph(
-        nodes, "probe", [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, ["m", k]) for k in widths],
-        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["m", n]) for i, (_, n) in enumerate(probe.shapes)],
-        initializer=initializers)
-    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
-    model = helper.make_model(graph, opset_imports=opsets)
-    model.ir_version = 10
-    return ort.InferenceSession(model.SerializeToString(), session_options(threads),
+    g = GraphBuilder(Weights())
+    outputs = 0
+    for i, ((k, widths), products) in enumerate(zip(probe.inputs, weights)):
+        g.input(f"x{i}", np.float32, ["m", k])
+        site = LinearInput(g, f"x{i}", k, kernel, SitePlan(), CPU_ACCURACY_LEVEL, f"x{i}")
+        for n, weight in zip(widths, products):
+            name = f"y{outputs}"
+
+            def quantized(chosen: Kernel, name: str = name, weight: np.ndarray = weight) -> tuple[str, str]:
+                packed, scales = chosen.arrays(weight)
+                return g.weight(f"{name}.w", lambda: packed), g.weight(f"{name}.s", lambda: scales)
+
+            site.product(quantized, lambda: np.zeros(0), n, name, name, output=name)
+            g.output(name, np.float32, ["m", n])
+            outputs += 1
+    return ort.InferenceSession(g.model("probe", OPSET).SerializeToString(), session_options(threads),
                                 providers=["CPUExecutionProvider"])
 
 

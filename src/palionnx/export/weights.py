@@ -32,6 +32,17 @@ class CheckpointWeights:
     def embedding(self) -> np.ndarray:
         return self._tensor("embed_tokens.weight")
 
+    def embedding_rows(self, ids: list[int]) -> np.ndarray:
+        """[len(ids), hidden]: a few rows of the embedding, read without the whole table."""
+        import torch
+        from safetensors import safe_open
+
+        key = self.prefix + "embed_tokens.weight"
+        with safe_open(str(self.files[key]), framework="pt") as handle:
+            table = handle.get_slice(key)
+            rows = [table[i : i + 1] for i in ids]
+        return torch.cat(rows).to(getattr(torch, self.dtype)).numpy()
+
     def linear(self, layer: int, name: str) -> np.ndarray:
         return self._tensor(f"layers.{layer}.{(_ATTENTION | _MLP)[name]}.weight")
 

@@ -16,7 +16,10 @@ TOKENIZER_NAME = "tokenizer.json"
 # 4: fused decoder (GroupQueryAttention, in-place KV cache, embedding inside), no embed_tokens graph;
 #    files (size and SHA-256 of every file), max_positions, device (what the graphs are built for).
 # 5: CPU kernels chosen by measurement (quant.cpu_kernels), optional decoder_prefill graph.
-SCHEMA_VERSION = 5
+# 6: int8 activations per row (QGEMM), outlier channels split off per site from calibration
+#    (quant.cpu_kernels.sites, .activations, .calibration), batched decode on decoder_prefill.
+SCHEMA_VERSION = 6
+READABLE_SCHEMAS = (5, 6)  # a schema 5 folder reads as one with none of 6's fields (they default)
 
 VISION_ENCODER, DECODER, DECODER_WINDOWED = "vision_encoder", "decoder", "decoder_windowed"
 DECODER_PREFILL = "decoder_prefill"

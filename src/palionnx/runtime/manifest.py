@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..version import __version__
-from .contract import MANIFEST_NAME, REQUIRED_GRAPHS, SCHEMA_VERSION, TOKENIZER_NAME
+from .contract import MANIFEST_NAME, READABLE_SCHEMAS, REQUIRED_GRAPHS, SCHEMA_VERSION, TOKENIZER_NAME
 from .integrity import FileInfo, size_problems
 from .levels import QUANT_LEVELS
 from .preprocess import RESAMPLE, ImageSpec
@@ -38,10 +38,12 @@ class GraphInfo:
 
 @dataclass
 class CpuKernels:
-    """The matrix-product kernels of a CPU-built int8/int4 folder, and how they were chosen.
+    """The matrix-product kernels of a CPU-built int8/int4 folder, how they were chosen, and how each linear
+    layer's input is fed to them.
 
-    Kernels are spelt "nbitsB-bN" (MatMulNBits, B bits, blocks of N along K) or "qgemm8" (DynamicQuantizeMatMul:
-    int8 weights per column x activations quantized per tensor at run time, onnxruntime's integer GEMM).
+    Kernels are spelt "nbitsB-bN" (MatMulNBits, B bits, blocks of N along K; int8 activations per row and
+    block) or "qgemm8" (int8 weights per column x activations quantized to int8 per row at run time,
+    onnxruntime's integer GEMM).
     """
 
     vision: str  # the vision encoder's linear layers
@@ -50,9 +52,24 @@ class CpuKernels:
     chosen_by: str  # "measurement" (timed at export), "user" (export options) or "default" (not measured)
     cpu: str = ""  # the CPU that measured (model name, cores)
     # ms per layer of each candidate, as measured: prefill (the prompt's tokens), decode (one token, weights
-    # from memory), vision (the image's tokens); and each candidate's largest relative error against float
+    # from memory), batchM (M rows, weights from memory), vision (the image's tokens); and each checked
+    # candidate's largest relative error on the calibration activations, fed to it as they are
     probe_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     probe_error: dict[str, float] = field(default_factory=dict)
+    batch_decode_from: int = 0  # decode steps of at least this many rows run on decoder_prefill (0: never)
+    error_bound: float = 0.0  # the relative error activation quantization may add to a layer (0: not checked)
+    calibration: str = ""  # the images the float model ran on at export
+    # per graph role and site (a tensor linear layers read): outlier channels split off, float compute, and
+    # the errors measured with and without the split (export/linear.py)
+    sites: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    # per "vision" / "decoder" and site: what its calibration activations looked like (export/calibrate.py)
+    activations: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def site_counts(self, role: str) -> dict[str, int]:
+        """Sites of a graph: in all, with outlier channels split off, computing in float."""
+        sites = self.sites.get(role, {})
+        return {"sites": len(sites), "split": sum(1 for s in sites.values() if s.get("outliers")),
+                "float": sum(1 for s in sites.values() if s.get("float"))}
 
     def gain(self, phase: str, baseline: str) -> float | None:
         """How many times faster the chosen kernel ran `phase` than `baseline` did, if both were measured."""
@@ -209,7 +226,7 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 
 def _check_schema(path: Path, version: object) -> None:
-    if version == SCHEMA_VERSION:
+    if version in READABLE_SCHEMAS:
         return
     if isinstance(version, int) and version > SCHEMA_VERSION:
         raise ModelFolderError(
