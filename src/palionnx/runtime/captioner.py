@@ -85,7 +85,8 @@ class Captioner:
 
     @property
     def default_batch_size(self) -> int:
-        """Images per batch when none is given: 64 on CUDA, 4 on the CPU (see runtime/defaults.py)."""
+        """Images per batch when none is given: DEFAULT_CUDA_BATCH_SIZE on CUDA, DEFAULT_BATCH_SIZE on the CPU
+        (runtime/defaults.py)."""
         return DEFAULT_CUDA_BATCH_SIZE if self.device == "cuda" else DEFAULT_BATCH_SIZE
 
     def caption(

@@ -2,7 +2,13 @@
 
 DEFAULT_PROMPT = "caption en"
 DEFAULT_MAX_NEW_TOKENS = 256  # the origin script's limit
-DEFAULT_BATCH_SIZE = 4  # images per decoder batch on the CPU (a CPU decode step costs the same at 1 and 4 rows)
+# Images per decoder batch on the CPU: at 256 new tokens, pg1-3b-224 int4 captioned 2.3x the images per second
+# of batch 1 at batch 16 and 2.6x at 32 (AMD EPYC, 2 cores; benchmarks/results/cpu-batch-pg1-3b-224-int4.md), 16
+# with 1.3 GB more memory than batch 1 and 32 with 2 GB; a newcomer's prefill pauses every slot, so fewer is kinder.
+DEFAULT_BATCH_SIZE = 16
+# On the CPU prompts are prefilled at most 4 at a time: per image as fast as one at a time (2027 / 2025 / 1970 /
+# 2192 ms per image at 1 / 2 / 4 / 8 rows, pg1-3b-224 int4, AMD EPYC 2 cores), with the prefill's memory bounded.
+CPU_PREFILL_ROWS = 4
 DEFAULT_CUDA_BATCH_SIZE = 64  # on CUDA: images/s grows up to 64 rows (benchmarks/gpu_check.py), then falls
 DEFAULT_BLOCK_SIZE = 32  # int8/int4 weights: values per quantization block along K
 # int4 folders for CUDA: MatMulNBits at block 128 decoded 8 % faster than at 32 on an H200 (1.51 against 1.64 ms

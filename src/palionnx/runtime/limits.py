@@ -43,26 +43,29 @@ def kv_cache_bytes(m: Manifest, batch: int, max_len: int) -> int:
 
 
 def prefill_bytes(m: Manifest, batch: int, prompt_len: int, max_len: int) -> int:
-    """Transient memory of the prefill: attention over the whole prompt (prompt x prompt scores: the cache's
-    free slots are not attended) and the MLP activations."""
+    """Transient memory of the prefill of `batch` prompts at once: attention over the whole prompt (prompt x
+    prompt scores: the cache's free slots are not attended) and the MLP activations."""
     attention = int(ATTENTION_COPIES * batch * m.heads * prompt_len * prompt_len * 4)
     mlp = MLP_COPIES * batch * prompt_len * MLP_WIDTH * m.hidden * 4
     return attention + mlp
 
 
-def request_bytes(m: Manifest, batch: int, prompt_len: int, max_new_tokens: int, min_cache_slots: int = 0) -> int:
+def request_bytes(m: Manifest, batch: int, prompt_len: int, max_new_tokens: int, min_cache_slots: int = 0,
+                  prefill_rows: int = 0) -> int:
     """Memory a batch needs beyond the loaded weights (an estimate: see the constants above), with the cache
-    as long as `cache_length` makes it."""
+    as long as `cache_length` makes it and prompts prefilled `prefill_rows` at a time (0: all at once; the
+    model's `OnnxPaliGemma.prefill_chunk`)."""
     max_len = prompt_len + max_new_tokens
     cache = kv_cache_bytes(m, batch, cache_length(m, batch, max_len, min_cache_slots))
-    return cache + prefill_bytes(m, batch, prompt_len, max_len)
+    return cache + prefill_bytes(m, min(batch, prefill_rows or batch), prompt_len, max_len)
 
 
 def check_request(m: Manifest, codec: TextCodec, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
-                  memory_limit: float | None = None, min_cache_slots: int = 0) -> int:
+                  memory_limit: float | None = None, min_cache_slots: int = 0, prefill_rows: int = 0) -> int:
     """Refuse prompts with special-token text, requests beyond the model's context and, with
     `memory_limit` (bytes), requests whose estimated memory exceeds it (`min_cache_slots`: the model's cache
-    floor, `OnnxPaliGemma.min_cache_slots`). Returns the longest prompt's length in tokens."""
+    floor, `OnnxPaliGemma.min_cache_slots`; `prefill_rows`: its `prefill_chunk`). Returns the longest
+    prompt's length in tokens."""
     longest = 0
     for prompt in set(prompts):
         special = codec.special_tokens_in(prompt)
@@ -82,13 +85,13 @@ def check_request(m: Manifest, codec: TextCodec, prompts: Sequence[str], max_new
         raise RequestError(f"{max_new_tokens} new tokens after a {longest}-token prompt exceed the model's context "
                            f"of {m.max_positions} tokens: at most {room} new tokens with this prompt")
     if memory_limit is not None:
-        _check_memory(m, batch_size, longest, max_new_tokens, memory_limit, min_cache_slots)
+        _check_memory(m, batch_size, longest, max_new_tokens, memory_limit, min_cache_slots, prefill_rows)
     return longest
 
 
 def _check_memory(m: Manifest, batch: int, prompt_len: int, max_new_tokens: int, limit: float,
-                  min_cache_slots: int) -> None:
-    need = request_bytes(m, batch, prompt_len, max_new_tokens, min_cache_slots)
+                  min_cache_slots: int, prefill_rows: int) -> None:
+    need = request_bytes(m, batch, prompt_len, max_new_tokens, min_cache_slots, prefill_rows)
     if need <= limit:
         return
     cache = kv_cache_bytes(m, batch, cache_length(m, batch, prompt_len + max_new_tokens, min_cache_slots))

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .contract import DECODER, DECODER_PREFILL, DECODER_WINDOWED, VISION_ENCODER, graph_io
-from .defaults import CUDA_MIN_CACHE_SLOTS
+from .defaults import CPU_PREFILL_ROWS, CUDA_MIN_CACHE_SLOTS
 from .generate import PromptBatch
 from .limits import cache_length
 from .manifest import Manifest
@@ -54,7 +54,8 @@ class OnnxPaliGemma:
 
     Prompts run on `prefill_decoder`: the folder's decoder_prefill graph where it has one (CPU folders whose
     prefill measured faster on other kernels; `prefill_graph=False` leaves it unloaded, saving its memory),
-    else the decoder itself.
+    else the decoder itself. Decode steps of at least `batch_decode_from` rows run on it too, where the export
+    measured its kernels faster than the decoder's at that many rows (0: never).
     """
 
     def __init__(self, folder: str | Path, manifest: Manifest, device: str = "auto", threads: int | None = None,
@@ -68,6 +69,8 @@ class OnnxPaliGemma:
         self.cuda_graph = self.cuda_graph and self.device == "cuda"
         self.vision, self.decoder = sessions[VISION_ENCODER], sessions[DECODER]
         self.prefill_decoder = sessions.get(DECODER_PREFILL, self.decoder)
+        kernels = manifest.quant.cpu_kernels
+        self.batch_decode_from = kernels.batch_decode_from if kernels and DECODER_PREFILL in sessions else 0
         self.windowed: ort.InferenceSession | None = None  # Gemma 2, opened when first needed
         self.providers = self.decoder.get_providers()
         self.io = graph_io(DECODER, manifest.layers)
@@ -81,6 +84,8 @@ class OnnxPaliGemma:
         self._graph_ids = 0
         # On CUDA, small batches get a cache of at least this many slots (see `cache_slots`).
         self.min_cache_slots = CUDA_MIN_CACHE_SLOTS if self.device == "cuda" else 0
+        # On the CPU, prompts are prefilled at most this many at a time (0: all at once).
+        self.prefill_chunk = CPU_PREFILL_ROWS if self.device == "cpu" else 0
 
     def _graph_roles(self) -> set[str]:
         return {DECODER, DECODER_WINDOWED} if self.cuda_graph else set()
@@ -95,10 +100,14 @@ class OnnxPaliGemma:
         self.vision.run_with_iobinding(binding)
         return binding.get_outputs()[0]
 
-    def decode_session(self, max_len: int) -> ort.InferenceSession:
-        """The decoder for decode steps: Gemma 2's windowed graph once a row can outgrow the sliding window."""
+    def decode_session(self, batch: int, max_len: int) -> ort.InferenceSession:
+        """The decoder for decode steps of `batch` rows: Gemma 2's windowed graph once a row can outgrow the
+        sliding window, else the prefill graph for batches of `batch_decode_from` rows or more, else the
+        decoder."""
         window = self.manifest.sliding_window
         if not window or max_len <= window or DECODER_WINDOWED not in self.manifest.graphs:
+            if self.batch_decode_from and batch >= self.batch_decode_from:
+                return self.prefill_decoder
             return self.decoder
         if self.windowed is None:
             path = self.folder / self.manifest.graphs[DECODER_WINDOWED].file
@@ -198,7 +207,9 @@ class DecoderState:
             for row in range(start, stop):  # see OnnxPaliGemma.prefill_rows_alone
                 self._prefill(prompt, row, row + 1, into + row - start)
         else:
-            self._prefill(prompt, start, stop, into)
+            chunk = self.model.prefill_chunk or stop - start
+            for first in range(start, stop, chunk):
+                self._prefill(prompt, first, min(first + chunk, stop), into + first - start)
         self.lengths[into : into + stop - start] = prompt.lengths[start:stop]
         return StepOutput(self.logits, self.next_token)
 
@@ -266,7 +277,7 @@ class DecoderState:
         return StepOutput(self.logits, self.next_token)
 
     def _run_step(self) -> None:
-        session = self.model.decode_session(self.max_len)
+        session = self.model.decode_session(self.batch, self.max_len)
         binding = self._bindings.get(id(session))
         if binding is None:
             binding = session.io_binding()
