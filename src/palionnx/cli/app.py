@@ -7,13 +7,20 @@ generation, performance, Ray); the commands' bodies call helpers in the modules 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 from ..runtime.captioner import Captioner
 from ..runtime.contract import folder_size
-from ..runtime.defaults import CUDA_INT4_BLOCK_SIZE, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
+from ..runtime.defaults import (
+    CUDA_INT4_BLOCK_SIZE,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_CUDA_BATCH_SIZE,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_PROMPT,
+)
 from .batch import BatchOptions, Plan, Summary
 from .files import ImageJob
 from .helpformat import CleanGroup
@@ -126,8 +133,8 @@ PresetOpt = Annotated[str | None, typer.Option(
           "1.15 --no-repeat-ngram-size 2 --max-new-tokens 256 --min-words 20 --retries 10 --clean); options "
           "given explicitly win."))]
 BatchOpt = Annotated[int | None, typer.Option(min=1, metavar="N", rich_help_panel=PERFORMANCE_PANEL, help=(
-    "Captions decoded together (default 64 on CUDA, 4 on the CPU); each slot takes the next image as soon as "
-    "its caption ends."), show_default=False)]
+    f"Captions decoded together (default {DEFAULT_CUDA_BATCH_SIZE} on CUDA, {DEFAULT_BATCH_SIZE} on the CPU); each "
+    "slot takes the next image as soon as its caption ends."), show_default=False)]
 CudaGraphOpt = Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", rich_help_panel=PERFORMANCE_PANEL,
                                             help="On CUDA, replay each decode step as a captured CUDA graph.")]
 MaxMemoryOpt = Annotated[float | None, typer.Option(min=0.0, metavar="GB", rich_help_panel=PERFORMANCE_PANEL, help=(
@@ -215,7 +222,7 @@ def _caption_here(captioner: Captioner, plan: Plan, options: BatchOptions, max_m
     try:
         check_request(captioner.manifest, captioner.text, [options.prompt], options.max_new_tokens,
                       min(slots, max(1, len(plan.todo))), memory_limit(captioner.device, max_memory),
-                      captioner.model.min_cache_slots)
+                      captioner.model.min_cache_slots, captioner.model.prefill_chunk)
     except RequestError as exc:
         _usage(str(exc))
     if not quiet:
@@ -301,6 +308,11 @@ def export(
         "int8/int4 for the CPU: auto (time the candidates here and keep the fastest), nbits (MatMulNBits "
         "only: one decoder graph, least memory) or qgemm (int8 QGEMM for the vision encoder and prefill)."))
     ] = "auto",
+    calibration: Annotated[Path | None, typer.Option(metavar="FOLDER", show_default=False, help=(
+        "int8/int4 for the CPU: images the float model runs on at export to find each layer's activation "
+        "outliers (default: the packaged sample images and procedural scenes; up to 32 are used)."))] = None,
+    measure_kernels: Annotated[bool, typer.Option("--measure-kernels", help=(
+        "Time the CPU kernels even for a small decoder (under 50 M parameters the defaults are kept)."))] = False,
     validate: Annotated[
         bool, typer.Option("--validate", help="Afterwards, compare the folder with transformers on a few images.")
     ] = False,
@@ -326,7 +338,8 @@ def export(
         quant = resolve_quant(quant, device)
         with Steps() as steps:
             manifest = run_export(source, output, quant=quant, block_size=block_size, device=device,
-                                  progress=steps.say, kernels=cpu_kernels)
+                                  progress=steps.say, kernels=cpu_kernels, calibration=calibration,
+                                  always_measure=measure_kernels)
     except (CheckpointError, ExportError, OutputError, LevelError) as exc:
         _usage(str(exc))
     typer.echo(f"exported {manifest.family} at {quant} to {output} ({folder_size(output) / 1e9:.2f} GB)")
@@ -392,41 +405,94 @@ def _copy_trained(name: str, output: Path) -> None:
 @app.command(name="eval")
 def evaluate(
     model_dir: Annotated[Path, typer.Argument(metavar="FOLDER", help=(
-        "An exported model folder of a model trained on the scenes (synth shapes-pg1, then export)."))],
+        "An exported model folder: of a model trained on the scenes (synth shapes-pg1, then export), or any "
+        "with --reference."))],
+    images: Annotated[list[str] | None, typer.Argument(metavar="[INPUT...]", show_default=False, help=(
+        "With --reference: image files, folders or quoted globs to compare on (default the packaged sample "
+        "images and 8 held-out scenes)."))] = None,
+    reference: Annotated[Path | None, typer.Option(metavar="FOLDER", help=(
+        "Compare FOLDER with this export of the same checkpoint (its fp32 or fp16 folder, say) on INPUT... "
+        "instead of scoring scenes: same captions, tokens, teacher-forced next token and logit cosine."))] = None,
     scenes: Annotated[int, typer.Option(min=1, metavar="N", help="Held-out scenes to caption.")] = 200,
     seed: Annotated[int, typer.Option(min=0, metavar="N", help=(
         "Which held-out scenes (the evaluation stream of this seed; training never sees them)."))] = 0,
     prompt: Annotated[str, typer.Option(metavar="TEXT", help=(
-        "caption en (tags, then the description) or tags en."))] = "caption en",
+        "caption en (tags, then the description) or tags en; with --reference any prompt."))] = "caption en",
+    max_new_tokens: Annotated[int, typer.Option(min=1, metavar="N", help=(
+        "With --reference: the longest caption compared."))] = 64,
     batch_size: Annotated[int | None, typer.Option(min=1, metavar="N", help=(
-        "Images captioned together (default 64 on CUDA, 4 on the CPU)."), show_default=False)] = None,
+        f"Images captioned together (default {DEFAULT_CUDA_BATCH_SIZE} on CUDA, {DEFAULT_BATCH_SIZE} on the CPU)."),
+        show_default=False)] = None,
     device: DeviceOpt = "auto",
     json_file: Annotated[Path | None, typer.Option("--json", metavar="FILE", help=(
-        "Also write the scores and every caption with its truth as JSON here."))] = None,
+        "Also write the scores and every caption (with its truth or the reference's) as JSON here."))] = None,
 ) -> None:
-    """Score a model on held-out procedural scenes: exact match, token accuracy and per-attribute accuracy
-    (kind, colour, count, position, size, background).
+    """Score a model on held-out procedural scenes (exact match, token accuracy, per-attribute accuracy), or
+    with --reference compare it with another export of the same checkpoint on your own images.
 
     The scenes are those the shapes-pg1 / shapes-pg2 checkpoints are trained on (`palionnx synth shapes-pg1`),
-    drawn from a stream training never sees; captions are greedy, through the normal runtime.
+    drawn from a stream training never sees; captions are greedy, through the normal runtime. With
+    --reference (any model: what int4 costs on your fine-tune), the folder's greedy captions are compared
+    with the reference's, and both are fed the reference's tokens to compare their next tokens and logits;
+    the images where the folder strays furthest are named.
 
-    Example: palionnx eval models/shapes-pg1-int4 --scenes 200 --json eval.json
+    Examples: palionnx eval models/shapes-pg1-int4 --scenes 200 --json eval.json
+              palionnx eval models/ft-int4 my-photos/ --reference models/ft-fp32
     """
     import json
 
-    from ..evaluation import evaluate as run_eval
     from .checks import CheckError
     from .eval import check_eval, print_report
 
     try:
-        check_eval(prompt, json_file)
+        check_eval(prompt if reference is None else None, json_file)
+        if images and reference is None:
+            raise CheckError("images to compare on are for --reference (the scenes bring their own)")
     except CheckError as exc:
         _usage(str(exc))
+    if reference is not None:
+        _evaluate_against(model_dir, reference, images or [], prompt, max_new_tokens, batch_size, device, json_file)
+        return
+    from ..evaluation import evaluate as run_eval
+
     captioner = _load_folder(model_dir, device)
     _err(f"captioning {scenes} held-out scenes (seed {seed}, {prompt!r}) with {model_dir} "
          f"({captioner.manifest.quant.level}) on {captioner.providers[0]}")
     report = run_eval(captioner, count=scenes, seed=seed, prompt=prompt, batch_size=batch_size)
     print_report(report)
+    if json_file:
+        json_file.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+
+
+def _evaluate_against(model_dir: Path, reference: Path, inputs: list[str], prompt: str, max_new_tokens: int,
+                      batch_size: int | None, device: str, json_file: Path | None) -> None:
+    """`eval --reference`: the folder against the reference folder's captions and logits."""
+    import json
+
+    from ..agreement import agreement, reference_run
+    from ..runtime.limits import RequestError
+    from ..runtime.manifest import Manifest, ModelFolderError
+    from .checks import CheckError
+    from .eval import check_same_checkpoint, print_agreement, reference_images
+
+    try:
+        check_same_checkpoint(Manifest.load(model_dir), Manifest.load(reference), model_dir, reference)
+    except (ModelFolderError, CheckError) as exc:  # before any captioning
+        _usage(str(exc))
+    ref = _load_folder(reference, device)
+    try:
+        images = reference_images(inputs, ref.image_spec)
+        _err(f"captioning {len(images)} images with the reference {reference} ({ref.manifest.quant.level})")
+        run = reference_run(ref, images, prompt, max_new_tokens, batch_size)
+    except (CheckError, RequestError) as exc:
+        _usage(str(exc))
+    except ValueError as exc:  # an image that cannot be read
+        _usage(f"cannot compare on {exc}")
+    del ref
+    captioner = _load_folder(model_dir, device)
+    _err(f"comparing {model_dir} ({captioner.manifest.quant.level}) with the reference")
+    report = agreement(captioner, run, batch_size)
+    print_agreement(report)
     if json_file:
         json_file.write_text(json.dumps(report.to_json(), indent=2) + "\n")
 
@@ -528,27 +594,35 @@ def bench(
         "Timed runs after the warm-up; the median is reported.")) ] = 3,
     json_file: Annotated[Path | None, typer.Option("--json", metavar="FILE", help=(
         "Also write the rows as JSON here.")) ] = None,
+    reference: Annotated[Path | None, typer.Option(metavar="FOLDER", help=(
+        "Also compare each folder with this export of the same checkpoint (fp32, say) on the sample images: "
+        "same captions, teacher-forced next token and logit cosine (see `palionnx eval --reference`)."))] = None,
 ) -> None:
     """Latency per model folder: load, vision, prefill, decode per token, throughput, memory, size.
 
     Each folder runs in its own process with a fixed generated length; a warm-up run is excluded. Every
-    folder is checked first: a broken one is one line and exit status 2, before any measurement.
+    folder is checked first: a broken one is one line and exit status 2, before any measurement. With
+    --reference, each folder's agreement with the reference stands beside its speed.
 
-    Example: palionnx bench models/pg1-fp32 models/pg1-int8 models/pg1-int4 --max-new-tokens 64
+    Example: palionnx bench models/pg1-int8 models/pg1-int4 --max-new-tokens 64 --reference models/pg1-fp32
     """
     import json
 
     from ..runtime.manifest import Manifest, ModelFolderError
     from ..runtime.measure import MeasureRefused, measure_in_subprocess
     from .bench import kernels, table_cells
+    from .checks import CheckError
+    from .eval import check_same_checkpoint
     from .tables import print_table
 
     _check_device(device)
     broken = []
-    for folder in model_dirs:
+    for folder in model_dirs + ([reference] if reference else []):
         try:
-            Manifest.load(folder)
-        except ModelFolderError as exc:
+            manifest = Manifest.load(folder)
+            if reference and folder != reference:
+                check_same_checkpoint(manifest, Manifest.load(reference), folder, reference)
+        except (ModelFolderError, CheckError) as exc:
             broken.append(str(exc))
     for problem in broken:
         _err(f"error: {problem}")
@@ -566,11 +640,28 @@ def bench(
         except RuntimeError as exc:
             _err(f"error: {exc}")
             raise typer.Exit(1) from None
+    if reference:
+        _bench_agreement(rows, reference, device)
     print_table(*table_cells(rows))
     if kernels(rows):
         typer.echo(kernels(rows))
     if json_file:
         json_file.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _bench_agreement(rows: list[dict[str, Any]], reference: Path, device: str) -> None:
+    """`bench --reference`: each row's agreement with the reference on the sample images (32 tokens)."""
+    from ..agreement import agreement, reference_run
+    from .eval import reference_images
+
+    _err(f"comparing with {reference} ...")
+    ref = _load_folder(reference, device)
+    run = reference_run(ref, reference_images([], ref.image_spec), max_new_tokens=32)
+    del ref
+    for row in rows:
+        summary = agreement(_load_folder(Path(row["model"]), device), run).summary()
+        row.update(same_caption=summary["exact_match"], forced_agreement=summary["forced_agreement"],
+                   forced_cosine=summary["forced_cosine"], reference=str(reference))
 
 
 @app.command()
@@ -580,7 +671,8 @@ def serve(
         "Address to listen on (0.0.0.0 for every interface)."))] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, metavar="N", help="Port to listen on.")] = 8000,
     slots: Annotated[int | None, typer.Option(min=1, metavar="N", help=(
-        "Captions decoded together (default 64 on CUDA, 4 on the CPU)."), show_default=False)] = None,
+        f"Captions decoded together (default {DEFAULT_CUDA_BATCH_SIZE} on CUDA, {DEFAULT_BATCH_SIZE} on the CPU)."),
+        show_default=False)] = None,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, directml or coreml.")] = "auto",
     max_queue: Annotated[int, typer.Option(min=1, metavar="N", help=(
         "Requests allowed to wait for a slot; more get 503."))] = 256,

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..runtime.defaults import DEFAULT_BLOCK_SIZE
 from ..runtime.manifest import CpuKernels
+from .info import site_summary
 
 COLUMNS = [
     ("model", "model", "{}"), ("quant", "quant", "{}"), ("load_s", "load s", "{:.2f}"),
@@ -16,12 +17,18 @@ COLUMNS = [
     ("slot_occupancy", "slots busy", "{:.0%}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
     ("gpu_memory_mb", "GPU MB", "{:.0f}"), ("size_on_disk_mb", "disk MB", "{:.0f}"),
 ]
+AGREEMENT = [  # with --reference
+    ("same_caption", "same caption", "{:.0%}"), ("forced_agreement", "next tok = ref", "{:.2%}"),
+    ("forced_cosine", "cosine vs ref", "{:.5f}"),
+]
 
 
 def table_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Column titles and formatted cells, one row per model folder ("-" where a value does not apply)."""
-    titles = [title for _, title, _ in COLUMNS]
-    cells = [[("-" if row.get(key) is None else fmt.format(row[key])) for key, _, fmt in COLUMNS] for row in rows]
+    """Column titles and formatted cells, one row per model folder ("-" where a value does not apply); the
+    agreement columns when some row has them."""
+    columns = COLUMNS + (AGREEMENT if any("forced_cosine" in row for row in rows) else [])
+    titles = [title for _, title, _ in columns]
+    cells = [[("-" if row.get(key) is None else fmt.format(row[key])) for key, _, fmt in columns] for row in rows]
     return titles, cells
 
 
@@ -38,6 +45,15 @@ def kernels(rows: list[dict[str, Any]]) -> str:
         lines.append(f"kernels of {row['model']} (chosen by {plan['chosen_by']}{where}):")
         lines += [f"  {phase:8s} {plan[phase]:12s} {_bought(row, phase)}".rstrip()
                   for phase in ("vision", "prefill", "decode")]
+        chosen = CpuKernels(**plan)
+        if chosen.batch_decode_from:
+            timed = [int(phase[5:]) for phase in chosen.probe_ms.get(chosen.prefill, {}) if phase.startswith("batch")]
+            rows_at = f"batch{max(timed, default=chosen.batch_decode_from)}"  # the most rows timed at export
+            times = [chosen.probe_ms.get(k, {}).get(rows_at) for k in (chosen.decode, chosen.prefill)]
+            gain = f": {times[0] / times[1]:.2f}x the speed of {chosen.decode} at {rows_at[5:]} rows per layer " \
+                "at export" if times[0] and times[1] else ""
+            lines.append(f"  batches  {chosen.prefill:12s} decode steps of {chosen.batch_decode_from}+ rows{gain}")
+        lines += [f"  inputs   {site_summary(chosen, role)}" for role in chosen.sites]
     return "\n".join(lines)
 
 
