@@ -14,9 +14,13 @@ logits with fp32's. `--edge` takes the scenes at the edges of the training jitte
 still inside what training saw).
 
 Levels: fp32, fp16 (built for CUDA, run here on the CPU), LEVEL:BLOCK for int8/int4 on MatMulNBits at that
-block size (int4:128), LEVEL:auto for the block size and kernels the export measures on this CPU, and
-LEVEL:qgemm for int8 QGEMM (dynamically quantized activations) in the vision encoder and prefill.
-Writes benchmarks/results/trained-quality-cpu.{json,md} (--name to change).
+block size (int4:128), LEVEL:auto for what `palionnx export` does by default (these decoders are too small
+to time: MatMulNBits at block 32), LEVEL:measured for the kernels it times and chooses as it would for a 3B
+model (`--measure-kernels`), and LEVEL:qgemm for int8 QGEMM (activations quantized per row at run time) in
+the vision encoder and prefill. Every int8/int4 level but LEVEL:BLOCK calibrates its int8 activations at
+export (export/linear.py). `--stress a512c8 ...` runs each level on function-preserving outlier variants of
+the models as well (export/stress.py: `none` is the model as trained); `--forced 0` skips the
+teacher-forced columns. Writes benchmarks/results/trained-quality-cpu.{json,md} (--name to change).
 
 On a GPU: `--device cuda --levels fp32 fp16 bf16 int8:cuda int4:cuda` runs every level but fp32 (the CPU
 reference) on CUDA (LEVEL:cuda: int8/int4 built for CUDA at its default blocks, 32 and 128).
@@ -38,34 +42,14 @@ from pathlib import Path
 import numpy as np
 
 from palionnx import Captioner
+from palionnx.agreement import forced_logits
 from palionnx.evaluation import evaluate, text_ids
 from palionnx.runtime.measure import device_name
-from palionnx.runtime.preprocess import image_pixels
 from palionnx.scenes import CAPTION_PROMPT, Scene, Shape, make_scenes, render
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LEVELS = ["fp32", "fp16", "int8:32", "int8:64", "int8:128", "int4:32", "int4:64", "int4:128", "int4:auto",
           "int8:qgemm", "int4:qgemm"]
-
-
-def forced_logits(captioner: Captioner, images: list, tokens: list[list[int]], batch: int = 16) -> list[np.ndarray]:
-    """Per image, the logits [len(tokens), vocab] along its `tokens`: position p is fed token p - 1 (position 0
-    follows the prompt), whatever the model would have picked. Rows of a batch are fed in step; a row past
-    its own tokens is fed its last one again, and those extra logits are dropped."""
-    out = []
-    for start in range(0, len(images), batch):
-        forced = tokens[start : start + batch]
-        pixels = np.stack([image_pixels(image, captioner.image_spec) for image in images[start : start + batch]])
-        prompt = captioner.prompt_batch(pixels, [CAPTION_PROMPT] * len(forced))
-        longest = max(map(len, forced))
-        state = captioner.model.new_state(len(forced), prompt.input_ids.shape[1] + longest)
-        rows = [state.prefill(prompt).logits().astype(np.float32)]
-        for position in range(longest - 1):
-            feed = np.array([row[min(position, len(row) - 1)] for row in forced], dtype=np.int64)
-            rows.append(state.step(feed).logits().astype(np.float32))
-        logits = np.stack(rows, axis=1)
-        out += [logits[i, : len(row)] for i, row in enumerate(forced)]
-    return out
 
 
 def truth_nll(logits: list[np.ndarray], truths: list[list[int]]) -> np.ndarray:
@@ -144,58 +128,77 @@ def export_level(checkpoint: Path, level: str, folder: Path) -> None:
         export(checkpoint, folder, quant=quant, device="cuda")
     elif block == "auto":
         export(checkpoint, folder, quant=quant, device="cpu")
+    elif block == "measured":  # timed and chosen as for a big decoder
+        export(checkpoint, folder, quant=quant, device="cpu", always_measure=True)
     elif block == "qgemm":  # int8 QGEMM for the vision encoder and prefill, decode at the measured block
         export(checkpoint, folder, quant=quant, device="cpu", kernels="qgemm")
     else:
         export(checkpoint, folder, quant=quant, device="cpu", block_size=int(block), kernels="nbits")
 
 
-def checkpoint_of(family: str, args: argparse.Namespace) -> Path:
+def checkpoint_of(family: str, args: argparse.Namespace, stress: str = "none", work: Path | None = None) -> Path:
+    """The trained checkpoint of `family`, or its `stress` variant (written under `work` on first use)."""
     from palionnx.cli.models import cache_root
+    from palionnx.export.stress import Stress, stress_checkpoint
     from palionnx.export.trained import trained_checkpoint
 
     if args.checkpoints:
-        return args.checkpoints / f"shapes-{family}"
-    return trained_checkpoint(f"shapes-{family}", cache_root() / "trained", progress=print)
+        base = args.checkpoints / f"shapes-{family}"
+    else:
+        base = trained_checkpoint(f"shapes-{family}", cache_root() / "trained", progress=print)
+    if stress == "none":
+        return base
+    assert work is not None
+    folder = work / f"checkpoint-shapes-{family}-{stress}"
+    if not (folder / "config.json").is_file():
+        stress_checkpoint(base, folder, Stress.parse(stress))
+    return folder
 
 
-def level_folder(work: Path, family: str, level: str) -> Path:
-    return work / f"shapes-{family}-{level.replace(':', '-')}"
+def level_folder(work: Path, family: str, level: str, stress: str = "none") -> Path:
+    return work / f"shapes-{family}{'' if stress == 'none' else '-' + stress}-{level.replace(':', '-')}"
 
 
 def measure_family(family: str, args: argparse.Namespace, work: Path) -> list[dict]:
-    checkpoint = checkpoint_of(family, args)
+    return [row for stress in args.stress for row in measure_variant(family, stress, args, work)]
+
+
+def measure_variant(family: str, stress: str, args: argparse.Namespace, work: Path) -> list[dict]:
+    checkpoint = checkpoint_of(family, args, stress, work)
     rows: list[dict] = []
     reference: tuple[list[list[int]], list[np.ndarray]] | None = None
     reference_exact: list[bool] = []
     reference_nll: np.ndarray | None = None
     for level in args.levels:
-        folder = level_folder(work, family, level)
+        folder = level_folder(work, family, level, stress)
         export_level(checkpoint, level, folder)
         captioner = Captioner.load(folder, device="cpu" if level == "fp32" else args.device)
         report = evaluate(captioner, prompt=CAPTION_PROMPT, batch_size=16, seed=args.seed,
                           scenes=held_out(args.scenes, args))
         exact = [scene.exact for scene in report.scenes]
         reference_exact = reference_exact or exact
-        scenes = held_out(args.forced, args)
-        images = [render(scene, captioner.manifest.image_size) for scene in scenes]
-        eos = captioner.manifest.eos_token_ids[0]
-        truths = [text_ids(captioner.text.tokenizer, scene.truth(CAPTION_PROMPT)) + [eos] for scene in scenes]
-        nll = truth_nll(forced_logits(captioner, images, truths), truths)
-        if reference is None:  # fp32 comes first: its captions, logits and likelihoods are the reference
-            tokens = [s.tokens + [eos] for s in captioner.caption(images, prompt=CAPTION_PROMPT, batch_size=16,
-                                                                  max_new_tokens=args.max_new_tokens)]
-            reference = (tokens, forced_logits(captioner, images, tokens))
-            reference_nll = nll
-        assert reference_nll is not None
-        same, cosine = agreement(reference[1], forced_logits(captioner, images, reference[0]))
         quant = captioner.manifest.quant
         kernels = quant.cpu_kernels
-        rows.append({"family": family, "level": level, "block_size": quant.block_size,
+        split = sum(kernels.site_counts(role)["split"] for role in kernels.sites) if kernels else 0
+        rows.append({"family": family, "stress": stress, "level": level, "block_size": quant.block_size,
                      "kernels": f"{kernels.vision} / {kernels.prefill} / {kernels.decode}" if kernels else None,
-                     **report.summary(), "paired_vs_fp32": paired_vs_reference(reference_exact, exact),
-                     "truth_nll": float(nll.mean()), "truth_nll_vs_fp32": paired_difference(reference_nll, nll),
-                     "forced_next_token_agreement": same, "forced_logit_cosine": cosine})
+                     "inputs_split": split, **report.summary(),
+                     "paired_vs_fp32": paired_vs_reference(reference_exact, exact)})
+        if args.forced:
+            scenes = held_out(args.forced, args)
+            images = [render(scene, captioner.manifest.image_size) for scene in scenes]
+            eos = captioner.manifest.eos_token_ids[0]
+            truths = [text_ids(captioner.text.tokenizer, scene.truth(CAPTION_PROMPT)) + [eos] for scene in scenes]
+            nll = truth_nll(forced_logits(captioner, images, truths, CAPTION_PROMPT, 16), truths)
+            if reference is None:  # fp32 comes first: its captions, logits and likelihoods are the reference
+                tokens = [s.tokens + [eos] for s in captioner.caption(images, prompt=CAPTION_PROMPT, batch_size=16,
+                                                                      max_new_tokens=args.max_new_tokens)]
+                reference = (tokens, forced_logits(captioner, images, tokens, CAPTION_PROMPT, 16))
+                reference_nll = nll
+            assert reference_nll is not None
+            same, cosine = agreement(reference[1], forced_logits(captioner, images, reference[0], CAPTION_PROMPT, 16))
+            rows[-1].update({"truth_nll": float(nll.mean()), "truth_nll_vs_fp32": paired_difference(reference_nll, nll),
+                             "forced_next_token_agreement": same, "forced_logit_cosine": cosine})
         print({k: v for k, v in rows[-1].items() if k != "folder"}, flush=True)
         if not args.work:
             shutil.rmtree(folder, ignore_errors=True)
@@ -205,38 +208,48 @@ def measure_family(family: str, args: argparse.Namespace, work: Path) -> list[di
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     where = (f"on {args.device_name} (fp32 on the CPU)" if args.device == "cuda"
              else f"on the CPU ({args.device_name})")
+    forced = bool(args.forced)
     lines = [f"Trained test models, {args.scenes} held-out scenes{' at the edges' if args.edge else ''} "
              f"(seed {args.seed}), `caption en`, greedy, "
-             f"{where}. Lost / won: scenes wrong at this level and right at fp32, and the reverse (McNemar's "
-             f"exact p). Teacher-forced columns over the first {args.forced} scenes: the truth's NLL along the "
-             "truth caption, next token and logit cosine along fp32's captions. int LEVEL:BLOCK is MatMulNBits at "
-             "that block; :auto is the export's measured choice (block, kernels vision / prefill / decode in "
-             "brackets).", "",
-             "| family | level | exact match | scenes lost / won vs fp32 (p) | truth NLL, nats/token (forced) "
-             "| NLL − fp32's (95 % CI) | token accuracy | kind | colour | count | position | size | background "
-             "| next token = fp32 (forced) | logit cosine vs fp32 (forced) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"{where}. Stress: `none` is the model as trained, aALPHAcN its function-preserving outlier variant "
+             "(export/stress.py; -text: the decoder only; sN: N token-specific spike channels per layer), against "
+             "whose own fp32 each level is paired. Lost / won: scenes wrong at this level and right at fp32, and the "
+             "reverse (McNemar's exact p). Inputs split: linear-layer inputs with outlier channels split off at "
+             "export (export/linear.py). int LEVEL:BLOCK is MatMulNBits at that block (no calibration); :auto "
+             "the default export; :measured the kernels timed and chosen as for a 3B model; :qgemm int8 QGEMM "
+             "for the vision encoder and prefill (block, kernels vision / prefill / decode in brackets)."
+             + (f" Teacher-forced columns over the first {args.forced} scenes: the truth's NLL along the truth "
+                "caption, next token and logit cosine along fp32's captions." if forced else ""), ""]
+    titles = ["family", "stress", "level", "exact match", "− fp32", "scenes lost / won vs fp32 (p)", "inputs split",
+              "token accuracy", "kind", "colour", "count", "position", "size", "background"]
+    if forced:
+        titles += ["truth NLL − fp32's (95 % CI)", "next token = fp32 (forced)", "logit cosine vs fp32 (forced)"]
+    lines += ["| " + " | ".join(titles) + " |", "| --- | --- | --- |" + " ---: |" * (len(titles) - 3)]
+    fp32 = {(r["family"], r["stress"]): r["exact_match"] for r in rows if r["level"] == "fp32"}
     for r in rows:
         a = r["attributes"]
         level = r["level"]
-        if level.endswith((":auto", ":qgemm")):
+        if level.endswith((":auto", ":qgemm", ":measured")):
             level += f" (block {r['block_size']}, {r['kernels']})"
         paired = r["paired_vs_fp32"]
-        cells = [r["family"], level, f"{r['exact_match']:.1%}",
-                 f"{paired['lost']} / {paired['won']} ({paired['p_value']:.2g})", f"{r['truth_nll']:.5f}",
-                 f"{r['truth_nll_vs_fp32']['mean']:+.5f} ± {r['truth_nll_vs_fp32']['ci95']:.5f}",
+        base = fp32.get((r["family"], r["stress"]), r["exact_match"])
+        cells = [r["family"], r["stress"], level, f"{r['exact_match']:.1%}", f"{100 * (r['exact_match'] - base):+.1f}",
+                 f"{paired['lost']} / {paired['won']} ({paired['p_value']:.2g})", str(r["inputs_split"]),
                  f"{r['token_accuracy']:.1%}",
-                 *(f"{a[name]:.1%}" for name in ("kind", "colour", "count", "position", "size", "background")),
-                 f"{r['forced_next_token_agreement']:.2%}", f"{r['forced_logit_cosine']:.5f}"]
+                 *(f"{a[name]:.1%}" for name in ("kind", "colour", "count", "position", "size", "background"))]
+        if forced:
+            cells += [f"{r['truth_nll_vs_fp32']['mean']:+.5f} ± {r['truth_nll_vs_fp32']['ci95']:.5f}",
+                      f"{r['forced_next_token_agreement']:.2%}", f"{r['forced_logit_cosine']:.5f}"]
         lines.append("| " + " | ".join(cells) + " |")
     families = sorted({r["family"] for r in rows})
     if len(families) > 1:  # the same level on both models: more scenes, one test
         lines += ["", f"Pooled over {' and '.join(families)}: scenes lost / won against fp32 (McNemar's exact p).", "",
-                  "| level | lost / won (p) |", "| --- | ---: |"]
-        for level in dict.fromkeys(r["level"] for r in rows if r["level"] != "fp32"):
-            lost = sum(r["paired_vs_fp32"]["lost"] for r in rows if r["level"] == level)
-            won = sum(r["paired_vs_fp32"]["won"] for r in rows if r["level"] == level)
-            lines.append(f"| {level} | {lost} / {won} ({mcnemar_p(lost, won):.2g}) |")
+                  "| stress | level | lost / won (p) |", "| --- | --- | ---: |"]
+        for stress, level in dict.fromkeys((r["stress"], r["level"]) for r in rows if r["level"] != "fp32"):
+            same = [r for r in rows if (r["stress"], r["level"]) == (stress, level)]
+            lost = sum(r["paired_vs_fp32"]["lost"] for r in same)
+            won = sum(r["paired_vs_fp32"]["won"] for r in same)
+            lines.append(f"| {stress} | {level} | {lost} / {won} ({mcnemar_p(lost, won):.2g}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -245,7 +258,9 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=["pg1", "pg2"], choices=["pg1", "pg2"])
     parser.add_argument("--levels", nargs="+", default=LEVELS)
     parser.add_argument("--scenes", type=int, default=200)
-    parser.add_argument("--forced", type=int, default=200, help="scenes for the teacher-forced columns")
+    parser.add_argument("--forced", type=int, default=200, help="scenes for the teacher-forced columns (0: none)")
+    parser.add_argument("--stress", nargs="+", default=["none"], help="outlier variants of each family, e.g. "
+                        "none a128c4 a512c8 a512c8-text a512c0s2 (export/stress.py)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="fp32's reference captions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--edge", action="store_true", help="the scenes at the edges of the training jitter "
@@ -263,8 +278,10 @@ def main() -> None:
     args.name = args.name or f"trained-quality-{args.device}"
     if args.export_only:
         for family in args.families:
-            for level in args.levels:
-                export_level(checkpoint_of(family, args), level, level_folder(args.work, family, level))
+            for stress in args.stress:
+                for level in args.levels:
+                    export_level(checkpoint_of(family, args, stress, args.work), level,
+                                 level_folder(args.work, family, level, stress))
         return
     args.device_name = device_name(args.device)
 
