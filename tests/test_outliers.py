@@ -18,6 +18,7 @@ from palionnx.export import linear
 from palionnx.export.quantize import QGEMM, Kernel
 from palionnx.export.stress import Stress, stress_checkpoint
 from palionnx.runtime.manifest import Manifest
+from palionnx.samples import sample_images
 
 SCENES = 100
 # Measured on the AMD EPYC VM over 300 held-out scenes (benchmarks/trained_quality.py --stress a512c8):
@@ -55,6 +56,20 @@ def _export(checkpoint: Path, folder: Path, quant: str, kernels: str = "auto") -
 def test_stress_preserves_the_function(stressed, base_report, tmp_path):
     report = evaluate(_export(stressed(), tmp_path / "fp32", "fp32"), count=SCENES, batch_size=16)
     assert [s.caption for s in report.scenes] == [s.caption for s in base_report.scenes]
+
+
+@pytest.mark.parametrize("family", ["tiny-pg1", "tiny-pg2"])
+def test_stress_preserves_the_logits_of_both_families(family, checkpoints, exported, tmp_path):
+    """Gemma and Gemma 2 (whose post-sublayer norms are left alone), vision and spikes included: the fp32
+    exports of the stressed checkpoint give the base model's prefill logits."""
+    from palionnx.export.convert import export
+
+    stressed = stress_checkpoint(checkpoints[family], tmp_path / "ckpt", Stress.parse("a512c8s1"))
+    export(stressed, tmp_path / "fp32", quant="fp32")
+    images, prompts = sample_images(4, 28), ["caption en"] * 4
+    base = Captioner.load(exported(family, "fp32"), device="cpu").prefill_logits(images, prompts)
+    got = Captioner.load(tmp_path / "fp32", device="cpu").prefill_logits(images, prompts)
+    np.testing.assert_allclose(got, base, rtol=1e-3, atol=1e-3 * np.abs(base).max())
 
 
 @pytest.mark.parametrize("quant,kernels", [("int8", "auto"), ("int4", "qgemm")])
