@@ -313,6 +313,25 @@ def test_bad_options_are_one_line_and_exit_2(tmp_path, model, args, words):
     assert not (data / "0.txt").exists()
 
 
+def test_the_default_batch_shrinks_to_the_memory(tmp_path, model):
+    """No --batch-size: the default batch halves until the request fits --max-memory (a given one never does)."""
+    from palionnx.runtime.limits import request_bytes
+    from palionnx.runtime.manifest import Manifest
+    from palionnx.runtime.text import TextCodec
+
+    data = images(tmp_path / "data", 8)
+    manifest = Manifest.load(model)
+    prompt = len(TextCodec(model, manifest).prompt_ids("caption en"))
+    limit = (request_bytes(manifest, 2, prompt, 4) + request_bytes(manifest, 4, prompt, 4)) / 2 / 1e9
+    run = palionnx("caption", data, "--model", model, "--max-new-tokens", 4, "--max-memory", f"{limit:.9f}")
+    assert run.returncode == 0, run.stderr
+    assert "batch 2 (the default 32 needs more memory than is free)" in run.stderr
+    assert len(captions(data)) == 8
+    given = palionnx("caption", data, "--model", model, "--max-new-tokens", 4, "--max-memory", f"{limit:.9f}",
+                     "--batch-size", 8, "--overwrite")
+    assert given.returncode == 2 and "lower --batch-size" in given.stderr
+
+
 def test_long_prompt_within_limits_runs(tmp_path, model):
     data = images(tmp_path / "data", 1)
     run = palionnx("caption", data, "--model", model, "--prompt", "word " * 200, "--max-new-tokens", 4)

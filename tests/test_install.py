@@ -157,7 +157,7 @@ def test_doctor_pieces():
     assert recommend(True, 40 * gb, 64 * gb, None).startswith("--device cuda --quant fp16 --batch-size 64")
     assert recommend(True, 12 * gb, 64 * gb, None).startswith("--device cuda --quant fp16 --batch-size 16")
     assert recommend(True, 6 * gb, 64 * gb, None).startswith("--device cuda --quant int4 --batch-size 8")
-    assert recommend(False, None, 16 * gb, {"avx512_vnni"}).startswith("--device cpu --quant int4 --batch-size 16")
+    assert recommend(False, None, 16 * gb, {"avx512_vnni"}).startswith("--device cpu --quant int4 --batch-size 32")
     assert "VNNI" in recommend(False, None, 16 * gb, {"avx512_vnni"})
     assert recommend(False, None, 4 * gb, set()).startswith("--device cpu --quant int4 --batch-size 1")
     assert "only 2.0 GB" in recommend(False, None, 2 * gb, set())

@@ -6,6 +6,8 @@ generation, performance, Ray); the commands' bodies call helpers in the modules 
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -219,12 +221,27 @@ def _caption_here(captioner: Captioner, plan: Plan, options: BatchOptions, max_m
     from .checks import memory_limit
 
     slots = options.batch_size or captioner.default_batch_size
-    try:
+    limit = memory_limit(captioner.device, max_memory)
+
+    def check(batch: int) -> None:
         check_request(captioner.manifest, captioner.text, [options.prompt], options.max_new_tokens,
-                      min(slots, max(1, len(plan.todo))), memory_limit(captioner.device, max_memory),
-                      captioner.model.min_cache_slots, captioner.model.prefill_chunk)
+                      min(batch, max(1, len(plan.todo))), limit, captioner.model.min_cache_slots,
+                      captioner.model.prefill_chunk)
+
+    try:
+        while options.batch_size is None and slots > 1:  # the default batch halves until it fits the memory
+            try:
+                check(slots)
+                break
+            except RequestError:
+                slots //= 2
+        check(slots)
     except RequestError as exc:
         _usage(str(exc))
+    if options.batch_size is None and slots < captioner.default_batch_size:
+        if not quiet:
+            _err(f"batch {slots} (the default {captioner.default_batch_size} needs more memory than is free)")
+        options = dataclasses.replace(options, batch_size=slots)
     if not quiet:
         _err(f"model {captioner.folder} ({captioner.manifest.quant.level}) on {captioner.providers[0]}")
     return caption_files(captioner, plan, options, quiet=quiet)

@@ -32,10 +32,10 @@ PROBE_MODEL = bytes.fromhex(
 FLAVOURS = {"onnxruntime": "CPU build", "onnxruntime-gpu": "CUDA build", "onnxruntime-directml": "DirectML build",
             "onnxruntime-openvino": "OpenVINO build", "onnxruntime-qnn": "QNN build"}
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "directml": "DmlExecutionProvider", "coreml": "CoreMLExecutionProvider"}
-# The int4 3B model (with its int8 prefill graph) peaks at 4.9 GB of RSS on the CPU at batch 1 and 6.2 GB at
-# batch 16 (benchmarks/results/cpu-batch-pg1-3b-224-int4.md).
+# The int4 3B model (with its int8 prefill graph) peaks at 4.9 GB of RSS on the CPU at batch 1 and 7.1 GB at
+# batch 32 (benchmarks/results/cpu-batch-pg1-3b-224-int4.md).
 INT4_RSS_GB = 5.0
-INT4_BATCH16_RSS_GB = 6.5
+INT4_BATCH32_RSS_GB = 7.5
 
 
 @dataclass
@@ -180,5 +180,6 @@ def recommend(cuda_works: bool, gpu_free: float | None, ram_available: float | N
     if ram_available is not None and ram_available < INT4_RSS_GB * GB:
         return (f"--device cpu --quant int4 --batch-size 1, but only {ram_available / GB:.1f} GB of RAM is "
                 f"available and the 3B model needs about {INT4_RSS_GB} GB at int4")
-    batch = 16 if ram_available is None or ram_available >= INT4_BATCH16_RSS_GB * GB else 1
+    roomy = ram_available is None or ram_available >= INT4_BATCH32_RSS_GB * GB
+    batch = 32 if roomy else 8 if ram_available >= (INT4_RSS_GB + 1) * GB else 1
     return f"--device cpu --quant int4 --batch-size {batch} ({why})"

@@ -10,7 +10,9 @@ error the kernel's activation quantization adds, and keeps it within ERROR_BOUND
 - the input as it is, when it stays within the bound;
 - else the LLM.int8 decomposition: the fewest of its largest channels (by calibration peak, at most
   1/OUTLIER_SHARE of K) are zeroed in the kernel's input and multiplied by their float weights beside it
-  (`Mul` by a 0/1 mask, `Gather`, `MatMul`, `Add`);
+  (`Mul` by a 0/1 mask, `Gather`, `MatMul`, `Add`). The same split is taken where it cuts the whole
+  product's error well below the kernel's alone: the weights reading an outlier channel are as many times
+  smaller, and int4's blocks round them away (WEIGHT_SLACK);
 - else the layers compute with float activations (MatMulNBits accuracy_level 0).
 
 `SitePlan` is that choice; `LinearInput` writes it into a graph, making the masked, gathered and quantized
@@ -30,6 +32,9 @@ from .quantize import Kernel
 ERROR_BOUND = 0.02  # relative error the activation quantization may add to a layer's output (calibration rows)
 OUTLIER_SHARE = 32  # at most K / OUTLIER_SHARE input channels go to the float side product
 SAMPLED_OUTPUTS = 256  # output columns of the weights the error is measured on (errors are per column)
+# A split that cuts the whole product's error (weights included) beyond this share and this much is taken even
+# where the activations alone would hold: it keeps an outlier channel's small weights out of a coarse block.
+WEIGHT_SLACK, WEIGHT_FLOOR = 0.25, 0.005
 FLOAT_ACCURACY_LEVEL = 0  # MatMulNBits with float activations
 
 
@@ -166,9 +171,11 @@ def sample_outputs(weight: np.ndarray) -> np.ndarray:
 def plan_site(rows: np.ndarray, peaks: np.ndarray, weight: np.ndarray, kernel: Kernel, accuracy_level: int,
               bound: float | None = None) -> SitePlan:
     """The cheapest way to feed calibration `rows` [R, K] (channel peaks `peaks` [K]) on `kernel` to layers of
-    float weight `weight` [N, K] (or `sample_outputs` of it) within `bound` (default ERROR_BOUND): as they are,
-    with the fewest outlier channels split off (1, 2, 4, ... of the largest, up to K / OUTLIER_SHARE), or in
-    float."""
+    float weight `weight` [N, K] (or `sample_outputs` of it): the fewest of its largest channels split off
+    (none, 1, 2, 4, ... up to K / OUTLIER_SHARE) such that the activation error stays within `bound` (default
+    ERROR_BOUND) and the whole product's error against float is within WEIGHT_SLACK of the best count's (an
+    outlier channel's weights are that much smaller, and a coarse weight block rounds them away: int4
+    loses them even where its activations hold); in float when no count holds the bound."""
     bound = ERROR_BOUND if bound is None else bound
     k = rows.shape[1]
     quantized, scales = kernel.arrays(weight)
@@ -181,16 +188,21 @@ def plan_site(rows: np.ndarray, peaks: np.ndarray, weight: np.ndarray, kernel: K
         masked[:, order[:count]] = 0.0
         variants.append(masked)
     got = _run_kernel(np.concatenate(variants), quantized, scales, kernel, accuracy_level, weight.shape[0])
-    errors = []
+    exact = rows @ weight.T
+    scale = max(float(np.linalg.norm(exact)), 1e-30)
+    activation, total = [], []
     for i, (count, masked) in enumerate(zip(counts, variants)):
         main = masked @ exact_weight.T
-        whole = main + rows[:, order[:count]] @ weight[:, order[:count]].T
-        errors.append(float(np.linalg.norm(got[i * len(rows) : (i + 1) * len(rows)] - main)
-                            / max(float(np.linalg.norm(whole)), 1e-30)))
-    for count, error in zip(counts, errors):
-        if error <= bound:
-            return SitePlan(tuple(sorted(order[:count].tolist())), error=error, plain_error=errors[0])
-    return SitePlan(float_compute=True, plain_error=errors[0])
+        side = rows[:, order[:count]] @ weight[:, order[:count]].T
+        kernel_out = got[i * len(rows) : (i + 1) * len(rows)]
+        activation.append(float(np.linalg.norm(kernel_out - main)) / max(float(np.linalg.norm(main + side)), 1e-30))
+        total.append(float(np.linalg.norm(kernel_out + side - exact)) / scale)
+    held = [i for i, error in enumerate(activation) if error <= bound]
+    if not held:
+        return SitePlan(float_compute=True, plain_error=activation[0])
+    best = min(total[i] for i in held)
+    i = next(i for i in held if total[i] <= max(best * (1 + WEIGHT_SLACK), best + WEIGHT_FLOOR))
+    return SitePlan(tuple(sorted(order[: counts[i]].tolist())), error=activation[i], plain_error=activation[0])
 
 
 def _run_kernel(x: np.ndarray, quantized: np.ndarray, scales: np.ndarray, kernel: Kernel, accuracy_level: int,

@@ -2,10 +2,10 @@
 
 DEFAULT_PROMPT = "caption en"
 DEFAULT_MAX_NEW_TOKENS = 256  # the origin script's limit
-# Images per decoder batch on the CPU: at 256 new tokens, pg1-3b-224 int4 captioned 2.3x the images per second
-# of batch 1 at batch 16 and 2.6x at 32 (AMD EPYC, 2 cores; benchmarks/results/cpu-batch-pg1-3b-224-int4.md), 16
-# with 1.3 GB more memory than batch 1 and 32 with 2 GB; a newcomer's prefill pauses every slot, so fewer is kinder.
-DEFAULT_BATCH_SIZE = 16
+# Images per decoder batch on the CPU: at 256 new tokens, pg1-3b-224 int4 captioned 1.8 / 2.1 / 2.4 / 2.9x the
+# images per second of batch 1 at batch 4 / 8 / 16 / 32, with 2.2 GB more memory at 32 (AMD EPYC, 2 cores;
+# benchmarks/results/cpu-batch-pg1-3b-224-int4.md). `palionnx caption` halves it where the memory is short.
+DEFAULT_BATCH_SIZE = 32
 # On the CPU prompts are prefilled at most 4 at a time: per image as fast as one at a time (2027 / 2025 / 1970 /
 # 2192 ms per image at 1 / 2 / 4 / 8 rows, pg1-3b-224 int4, AMD EPYC 2 cores), with the prefill's memory bounded.
 CPU_PREFILL_ROWS = 4
