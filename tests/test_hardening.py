@@ -296,6 +296,10 @@ def test_decompression_bomb_sized_image_is_one_line_in_our_words(tmp_path, model
 @pytest.mark.parametrize(("args", "words"), [
     (["--seed", "-1"], ["--seed"]),
     (["--repetition-penalty", "0"], ["--repetition-penalty"]),
+    (["--repetition-penalty", "nan"], ["--repetition-penalty must be a finite number"]),
+    (["--temperature", "nan"], ["--temperature"]),
+    (["--temperature", "1e-45"], ["--temperature must be 0 (greedy) or between 0.01 and 2"]),
+    (["--temperature", "0.7", "--top-p", "nan"], ["--top-p"]),
     (["--top-k", "5"], ["--top-k", "--temperature"]),
     (["--top-p", "0.9", "--seed", "3"], ["--top-p, --seed", "--temperature"]),
     (["--max-new-tokens", "100000"], ["context of 8192", "at most"]),

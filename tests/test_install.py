@@ -278,12 +278,12 @@ def test_export_plan_scales_the_measured_export_and_refuses_what_cannot_fit():
     assert params == pytest.approx(2.92e9)
     assert parameter_count(files, {"torch_dtype": "float32"}) == pytest.approx(1.46e9)
     plan = estimate(params, "int4", download_bytes=int(5.84e9))
-    assert plan.peak_ram_bytes == pytest.approx(4.9 * GB) and plan.seconds == pytest.approx(122)
-    assert plan.folder_bytes == pytest.approx(1.85 * GB) and plan.scratch_bytes == pytest.approx(1.66 * GB)
-    assert "download 5.8 GB" in plan.describe() and "2 min 02 s" in plan.describe()
+    assert plan.peak_ram_bytes == pytest.approx(6.1 * GB) and plan.seconds == pytest.approx(198)
+    assert plan.folder_bytes == pytest.approx(3.77 * GB) and plan.scratch_bytes == pytest.approx(1.66 * GB)
+    assert "download 5.8 GB" in plan.describe() and "3 min 18 s" in plan.describe()
     assert shortfall(plan, available_ram=64 * GB, free_disk=100 * GB) is None
-    assert "4.9 GB of RAM" in shortfall(plan, available_ram=3 * GB, free_disk=100 * GB)
-    assert "9.3 GB of disk and 5.0 GB is free" in shortfall(plan, available_ram=64 * GB, free_disk=5 * GB)
+    assert "6.1 GB of RAM" in shortfall(plan, available_ram=3 * GB, free_disk=100 * GB)
+    assert "11.3 GB of disk and 5.0 GB is free" in shortfall(plan, available_ram=64 * GB, free_disk=5 * GB)
     assert estimate(params / 2, "fp16", 0).peak_ram_bytes == pytest.approx(1.8 * GB)
     from palionnx.cli.export_plan import MEASURED
     from palionnx.runtime.levels import QUANT_LEVELS

@@ -33,6 +33,26 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+NAME_MAX = 255  # bytes in one file name on ext4, XFS, APFS, NTFS (UTF-16 units there) and most others
+
+
+def side_file(path: Path, suffix: str, reserve: int = 0) -> Path:
+    """A hidden file beside `path` named after it: `.NAME` + `suffix`, or, where that (with `reserve` bytes
+    more that the caller may append) would outgrow NAME_MAX, `.` + the start of NAME + `~` + 16 hex digits
+    of its hash + `suffix`: the same name for the same path in every process."""
+    name = os.fsencode(path.name)
+    room = NAME_MAX - len(os.fsencode(suffix)) - reserve - 1  # the leading dot
+    if len(name) <= room:
+        return path.with_name(f".{path.name}{suffix}")
+    import hashlib
+
+    digest = hashlib.sha256(name).hexdigest()[:16]
+    start = name[: room - len(digest) - 1].decode("utf-8", "ignore")  # whole characters only
+    while len(os.fsencode(start)) > room - len(digest) - 1:
+        start = start[:-1]
+    return path.with_name(f".{start}~{digest}{suffix}")
+
+
 def link_exclusive(source: Path, target: Path) -> None:
     """Put the file `source` at `target` unless `target` exists (then FileExistsError), atomically.
 
@@ -56,7 +76,7 @@ def _move_exclusive(source: Path, target: Path) -> None:
     if IS_WINDOWS:
         os.rename(source, target)  # Windows never replaces an existing file here: FileExistsError
         return
-    lock = target.with_name(f".{target.name}.lock")
+    lock = side_file(target, ".lock")
     try:
         handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:

@@ -7,7 +7,6 @@ generation, performance, Ray); the commands' bodies call helpers in the modules 
 from __future__ import annotations
 
 import dataclasses
-
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -22,6 +21,7 @@ from ..runtime.defaults import (
     DEFAULT_CUDA_BATCH_SIZE,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_PROMPT,
+    DEFAULT_SERVE_CPU_SLOTS,
 )
 from .batch import BatchOptions, Plan, Summary
 from .files import ImageJob
@@ -186,7 +186,7 @@ def caption(
     from .checks import CheckError, check_outputs, check_retries, check_sampling
 
     try:
-        check_sampling(temperature, top_k, top_p, seed, repetition_penalty)
+        check_sampling(temperature, top_k, top_p, seed, repetition_penalty, no_repeat_ngram_size)
         check_retries(min_words, retries, temperature)
         jobs = _find_jobs(inputs, ext, device, recursive)
         options = BatchOptions(
@@ -688,8 +688,8 @@ def serve(
         "Address to listen on (0.0.0.0 for every interface)."))] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, metavar="N", help="Port to listen on.")] = 8000,
     slots: Annotated[int | None, typer.Option(min=1, metavar="N", help=(
-        f"Captions decoded together (default {DEFAULT_CUDA_BATCH_SIZE} on CUDA, {DEFAULT_BATCH_SIZE} on the CPU)."),
-        show_default=False)] = None,
+        f"Captions decoded together (default {DEFAULT_CUDA_BATCH_SIZE} on CUDA, {DEFAULT_SERVE_CPU_SLOTS} on the "
+        "CPU)."), show_default=False)] = None,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, directml or coreml.")] = "auto",
     max_queue: Annotated[int, typer.Option(min=1, metavar="N", help=(
         "Requests allowed to wait for a slot; more get 503."))] = 256,
@@ -709,7 +709,7 @@ def serve(
     """
     from ..runtime.manifest import ModelFolderError
     from ..runtime.sessions import DeviceError
-    from ..server.serve import ServeExtraMissing, ServeOptions, require_serve_extra
+    from ..server.serve import ServeError, ServeExtraMissing, ServeOptions, require_serve_extra
     from ..server.serve import serve as run_server
 
     options = ServeOptions(host=host, port=port, slots=slots, device=device, max_queue=max_queue, timeout_s=timeout,
@@ -717,7 +717,7 @@ def serve(
     try:
         require_serve_extra()
         run_server(model_dir, options, say=_err)
-    except (ServeExtraMissing, ModelFolderError, DeviceError) as exc:
+    except (ServeExtraMissing, ServeError, ModelFolderError, DeviceError) as exc:
         _usage(str(exc))
 
 

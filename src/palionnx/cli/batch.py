@@ -3,8 +3,10 @@ report progress, --jsonl and a summary."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
+import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -18,7 +20,7 @@ from ..runtime.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from ..runtime.generate import LogitsProcessor, Sampler, greedy
 from ..runtime.preprocess import ImageInput
 from ..runtime.scheduler import CaptionStream, Retry
-from .claims import CLAIM_SUFFIX, Claims, recover_stale
+from .claims import CLAIM_SUFFIX, Claims, claim_path, recover_stale
 from .files import ImageJob, append_line, caption_path, clean_caption, remove_stale_temp_files, write_atomic
 from .progress import Progress, print_line
 
@@ -81,8 +83,28 @@ class Record:
     timings: dict[str, float] = field(default_factory=dict)
     attempts: int = 1  # captions generated for the image (more than one with --min-words and --retries)
 
+    def fields(self) -> dict[str, Any]:
+        """The record as --jsonl and --parquet store it: text that is not valid UTF-8 (a file name of other
+        bytes, which the OS hands over with surrogate escapes) is written with its bad bytes as \\xNN, and for
+        `path` and `output` the name's exact bytes go in `path_bytes` / `output_bytes` (base64)."""
+        data = asdict(self)
+        for key, value in list(data.items()):
+            if isinstance(value, str) and not _is_utf8(value):
+                data[key] = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                if key in ("path", "output"):
+                    data[key + "_bytes"] = base64.b64encode(os.fsencode(value)).decode("ascii")
+        return data
+
     def line(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        return json.dumps(self.fields(), ensure_ascii=False)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass
@@ -110,7 +132,7 @@ def plan_run(jobs: list[ImageJob], options: BatchOptions, quiet: bool = False) -
     targets = {job: caption_path(job, options.ext, options.output_dir) for job in jobs}
     folders = {path.parent for path in targets.values()}
     remove_stale_temp_files(folders)
-    _recover_claims(folders)
+    _recover_claims(folders, set(targets.values()))
     todo: list[ImageJob] = []
     early: list[Record] = []
     owner: dict[Path, Path] = {}
@@ -133,12 +155,18 @@ def plan_run(jobs: list[ImageJob], options: BatchOptions, quiet: bool = False) -
     return Plan(todo, targets, summary, early)
 
 
-def _recover_claims(folders: set[Path]) -> None:
-    """Finish what killed runs left: stale claims beside captions (their --jsonl records included)."""
+def _recover_claims(folders: set[Path], targets: set[Path]) -> None:
+    """Finish what killed runs left: stale claims beside captions (their --jsonl records included). A claim's
+    caption is known from its name, or for a shortened name (a long caption name) from this run's targets."""
+    known = {claim_path(target): target for target in targets}
     for folder in folders:
         if folder.is_dir():
             for claim in folder.glob(f".*{CLAIM_SUFFIX}"):
-                recover_stale(claim, claim.with_name(claim.name[1 : -len(CLAIM_SUFFIX)]))
+                target = known.get(claim)
+                if target is None and claim_path(claim.with_name(claim.name[1 : -len(CLAIM_SUFFIX)])) == claim:
+                    target = claim.with_name(claim.name[1 : -len(CLAIM_SUFFIX)])
+                if target is not None:
+                    recover_stale(claim, target)
 
 
 def caption_body(text: str, options: BatchOptions) -> str:
@@ -218,7 +246,7 @@ class Recorder:
         if self.jsonl:
             self._write(record.line(), once=not shown)
         if self.parquet:
-            self.records.append(asdict(record))
+            self.records.append(record.fields())
 
     def _write(self, line: str, once: bool) -> None:
         """Append a --jsonl line; with `once`, only if an earlier run has not (a name clash is recorded once,
@@ -241,7 +269,9 @@ class Recorder:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            pq.write_table(pa.Table.from_pylist(self.records), self.parquet)
+            columns = list(dict.fromkeys(key for record in self.records for key in record))  # *_bytes in some only
+            pq.write_table(pa.Table.from_pylist([{key: r.get(key) for key in columns} for r in self.records]),
+                           self.parquet)
 
 
 @contextmanager

@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..runtime.generate import SettingError, check_settings
 from ..system import memory, nvidia_gpus
 from .batch import BatchOptions, Plan
 
@@ -17,17 +18,15 @@ class CheckError(Exception):
     """An option or output that cannot work; the message says which and why."""
 
 
-def check_sampling(temperature: float, top_k: int, top_p: float, seed: int | None, repetition_penalty: float) -> None:
-    """Sampling options only act with --temperature > 0: given without it they are refused, not ignored."""
-    if repetition_penalty <= 0:
-        raise CheckError(f"--repetition-penalty must be above 0 (1 = off), got {repetition_penalty}")
-    if temperature > 0:
-        return
-    ignored = [name for name, active in (("--top-k", top_k != 0), ("--top-p", top_p != 1.0),
-                                         ("--seed", seed is not None)) if active]
-    if ignored:
-        raise CheckError(f"{', '.join(ignored)} only act when sampling: add --temperature (e.g. 0.7), or drop "
-                         f"{'them' if len(ignored) > 1 else 'it'} for greedy captions")
+def check_sampling(temperature: float, top_k: int, top_p: float, seed: int | None, repetition_penalty: float,
+                   no_repeat_ngram_size: int = 0) -> None:
+    """The generation options, checked as the server checks its fields (`runtime.generate.check_settings`):
+    finite and in range, and sampling options only with --temperature > 0 (refused, not ignored)."""
+    try:
+        check_settings(temperature, top_k, top_p, seed, repetition_penalty, no_repeat_ngram_size,
+                       spell=lambda name: "--" + name.replace("_", "-"))
+    except SettingError as exc:
+        raise CheckError(str(exc)) from None
 
 
 def check_retries(min_words: int, retries: int, temperature: float) -> None:

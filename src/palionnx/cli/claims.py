@@ -23,18 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..system import ProcessId, is_alive
+from ..system import ProcessId, is_alive, side_file
 from .files import append_line, temp_files, write_atomic
 
 CLAIM_SUFFIX = ".palionnx-claim"
 CLAIM_LEASE_S = 3600.0  # a claim from another host is taken over after this long
 _UNWRITTEN_S = 10.0  # an empty claim (owner killed between create and write) is stale after this long
 _BREAK_LOCK_S = 60.0  # a lock of someone breaking a stale claim, left by a crash, after this long
+_BREAK = ".break"  # that lock's suffix, after the claim's name
 
 
 def claim_path(target: Path) -> Path:
-    """The claim file of a caption file."""
-    return target.with_name(f".{target.name}{CLAIM_SUFFIX}")
+    """The claim file of a caption file (a shortened name where the caption's is long: `system.side_file`;
+    room is kept for the ".break" lock beside it)."""
+    return side_file(target, CLAIM_SUFFIX, reserve=len(_BREAK))
 
 
 @dataclass
@@ -135,7 +137,7 @@ def recover_stale(path: Path, target: Path) -> bool:
         return True  # released meanwhile
     if not is_stale(path, info):
         return False
-    lock = path.with_name(path.name + ".break")
+    lock = path.with_name(path.name + _BREAK)
     try:
         handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:

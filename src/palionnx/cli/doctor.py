@@ -180,6 +180,6 @@ def recommend(cuda_works: bool, gpu_free: float | None, ram_available: float | N
     if ram_available is not None and ram_available < INT4_RSS_GB * GB:
         return (f"--device cpu --quant int4 --batch-size 1, but only {ram_available / GB:.1f} GB of RAM is "
                 f"available and the 3B model needs about {INT4_RSS_GB} GB at int4")
-    roomy = ram_available is None or ram_available >= INT4_BATCH32_RSS_GB * GB
-    batch = 32 if roomy else 8 if ram_available >= (INT4_RSS_GB + 1) * GB else 1
+    ram = float("inf") if ram_available is None else ram_available
+    batch = 32 if ram >= INT4_BATCH32_RSS_GB * GB else 8 if ram >= (INT4_RSS_GB + 1) * GB else 1
     return f"--device cpu --quant int4 --batch-size {batch} ({why})"

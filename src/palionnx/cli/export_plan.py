@@ -22,7 +22,7 @@ MEASURED = {
     "fp16": (5.86, 128, 3.6),
     "bf16": (5.86, 118, 3.6),  # measured alone on the AMD VM (/usr/bin/time palionnx export ... --quant bf16)
     "int8": (3.31, 251, 5.2),
-    "int4": (1.85, 122, 4.9),
+    "int4": (3.77, 198, 6.1),  # with its int8 prefill graph and calibration (README, Export)
 }
 VISION_FP32_GB = 1.66  # int8 / int4 first write the vision encoder in fp32, then quantize it
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import IO
 
 from ..runtime.preprocess import IMAGE_EXTENSIONS
-from ..system import fsync_folder, link_exclusive, pid_alive
+from ..system import fsync_folder, link_exclusive, pid_alive, side_file
 
 TEMP_SUFFIX = ".palionnx-tmp"
 
@@ -72,14 +72,20 @@ def caption_path(job: ImageJob, ext: str, output_dir: Path | None) -> Path:
     return output_dir / relative / name
 
 
+_PID_ROOM = 11  # "." and up to 10 digits of a process id
+
+
 def temp_file(path: Path, pid: int) -> Path:
-    """Where `write_atomic` in process `pid` writes `path` before the rename."""
-    return path.with_name(f".{path.name}.{pid}{TEMP_SUFFIX}")
+    """Where `write_atomic` in process `pid` writes `path` before the rename (`.NAME.PID.palionnx-tmp`, the
+    name shortened where it would be too long: `system.side_file`)."""
+    stem = side_file(path, "", reserve=_PID_ROOM + len(TEMP_SUFFIX))
+    return stem.with_name(f"{stem.name}.{pid}{TEMP_SUFFIX}")
 
 
 def temp_files(path: Path) -> list[Path]:
     """The temp files of `path` there now, any process's (a killed writer's are half-written)."""
-    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"))
+    stem = side_file(path, "", reserve=_PID_ROOM + len(TEMP_SUFFIX))
+    return sorted(path.parent.glob(f"{glob.escape(stem.name)}.*{TEMP_SUFFIX}"))
 
 
 def write_atomic(path: Path, text: str, exclusive: bool = False) -> None:

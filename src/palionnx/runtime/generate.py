@@ -8,6 +8,7 @@ own classes on the same logits).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,6 +28,47 @@ class Greedy:
 
 
 greedy = Greedy()
+
+
+TEMPERATURE = (0.01, 2.0)  # sampling temperatures allowed (0 is greedy); below, logits / t overflow float32
+REPETITION_PENALTY = (0.01, 10.0)  # 1 is off
+
+
+class SettingError(ValueError):
+    """A generation setting out of range or given where it cannot act; the message names it."""
+
+
+def check_settings(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                   repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                   spell: Callable[[str], str] = str) -> None:
+    """The one check of generation settings, for the CLI's options and the server's fields alike (`spell`
+    names a setting as the caller's user knows it, e.g. "--top-k"): finite numbers in range, and sampling
+    options only with a temperature (given alone they would be ignored: refused instead)."""
+    def bad(name: str, rule: str, value: object) -> SettingError:
+        return SettingError(f"{spell(name)} must be {rule}, got {value}")
+
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
+        if not math.isfinite(value):
+            raise bad(name, "a finite number", value)
+    if temperature != 0 and not TEMPERATURE[0] <= temperature <= TEMPERATURE[1]:
+        raise bad("temperature", f"0 (greedy) or between {TEMPERATURE[0]:g} and {TEMPERATURE[1]:g}", temperature)
+    if not 0.0 <= top_p <= 1.0:
+        raise bad("top_p", "between 0 and 1", top_p)
+    if not REPETITION_PENALTY[0] <= repetition_penalty <= REPETITION_PENALTY[1]:
+        raise bad("repetition_penalty", f"between {REPETITION_PENALTY[0]:g} and {REPETITION_PENALTY[1]:g} (1 = off)",
+                  repetition_penalty)
+    for name, count in (("top_k", top_k), ("no_repeat_ngram_size", no_repeat_ngram_size)):
+        if count < 0:
+            raise bad(name, "0 or more", count)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise bad("seed", "between 0 and 2^63 - 1", seed)
+    if temperature > 0:
+        return
+    ignored = [spell(name) for name, active in (("top_k", top_k != 0), ("top_p", top_p != 1.0),
+                                                ("seed", seed is not None)) if active]
+    if ignored:
+        raise SettingError(f"{', '.join(ignored)} only act when sampling: add {spell('temperature')} (e.g. 0.7), or "
+                           f"drop {'them' if len(ignored) > 1 else 'it'} for greedy captions")
 
 
 def make_sampler(

@@ -69,6 +69,10 @@ def check_request(m: Manifest, codec: TextCodec, prompts: Sequence[str], max_new
     longest = 0
     for prompt in set(prompts):
         special = codec.special_tokens_in(prompt)
+        if special == ["<unk>"] * len(special) and special:
+            unknown = codec.unknown_characters(prompt)
+            raise RequestError(f"this model's tokenizer has no pieces for {''.join(unknown)!r} in the prompt "
+                               "(they would all read as <unk>): write the prompt without them")
         if special:
             raise RequestError(f"the prompt contains the special token {special[0]}: prompts are plain text "
                                "(palionnx adds the image tokens and <bos> itself)")

@@ -32,6 +32,11 @@ class TextCodec:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         return [self.tokenizer.id_to_token(i) or str(i) for i in ids if i in self.special_ids]
 
+    def unknown_characters(self, text: str) -> list[str]:
+        """The distinct characters of `text` the tokenizer can only encode as <unk>."""
+        unknown = self.tokenizer.token_to_id("<unk>")
+        return list(dict.fromkeys(c for c in text if unknown in self.tokenizer.encode(c, add_special_tokens=False).ids))
+
     def prompt_ids(self, prompt: str) -> list[int]:
         """The manifest's prompt_template with `prompt` in it, as ids.
 

@@ -5,8 +5,10 @@
     GET  /healthz               200 while the engine runs
     GET  /metrics               Prometheus text format
 
-Errors are JSON `{"error": {"message", "type"}}`: 400 bad input (an undecodable image among them), 413 a body
-over --max-body-mb, 503 with Retry-After when --max-queue requests are waiting, 504 past --timeout. A bad
+Errors are JSON `{"error": {"message", "type"}}`: 400 bad input (an undecodable image among them, a setting
+out of range), 404 / 405 an unknown route or method, 408 a body that did not arrive within --timeout, 413 a
+body over --max-body-mb (or a multipart text field over 1 MB), 503 with Retry-After when --max-queue requests
+are waiting, 504 past --timeout. A client that disconnects mid-request is counted as `disconnected`. A bad
 request never disturbs the others: each image is decoded on its own, and a caption shares only decode
 steps with its neighbours.
 """
@@ -27,16 +29,22 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..runtime.captioner import Captioner
 from ..runtime.defaults import DEFAULT_PROMPT
-from ..runtime.generate import make_logits_processors, make_sampler
+from ..runtime.generate import SettingError, check_settings, make_logits_processors, make_sampler
 from ..runtime.preprocess import ImageLoadError, image_pixels
 from ..runtime.scheduler import Completion, Request
 from .engine import Engine, QueueFull, Rejected
+
+MAX_PARTS = 100  # fields and files a multipart body may have
+MAX_FIELD_BYTES = 2**20  # the largest multipart text field (the image itself is bounded by --max-body-mb)
 
 
 class BadRequest(ValueError):
@@ -66,13 +74,24 @@ def create_app(captioner: Captioner, engine: Engine, limits: Limits, model_name:
     async def answered(http: HttpRequest, route: str, parse: Callable[[HttpRequest, Limits], Awaitable[tuple]],
                        render: Callable[[Completion, float], dict[str, Any]]) -> Response:
         arrived = time.perf_counter()
-        outcome, response = "error", _error(500, "internal error", "server_error")
+        outcome = "error"
+        response: Response = _error(500, "internal error", "server_error")
         try:
-            data, settings = await parse(http, limits)
+            try:  # --timeout covers the whole request: a body that trickles in is cut off too
+                data, settings = await asyncio.wait_for(parse(http, limits), limits.timeout_s)
+            except asyncio.TimeoutError:
+                outcome, response = "timeout", _error(408, f"the request body did not arrive within "
+                                                           f"{limits.timeout_s:g} s", "timeout")
+                return response
             pixels = await run_in_threadpool(image_pixels, io.BytesIO(data), captioner.image_spec)
             future = engine.submit(Request(pixels, **settings))
-            completion = await asyncio.wait_for(asyncio.wrap_future(future), limits.timeout_s)
+            left = max(limits.timeout_s - (time.perf_counter() - arrived), 0.001)
+            completion = await asyncio.wait_for(asyncio.wrap_future(future), left)
             outcome, response = "ok", JSONResponse(render(completion, arrived))
+        except ClientDisconnect:  # the client went away mid-body: nobody reads an answer
+            outcome, response = "disconnected", Response(status_code=499)
+        except asyncio.CancelledError:  # the server is shutting down under this request
+            outcome, response = "cancelled", _error(503, "the server is shutting down", "server_busy")
         except _TooLarge as exc:
             outcome, response = "too_large", _error(413, str(exc), "invalid_request_error")
         except (BadRequest, Rejected, ImageLoadError) as exc:
@@ -102,9 +121,17 @@ def create_app(captioner: Captioner, engine: Engine, limits: Limits, model_name:
         yield
         await run_in_threadpool(engine.stop)  # after uvicorn has drained the requests in flight
 
+    async def http_error(http: HttpRequest, exc: Exception) -> Response:
+        """404, 405 and Starlette's other HTTP errors in the API's JSON error shape."""
+        status = getattr(exc, "status_code", 500)
+        detail = {404: f"no route {http.url.path}: the API has POST /v1/caption, POST /v1/chat/completions, "
+                       "GET /healthz and GET /metrics",
+                  405: f"{http.method} is not allowed on {http.url.path}"}.get(status, str(getattr(exc, "detail", "")))
+        return _error(status, detail, "invalid_request_error", getattr(exc, "headers", None))
+
     routes = [Route("/v1/caption", caption, methods=["POST"]), Route("/v1/chat/completions", chat, methods=["POST"]),
               Route("/healthz", healthz), Route("/metrics", metrics_text)]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
 
 
 class _TooLarge(Exception):
@@ -135,12 +162,24 @@ async def caption_body(http: HttpRequest, limits: Limits) -> tuple[bytes, dict[s
         async def replay() -> Any:
             yield body
 
-        form = await MultiPartParser(http.headers, replay()).parse()
-        upload = form.get("image")
-        if not isinstance(upload, UploadFile):
-            raise BadRequest("multipart upload needs a file field named 'image'")
-        fields = {key: value for key, value in form.items() if isinstance(value, str)}
-        return await upload.read(), settings(fields, limits)
+        try:
+            form = await MultiPartParser(http.headers, replay(), max_files=MAX_PARTS, max_fields=MAX_PARTS,
+                                         max_part_size=MAX_FIELD_BYTES).parse()
+        except MultiPartException as exc:
+            if "maximum size" in str(exc):
+                raise _TooLarge(f"a multipart field is over {MAX_FIELD_BYTES // 2**10} KB") from None
+            raise BadRequest(f"the multipart body cannot be read ({exc})") from None
+        uploads = form.getlist("image")
+        if len(uploads) != 1 or not isinstance(uploads[0], UploadFile):
+            raise BadRequest("multipart upload needs one file field named 'image'" +
+                             (f", not {len(uploads)}" if len(uploads) > 1 else ""))
+        fields: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if key != "image" and isinstance(value, str):
+                if key in fields:
+                    raise BadRequest(f"the field {key!r} is given twice")
+                fields[key] = value
+        return await uploads[0].read(), settings(fields, limits)
     payload = _json(body)
     if not isinstance(payload.get("image"), str):
         raise BadRequest("JSON body needs 'image': a base64 string or a data: URI")
@@ -156,9 +195,14 @@ async def chat_body(http: HttpRequest, limits: Limits) -> tuple[bytes, dict[str,
     if not users:
         raise BadRequest("messages needs a user message with an image_url part")
     content = users[-1].get("content")
-    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
-    texts = [p.get("text", "") for p in parts if isinstance(p, dict) and p.get("type") == "text"]
-    images = [p.get("image_url") for p in parts if isinstance(p, dict) and p.get("type") == "image_url"]
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+        raise BadRequest("a message's content must be a string or a list of parts ({\"type\": \"text\", ...}, "
+                         "{\"type\": \"image_url\", ...})")
+    texts = [p.get("text", "") for p in parts if p.get("type") == "text"]
+    if not all(isinstance(t, str) for t in texts):
+        raise BadRequest("a text part's 'text' must be a string")
+    images = [p.get("image_url") for p in parts if p.get("type") == "image_url"]
     if len(images) != 1:
         raise BadRequest("the user message needs exactly one image_url part")
     url = images[0].get("url") if isinstance(images[0], dict) else images[0]
@@ -171,32 +215,42 @@ async def chat_body(http: HttpRequest, limits: Limits) -> tuple[bytes, dict[str,
 
 
 def settings(fields: dict[str, Any], limits: Limits) -> dict[str, Any]:
-    """Request settings from form fields or JSON, checked: prompt, max_new_tokens and sampling options."""
+    """Request settings from form fields (strings) or JSON, checked as the CLI checks its options
+    (`runtime.generate.check_settings`): prompt, max_new_tokens and sampling options."""
 
-    def number(name: str, kind: type, default: Any, low: float, high: float | None = None) -> Any:
+    def number(name: str, kind: type, default: Any) -> Any:
         value = fields.get(name)
         if value is None or value == "":
             return default
-        try:
-            value = kind(value)
-        except (TypeError, ValueError):
-            raise BadRequest(f"{name} must be a{'n integer' if kind is int else ' number'}") from None
-        if value < low or (high is not None and value > high):
-            raise BadRequest(f"{name} must be between {low:g} and {high:g}" if high is not None
-                             else f"{name} must be at least {low:g}")
-        return value
+        if isinstance(value, str):
+            try:
+                value = int(value) if kind is int else float(value)
+            except ValueError:
+                raise BadRequest(f"{name} must be a{'n integer' if kind is int else ' number'}, not {value!r}") \
+                    from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
+            raise BadRequest(f"{name} must be a{'n integer' if kind is int else ' number'}, not {value!r}")
+        return kind(value)
 
     prompt = fields.get("prompt") or DEFAULT_PROMPT
     if not isinstance(prompt, str):
         raise BadRequest("prompt must be a string")
-    temperature = number("temperature", float, 0.0, 0.0, 2.0)
-    seed = number("seed", int, None, 0)
+    values = {"temperature": number("temperature", float, 0.0), "top_k": number("top_k", int, 0),
+              "top_p": number("top_p", float, 1.0), "seed": number("seed", int, None),
+              "repetition_penalty": number("repetition_penalty", float, 1.0),
+              "no_repeat_ngram_size": number("no_repeat_ngram_size", int, 0)}
+    max_new_tokens = number("max_new_tokens", int, limits.max_new_tokens)
+    if not 1 <= max_new_tokens <= limits.max_new_tokens:
+        raise BadRequest(f"max_new_tokens must be between 1 and {limits.max_new_tokens}")
+    try:
+        check_settings(**values)
+    except SettingError as exc:
+        raise BadRequest(str(exc)) from None
     return {
         "prompt": prompt,
-        "max_new_tokens": number("max_new_tokens", int, limits.max_new_tokens, 1, limits.max_new_tokens),
-        "sampler": make_sampler(temperature, number("top_k", int, 0, 0), number("top_p", float, 1.0, 0.0, 1.0), seed),
-        "logits_processors": make_logits_processors(number("repetition_penalty", float, 1.0, 0.01),
-                                                    number("no_repeat_ngram_size", int, 0, 0)),
+        "max_new_tokens": max_new_tokens,
+        "sampler": make_sampler(values["temperature"], values["top_k"], values["top_p"], values["seed"]),
+        "logits_processors": make_logits_processors(values["repetition_penalty"], values["no_repeat_ngram_size"]),
     }
 
 
@@ -225,13 +279,20 @@ def _json(body: bytes) -> dict[str, Any]:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"the body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise BadRequest("the JSON body is nested too deeply") from None
     if not isinstance(payload, dict):
         raise BadRequest("the JSON body must be an object")
     return payload
 
 
 def _base64_image(text: str) -> bytes:
-    data = text.split(",", 1)[1] if text.startswith("data:") else text
+    """An image given as base64, or as a data: URI (data:image/png;base64,...)."""
+    data = text
+    if text.startswith("data:"):
+        header, comma, data = text.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise BadRequest("a data: URI must read data:<type>;base64,<the image in base64>")
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.captioner import Captioner
+from ..runtime.defaults import DEFAULT_SERVE_CPU_SLOTS
 from .app import Limits, create_app
 from .engine import Engine
 from .metrics import Metrics
 
 MAX_PROMPT_TOKENS = 128  # text tokens a request's prompt may have (image tokens come on top)
+# An idle keep-alive connection stays open this long: far beyond client pools' reuse of idle connections, so
+# that a request sent on a connection is not met by the server closing it (uvicorn's 5 s dropped a few).
+KEEP_ALIVE_S = 75
+SHUTDOWN_GRACE_S = 5  # after SIGTERM: requests in flight get --timeout (they end by then) and this long more
 
 
 class ServeExtraMissing(ImportError):
     """Starlette or uvicorn is not installed."""
+
+
+class ServeError(OSError):
+    """The server cannot start (the address is in use, say); the message names what."""
 
 
 @dataclass
@@ -23,7 +33,7 @@ class ServeOptions:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    slots: int | None = None  # None: the device's default batch size
+    slots: int | None = None  # None: DEFAULT_SERVE_CPU_SLOTS on the CPU, the device's default batch size elsewhere
     device: str = "auto"
     max_queue: int = 256
     timeout_s: float = 120.0
@@ -40,12 +50,31 @@ def require_serve_extra() -> None:
         raise ServeExtraMissing("`palionnx serve` needs the serve extra: pip install 'palionnx[serve]'") from None
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, before anything else starts: ServeError naming the address when it is
+    taken or not this machine's."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): is another server there? "
+                         "Pick another --port") from None
+    return sock
+
+
 def serve(folder: Path, options: ServeOptions, say: object = print) -> None:
     """Load `folder` and serve it until stopped (SIGTERM or Ctrl-C finish the requests in flight first)."""
     import uvicorn
 
+    sock = listen(options.host, options.port)
     captioner = Captioner.load(folder, device=options.device, cuda_graph=options.cuda_graph)
-    slots = options.slots or captioner.default_batch_size
+    slots = options.slots or (DEFAULT_SERVE_CPU_SLOTS if captioner.device == "cpu" else captioner.default_batch_size)
     max_len = len(captioner.text.prompt_ids("")) + MAX_PROMPT_TOKENS + options.max_new_tokens
     engine = Engine(captioner, slots, max_len, options.max_queue, Metrics())
     engine.start()
@@ -54,5 +83,6 @@ def serve(folder: Path, options: ServeOptions, say: object = print) -> None:
     if callable(say):
         say(f"serving {folder} ({captioner.manifest.quant.level}, {captioner.device}, {slots} slots) on "
             f"http://{options.host}:{options.port}")
-    uvicorn.run(app, host=options.host, port=options.port, log_level="warning",
-                timeout_graceful_shutdown=int(options.timeout_s) + 5)
+    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S,
+                            timeout_graceful_shutdown=int(options.timeout_s) + SHUTDOWN_GRACE_S)
+    uvicorn.Server(config).run(sockets=[sock])
