@@ -218,3 +218,17 @@ def test_any_request_body_is_answered_2xx_or_4xx(exported):
     finally:
         client.close()
         engine.stop()
+
+
+def test_the_tokens_window_forgets_old_completions_unscraped(monkeypatch):
+    """The tokens/s window dropped old completions only when /metrics was read: a server nobody scraped kept
+    every completion ever (the soak's slow RSS growth). Now recording trims it too."""
+    from palionnx.server import metrics as module
+
+    clock = [0.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    metrics = module.Metrics()
+    for _ in range(10_000):
+        clock[0] += 1.0
+        metrics.record_tokens(3)
+    assert len(metrics.recent) <= module.TOKEN_WINDOW_S + 1 and metrics.generated == 30_000

@@ -40,6 +40,14 @@ class Metrics:
         with self.lock:
             self.generated += count
             self.recent.append((time.monotonic(), count))
+            self._forget_old()
+
+    def _forget_old(self) -> None:
+        """Drop completions older than the window (here, not only when /metrics is read: unscraped, the window
+        would keep every completion ever)."""
+        now = time.monotonic()
+        while self.recent and self.recent[0][0] < now - TOKEN_WINDOW_S:
+            self.recent.popleft()
 
     def record_slots(self, busy: int, slots: int, steps: int, busy_steps: int) -> None:
         with self.lock:
@@ -47,9 +55,7 @@ class Metrics:
             self.occupancy = busy_steps / (steps * slots) if steps else 0.0
 
     def tokens_per_s(self) -> float:
-        now = time.monotonic()
-        while self.recent and self.recent[0][0] < now - TOKEN_WINDOW_S:
-            self.recent.popleft()
+        self._forget_old()
         return sum(count for _, count in self.recent) / TOKEN_WINDOW_S
 
     def text(self, queue_depth: int) -> str:
