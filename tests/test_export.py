@@ -156,12 +156,14 @@ def test_nbit_graphs_use_matmulnbits_and_quantized_embedding(quant, exported):
                                                                       if n.output[0] == gather.input[0]}, \
         "the embedding and the tied lm_head share one quantized table"
     kernel = f"nbits{bits}-b32"  # the tiny decoders are too small to time: the default kernels
-    assert Manifest.load(folder).quant.to_json() == {
-        "level": quant, "bits": bits, "block_size": 32, "symmetric": True, "accuracy_level": 4,
-        "method": "MatMulNBits + GatherBlockQuantized",
-        "cpu_kernels": {"vision": kernel, "decode": kernel, "prefill": kernel, "chosen_by": "default", "cpu": "",
-                        "probe_ms": {}, "probe_error": {}},
-    }
+    quant_info = Manifest.load(folder).quant.to_json()
+    cpu = quant_info.pop("cpu_kernels")
+    assert quant_info == {"level": quant, "bits": bits, "block_size": 32, "symmetric": True, "accuracy_level": 4,
+                          "method": "MatMulNBits + GatherBlockQuantized"}
+    assert {k: cpu[k] for k in ("vision", "decode", "prefill", "chosen_by", "cpu", "probe_ms", "batch_decode_from")} \
+        == {"vision": kernel, "decode": kernel, "prefill": kernel, "chosen_by": "default", "cpu": "", "probe_ms": {},
+            "batch_decode_from": 0}
+    assert set(cpu["probe_error"]) == {kernel} and set(cpu["sites"]) == {"vision_encoder", "decoder"}  # calibrated
 
 
 def test_fp16_graphs_store_half_weights(exported):

@@ -90,6 +90,7 @@ def test_int8_activations_hold_on_outliers(stressed, base_report, tmp_path, quan
 def test_without_the_split_int8_activations_collapse(stressed, base_report, tmp_path, monkeypatch):
     """What the split buys: the same export with any error allowed (no split anywhere) loses most captions."""
     monkeypatch.setattr(linear, "ERROR_BOUND", float("inf"))
+    monkeypatch.setattr(linear, "WEIGHT_SLACK", float("inf"))
     captioner = _export(stressed(), tmp_path / "int4", "int4", "qgemm")
     assert captioner.manifest.quant.cpu_kernels.site_counts("decoder")["split"] == 0
     report = evaluate(captioner, count=SCENES, batch_size=16)

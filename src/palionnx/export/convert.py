@@ -122,14 +122,15 @@ def _write_folder(source: str | Path, outdir: Path, o: _Options, progress: Progr
     if o.quant in quantize.BITS and o.block_size and config.hidden % o.block_size:
         raise ExportError(f"--block-size {o.block_size} does not divide the hidden size {config.hidden}")
     checkpoint.tokenizer.backend_tokenizer.save(str(outdir / TOKENIZER_NAME))
-    weights = CheckpointWeights(checkpoint.folder, checkpoint.config.text_config,
-                                "float16" if o.quant == "fp16" else "float32")
     staging = outdir / ".staging"
     staging.mkdir(exist_ok=True)
     plan = calibration = None
     try:
         # bf16 folders keep the fp16 vision encoder: onnxruntime's CUDA Conv has bfloat16 from opset 22 only
         vision = _export_in_child(checkpoint.folder, staging, o.quant in ("fp16", "bf16"), progress, started)
+        # read after the vision export, which reports an unreadable checkpoint as one line
+        weights = CheckpointWeights(checkpoint.folder, checkpoint.config.text_config,
+                                    "float16" if o.quant == "fp16" else "float32")
         if o.target == "cpu" and o.quant in quantize.BITS:
             calibration = _calibrate(checkpoint, config, staging / vision.file, weights, o.calibration, say)
             plan = _cpu_kernels(checkpoint, config, o, calibration, say)
