@@ -2,12 +2,12 @@
 
 DEFAULT_PROMPT = "caption en"
 DEFAULT_MAX_NEW_TOKENS = 256  # the origin script's limit
-# Images per decoder batch on the CPU: at 256 new tokens, pg1-3b-224 int4 captioned 1.8 / 2.1 / 2.4 / 2.9x the
+# Images per decoder batch on the CPU: at 256 new tokens, pg1-3b-224 int4 captioned 1.7 / 2.0 / 2.3 / 2.8x the
 # images per second of batch 1 at batch 4 / 8 / 16 / 32, with 2.2 GB more memory at 32 (AMD EPYC, 2 cores;
 # benchmarks/results/cpu-batch-pg1-3b-224-int4.md). `palionnx caption` halves it where the memory is short.
 DEFAULT_BATCH_SIZE = 32
 # `palionnx serve`'s slots on the CPU: a server answers people, and every newcomer's prefill (2.4 s for the 3B
-# model) pauses all slots; 8 slots gave 2.1x batch 1's images/s (same benchmark) with less memory.
+# model) pauses all slots; 8 slots gave 2.0x batch 1's images/s (same benchmark) with less memory.
 DEFAULT_SERVE_CPU_SLOTS = 8
 # On the CPU prompts are prefilled at most 4 at a time: per image as fast as one at a time (2027 / 2025 / 1970 /
 # 2192 ms per image at 1 / 2 / 4 / 8 rows, pg1-3b-224 int4, AMD EPYC 2 cores), with the prefill's memory bounded.
