@@ -70,7 +70,7 @@ def prefilled_state(captioner: Captioner, room: int = ROOM) -> tuple[Any, np.nda
     tokens = state.prefill(batch).next_token()
     for _ in range(3):
         tokens = state.step(tokens).next_token()
-    state = captioner.model.new_state(1, batch.input_ids.shape[1] + room)
+    state.reset()
     return state, state.prefill(batch).next_token()
 
 

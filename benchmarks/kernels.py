@@ -4,9 +4,10 @@
     python benchmarks/kernels.py --geometry pg1-3b-224 --level int8 --threads 2 --json probe.json
 
 What `palionnx export --quant int4|int8 --device cpu` times before it writes a folder (export/tune.py): one
-decoder layer's matrix products at the prompt's length (prefill) and at one token with the weights read
-from memory (decode), one vision layer's at the image's tokens, on every candidate kernel; then the
-kernels it would choose. No checkpoint is needed (random weights of the geometry's shapes) and nothing is
+decoder layer's matrix products at the prompt's length (prefill), at one token and at 2-32 rows
+(tune.BATCH_ROWS) with the weights read from memory (decode, batched decode), one vision layer's at the
+image's tokens, on every candidate kernel; then the kernels it would choose and the batch from which decode
+steps run on the prefill's kernel. No checkpoint is needed (random weights of the geometry's shapes) and nothing is
 written but the optional JSON. GOP/s = 2 x rows x weights / time.
 """
 

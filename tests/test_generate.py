@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 
 from palionnx.runtime.generate import (
-    PromptBatch,
     generate_step,
     greedy,
     make_logits_processors,
     make_sampler,
+    next_tokens,
     reads_logits,
 )
+from palionnx.runtime.prompt import PromptBatch, lay_out
 
 VOCAB = 11
 
@@ -189,3 +190,41 @@ def test_greedy_reads_only_next_token_and_processors_read_logits():
 def test_max_new_tokens_bounds_every_row():
     generated, _ = run(PROMPTS, max_new_tokens=3, eos=99)
     assert [len(g) for g in generated] == [3, 3, 3, 3]
+
+
+class CountingOutput:
+    """A decoder output that counts what the sampling step reads back."""
+
+    def __init__(self, logits: np.ndarray, argmax: np.ndarray):
+        self._logits, self._argmax, self.reads = logits, argmax, []
+
+    def logits(self) -> np.ndarray:
+        self.reads.append("logits")
+        return self._logits
+
+    def next_token(self) -> np.ndarray:
+        self.reads.append("next_token")
+        return self._argmax
+
+
+def test_next_tokens_reads_the_logits_only_when_something_rewrites_or_samples_them():
+    logits = np.array([[0.0, 2.0, 1.0], [3.0, 0.0, 2.9]], dtype=np.float32)
+    plain = CountingOutput(logits, np.array([7, 7]))  # the graph's argmax, deliberately not the logits' one
+    assert next_tokens(plain, np.zeros((2, 1), dtype=np.int64)).tolist() == [7, 7]
+    assert plain.reads == ["next_token"]
+    penalised = CountingOutput(logits, np.array([7, 7]))
+    history = np.array([[1], [0]])  # row 0 has seen token 1, row 1 token 0
+    tokens = next_tokens(penalised, history, greedy, make_logits_processors(repetition_penalty=10.0))
+    assert tokens.tolist() == [2, 2] and penalised.reads == ["logits"]
+
+
+def test_lay_out_places_image_features_and_keeps_each_rows_history():
+    image = 9
+    sequences = [[image, image, 2, 5, 6], [image, image, 2, 5]]
+    batch = lay_out(sequences, features := object(), pad_id=0, image_token_id=image, image_tokens=2)
+    assert batch.image_features is features and batch.lengths.tolist() == [5, 4]
+    assert batch.input_ids.tolist() == [[-1, -2, 2, 5, 6], [-3, -4, 2, 5, 0]]  # right-padded, feature rows
+    assert batch.ids.tolist() == [[9, 9, 2, 5, 6], [0, 9, 9, 2, 5]]  # left-padded
+    assert [batch.history(row).tolist() for row in range(2)] == sequences
+    with pytest.raises(ValueError, match="gives 1 image tokens"):
+        lay_out([[image, 2]], None, pad_id=0, image_token_id=image, image_tokens=2)

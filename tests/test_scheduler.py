@@ -6,7 +6,8 @@ import pytest
 from palionnx import Captioner
 from palionnx.runtime.generate import make_logits_processors, make_sampler
 from palionnx.runtime.preprocess import Pixels, image_pixels
-from palionnx.runtime.scheduler import CaptionStream, Request, Retry, Scheduler
+from palionnx.runtime.scheduler import Request, Scheduler
+from palionnx.runtime.stream import CaptionStream, Retry
 from palionnx.samples import sample_images
 
 PROMPTS = ["caption en", "describe this picture in great detail", "x", "caption en"]
@@ -40,7 +41,7 @@ def test_slots_give_each_image_its_caption_alone(family, exported):
     expected = [_alone(captioner, image, r) for image, r in zip(images, requests)]
     assert len({len(e) for e in expected}) >= 4, [len(e) for e in expected]
 
-    scheduler = Scheduler(captioner, slots=3, max_len=96)
+    scheduler = Scheduler(captioner.model, captioner.text, slots=3, max_len=96)
     got = {c.request.tag: c.tokens for c in scheduler.run(iter(requests))}
     assert [got[i] for i in range(len(requests))] == expected
     assert 0.5 < scheduler.occupancy.ratio(3) <= 1.0 and scheduler.busy == 0
@@ -50,7 +51,8 @@ def test_seeded_sampling_does_not_depend_on_the_neighbours(exported):
     captioner = Captioner.load(exported("tiny-pg1", "fp32"), device="cpu")
     seeds = list(range(10, 16))
     images, requests = _requests(captioner, 6, [12, 7], seeds=seeds)
-    got = {c.request.tag: c.tokens for c in Scheduler(captioner, slots=4, max_len=96).run(requests)}
+    scheduler = Scheduler(captioner.model, captioner.text, slots=4, max_len=96)
+    got = {c.request.tag: c.tokens for c in scheduler.run(requests)}
     assert [got[i] for i in range(6)] == [_alone(captioner, im, r, s) for im, r, s in zip(images, requests, seeds)]
 
 
@@ -60,7 +62,7 @@ def test_slots_stay_full_while_captions_vary(exported):
     _, requests = _requests(captioner, 64, [3, 20, 9, 14, 6, 30])
     for request in requests:
         request.ignore_eos = True  # lengths exactly as asked: 3 to 30 tokens
-    scheduler = Scheduler(captioner, slots=4, max_len=96)
+    scheduler = Scheduler(captioner.model, captioner.text, slots=4, max_len=96)
     completions = list(scheduler.run(requests))
     assert sorted(c.request.tag for c in completions) == list(range(64))
     lengths = [len(c.tokens) for c in sorted(completions, key=lambda c: c.request.tag)]
@@ -72,8 +74,8 @@ def test_request_too_long_for_a_slot_is_refused(exported):
     captioner = Captioner.load(exported("tiny-pg1", "fp32"), device="cpu")
     _, (request,) = _requests(captioner, 1, [60])
     with pytest.raises(ValueError, match="exceed a slot"):
-        Scheduler(captioner, slots=2, max_len=40).submit(request)
-    assert np.all(Scheduler(captioner, slots=2, max_len=80).state.lengths == 0)
+        Scheduler(captioner.model, captioner.text, slots=2, max_len=40).submit(request)
+    assert np.all(Scheduler(captioner.model, captioner.text, slots=2, max_len=80).state.lengths == 0)
 
 
 def test_short_captions_are_captioned_again_and_the_longest_kept(exported):

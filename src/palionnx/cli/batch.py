@@ -19,7 +19,7 @@ from ..runtime.captioner import Captioner, CaptionResult
 from ..runtime.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from ..runtime.generate import LogitsProcessor, Sampler, greedy
 from ..runtime.preprocess import ImageInput
-from ..runtime.scheduler import CaptionStream, Retry
+from ..runtime.stream import CaptionStream, Retry
 from .claims import CLAIM_SUFFIX, Claims, claim_path, recover_stale
 from .files import ImageJob, append_line, caption_path, clean_caption, remove_stale_temp_files, write_atomic
 from .progress import Progress, print_line

@@ -41,7 +41,17 @@ import ml_dtypes
 import numpy as np
 from onnx import helper
 
-from ..runtime.contract import DECODER, DECODER_PREFILL, DECODER_WINDOWED, GRAPH_FILES, data_file, graph_io
+from ..runtime.contract import (
+    DECODER,
+    DECODER_PREFILL,
+    DECODER_WINDOWED,
+    GRAPH_FILES,
+    CacheIO,
+    DecoderIO,
+    data_file,
+    decoder_io,
+    graph_io,
+)
 from ..runtime.manifest import GraphInfo
 from . import quantize
 from .linear import PLAIN, LinearInput, SitePlan
@@ -192,28 +202,28 @@ class _DecoderGraph:
 
     def build(self) -> None:
         c, p, g = self.c, self.p, self.g
-        io = graph_io(DECODER, c.layers)
-        ids, features, seqlens, total, last = io.inputs[:5]
-        g.input(ids, np.int64, ["batch", "sequence"])
-        g.input(features, F32, ["images", "image_tokens", c.hidden])
-        g.input(seqlens, np.int32, ["batch"])
-        g.input(total, np.int32, [])
-        g.input(last, np.int64, ["batch"])
+        io = decoder_io(c.layers)
+        g.input(io.input_ids, np.int64, ["batch", "sequence"])
+        g.input(io.image_features, F32, ["images", "image_tokens", c.hidden])
+        g.input(io.seqlens_k, np.int32, ["batch"])
+        g.input(io.total_sequence_length, np.int32, [])
+        g.input(io.last_index, np.int64, ["batch"])
         cache = ["batch", c.kv_heads, "max_len", c.head_dim]
-        for name in io.inputs[5:]:
-            g.input(name, p.compute, cache)
-        g.output(io.outputs[0], F32, ["batch", c.vocab])
-        g.output(io.outputs[1], np.int64, ["batch"])
-        for name in io.outputs[2:]:
-            g.output(name, p.compute, cache)
+        for pair in io.caches:
+            g.input(pair.past, p.compute, cache)
+        g.output(io.logits, F32, ["batch", c.vocab])
+        g.output(io.next_token, np.int64, ["batch"])
+        for pair in io.caches:
+            g.output(pair.present, p.compute, cache)
 
         cos, sin = self._rotary_tables()
-        hidden, skip = self._embed(ids, features), None
+        hidden, skip = self._embed(io.input_ids, io.image_features), None
         for i in range(c.layers):
-            caches = io.inputs[5 + 2 * i : 7 + 2 * i], io.outputs[2 + 2 * i : 4 + 2 * i]
-            hidden, skip = self._layer(i, hidden, skip, seqlens, total, cos, sin, caches)
+            key, value = io.caches[2 * i : 2 * i + 2]
+            hidden, skip = self._layer(i, hidden, skip, io.seqlens_k, io.total_sequence_length, cos, sin,
+                                       (key, value))
         assert skip is not None
-        self._head(hidden, skip, last, io.outputs[:2])
+        self._head(hidden, skip, io)
 
     # --- pieces -------------------------------------------------------------------------------------
 
@@ -242,7 +252,7 @@ class _DecoderGraph:
         return g.op("Where", [is_image, image, text], "embed/merge")[0]
 
     def _layer(self, i: int, hidden: str, skip: str | None, seqlens: str, total: str, cos: str, sin: str,
-               caches: tuple[list[str], list[str]]) -> tuple[str, str]:
+               caches: tuple[CacheIO, CacheIO]) -> tuple[str, str]:
         c, p, g = self.c, self.p, self.g
         name = f"layers.{i}"
         if skip is None:
@@ -253,9 +263,9 @@ class _DecoderGraph:
             x = self._cast(x, p.residual, p.compute, f"{name}/input_norm_cast")
         qkv = self._linear(self._input(x, i, "qkv"), i, ("q", "k", "v"), f"{name}/qkv")
         sliding_here = self.windowed and c.sliding and c.sliding[i]
-        (past_k, past_v), (present_k, present_v) = caches
-        attn = g.op("GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens, total, cos, sin], f"{name}/attn",
-                    outputs=[f"{name}/attn/0", present_k, present_v], domain="com.microsoft",
+        key, value = caches
+        attn = g.op("GroupQueryAttention", [qkv, "", "", key.past, value.past, seqlens, total, cos, sin],
+                    f"{name}/attn", outputs=[f"{name}/attn/0", key.present, value.present], domain="com.microsoft",
                     num_heads=c.heads, kv_num_heads=c.kv_heads, scale=c.scale, softcap=c.attn_softcap,
                     do_rotary=1, rotary_interleaved=0, causal=int(bool(sliding_here)),
                     local_window_size=c.window if sliding_here else -1)[0]
@@ -277,15 +287,15 @@ class _DecoderGraph:
                              f"{name}/post_feedforward_norm")
         return hidden, mlp
 
-    def _head(self, hidden: str, skip: str, last: str, outputs: list[str]) -> None:
+    def _head(self, hidden: str, skip: str, io: DecoderIO) -> None:
         """Final norm, the last real position of each row, the tied lm_head, soft-capping, argmax."""
         c, p, g = self.c, self.p, self.g
         normed, _ = self._skip_norm(hidden, skip, self._gain(None, "norm", p.residual), "head/norm")
         rows = g.op("Reshape", [normed, g.constant("head/rows", [-1, c.hidden], np.int64)], "head/rows")[0]
-        x = g.op("Gather", [rows, last], "head/last")[0]
+        x = g.op("Gather", [rows, io.last_index], "head/last")[0]
         x = self._cast(x, p.residual, p.compute, "head/cast_in")
         # the last node writes the graph's logits output itself (an Identity would copy [b, vocab] every step)
-        final: list[str] | int = [outputs[0]] if p.compute == F32 else 1  # what the last float node writes
+        final: list[str] | int = [io.logits] if p.compute == F32 else 1  # what the last float node writes
         head_out = final if not c.final_softcap else 1
         if p.weights in quantize.BITS:
             table, scales = self._quantized_embedding()
@@ -300,8 +310,8 @@ class _DecoderGraph:
             logits = g.op("Tanh", [logits], "head/softcap_tanh")[0]
             logits = g.op("Mul", [logits, cap], "head/softcap_mul", final)[0]
         if p.compute != F32:
-            g.op("Cast", [logits], "head/logits", outputs=[outputs[0]], to=1)
-        g.op("ArgMax", [outputs[0]], "head/argmax", outputs=[outputs[1]], axis=-1, keepdims=0)
+            g.op("Cast", [logits], "head/logits", outputs=[io.logits], to=1)
+        g.op("ArgMax", [io.logits], "head/argmax", outputs=[io.next_token], axis=-1, keepdims=0)
 
     # --- building blocks ---------------------------------------------------------------------------
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from .defaults import DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
-from .generate import LogitsProcessor, PromptBatch, Sampler, generate_step, greedy
+from .generate import LogitsProcessor, Sampler, generate_step, greedy
 from .limits import check_request
 from .manifest import Manifest
-from .model import OnnxPaliGemma
+from .model import DecoderState, OnnxPaliGemma
 from .preprocess import ImageInput, ImageLoadError, Pixels, image_pixels
+from .prompt import PromptBatch, encode_prompts
 from .text import TextCodec
 
 
@@ -60,6 +61,7 @@ class Captioner:
         self.text = TextCodec(folder, manifest)
         self.image_spec = manifest.image_spec
         self._pool: ThreadPoolExecutor | None = None  # image decoding threads, made on first use
+        self._states: dict[tuple[int, int], DecoderState] = {}  # the static batches' caches, by shape
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "auto", threads: int | None = None,
@@ -139,21 +141,7 @@ class Captioner:
 
     def prompt_batch(self, pixels: np.ndarray, prompts: list[str]) -> PromptBatch:
         """Encode pixel values [n, 3, H, W] and lay out one batch's prompts for the decoder."""
-        m = self.manifest
-        sequences = [self.text.prompt_ids(p) for p in prompts]
-        lengths = np.array([len(s) for s in sequences])
-        width = int(lengths.max())
-        history = np.full((len(sequences), width), m.pad_token_id, dtype=np.int64)  # left-padded
-        input_ids = np.full((len(sequences), width), m.pad_token_id, dtype=np.int64)  # right-padded
-        for row, ids in enumerate(sequences):
-            history[row, width - len(ids):] = ids
-            input_ids[row, : len(ids)] = ids
-            slots = np.flatnonzero(input_ids[row] == m.image_token_id)
-            if len(slots) != m.image_seq_length:
-                raise ValueError(f"the prompt template gives {len(slots)} image tokens; the model has "
-                                 f"{m.image_seq_length} image features per image")
-            input_ids[row, slots] = -1 - (row * m.image_seq_length + np.arange(len(slots)))  # feature rows
-        return PromptBatch(history, input_ids, self.model.encode_images(pixels), lengths)
+        return encode_prompts(self.model, self.text, pixels, prompts)
 
     def prefill_logits(self, images: Sequence[ImageInput], prompts: list[str]) -> np.ndarray:
         """Next-token logits [b, vocab] after the prompt: what validation compares with transformers."""
@@ -199,7 +187,7 @@ class Captioner:
         batch = self.prompt_batch(pixels, prompts)
         timings.vision_s = time.perf_counter() - started  # image encoding and prompt embedding
         started = time.perf_counter()
-        state = self.model.new_state(len(prompts), batch.input_ids.shape[1] + max_new_tokens)
+        state = self._state(len(prompts), batch.input_ids.shape[1] + max_new_tokens)
         steps = generate_step(state, batch, max_new_tokens=max_new_tokens, eos_ids=eos_ids, sampler=sampler,
                               logits_processors=logits_processors)
         tokens: list[list[int]] = [[] for _ in prompts]
@@ -216,6 +204,18 @@ class Captioner:
                     tokens[row].append(token)
             started = time.perf_counter()
         return [(t, timings) for t in tokens]
+
+
+    def _state(self, batch: int, max_len: int) -> DecoderState:
+        """An empty cache for a static batch: the last two shapes' states are kept and reset, so batch after
+        batch runs on the same buffers (and on CUDA the same captured graph)."""
+        key = (batch, self.model.cache_slots(batch, max_len))
+        state = self._states.pop(key, None) or self.model.new_state(batch, max_len)
+        state.reset()
+        self._states[key] = state
+        while len(self._states) > 2:
+            self._states.pop(next(iter(self._states)))
+        return state
 
 
 def source_name(image: ImageInput) -> str:

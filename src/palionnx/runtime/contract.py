@@ -41,6 +41,48 @@ class GraphIO:
     outputs: list[str]
 
 
+@dataclass(frozen=True)
+class CacheIO:
+    """One layer's key or value cache: the input it is read from and the output it is written to (bind one
+    buffer to both)."""
+
+    past: str
+    present: str
+
+
+@dataclass(frozen=True)
+class DecoderIO:
+    """The decoder graphs' inputs and outputs by meaning (see `graph_io` for what each holds)."""
+
+    layers: int
+    input_ids: str = "input_ids"
+    image_features: str = "image_features"
+    seqlens_k: str = "seqlens_k"
+    total_sequence_length: str = "total_sequence_length"
+    last_index: str = "last_index"
+    logits: str = "logits"
+    next_token: str = "next_token"
+
+    @property
+    def caches(self) -> list[CacheIO]:
+        """Per layer its key cache then its value cache, in the graph's order."""
+        return [CacheIO(past, present) for past, present in zip(past_names(self.layers), present_names(self.layers))]
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.input_ids, self.image_features, self.seqlens_k, self.total_sequence_length, self.last_index,
+                *past_names(self.layers)]
+
+    @property
+    def outputs(self) -> list[str]:
+        return [self.logits, self.next_token, *present_names(self.layers)]
+
+
+def decoder_io(layers: int) -> DecoderIO:
+    """The I/O of every decoder graph (decoder, decoder_windowed, decoder_prefill) of a `layers`-layer model."""
+    return DecoderIO(layers)
+
+
 def past_names(layers: int) -> list[str]:
     """Decoder cache inputs: past_key_values.N.key, past_key_values.N.value for each layer N."""
     return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
@@ -74,11 +116,8 @@ def graph_io(role: str, layers: int) -> GraphIO:
     if role == VISION_ENCODER:
         return GraphIO(["pixel_values"], ["image_features"])
     if role in DECODER_GRAPHS:
-        return GraphIO(
-            ["input_ids", "image_features", "seqlens_k", "total_sequence_length", "last_index",
-             *past_names(layers)],
-            ["logits", "next_token", *present_names(layers)],
-        )
+        io = decoder_io(layers)
+        return GraphIO(io.inputs, io.outputs)
     raise KeyError(f"unknown graph role {role!r}")
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
+
+from .prompt import PromptBatch
 
 Sampler = Callable[[np.ndarray], np.ndarray]  # logits [b, vocab] -> token ids [b]
 LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (history [b, t], logits) -> logits
@@ -176,22 +177,25 @@ def reads_logits(sampler: Sampler, logits_processors: Sequence[LogitsProcessor])
     return not isinstance(sampler, Greedy) or bool(logits_processors)
 
 
-@dataclass
-class PromptBatch:
-    """Prefill inputs of one batch of prompts of different lengths."""
-
-    ids: np.ndarray  # [b, s] int64 left-padded with pad ids, image tokens included: the processors' history
-    input_ids: np.ndarray  # [b, s] int64 right-padded (the decoder's layout); -1 - k where image feature row k goes
-    image_features: Any  # the vision encoder's output for the batch (an onnxruntime OrtValue, on the device)
-    lengths: np.ndarray  # [b] real tokens per row
-
-
 class DecoderOutput(Protocol):
     """What one decoder call gives back (implemented by `palionnx.runtime.model.StepOutput`)."""
 
     def logits(self) -> np.ndarray: ...
 
     def next_token(self) -> np.ndarray: ...
+
+
+def next_tokens(output: DecoderOutput, history: np.ndarray, sampler: Sampler = greedy,
+                logits_processors: Sequence[LogitsProcessor] = ()) -> np.ndarray:
+    """One sampling step: the next token [b] of each row of `output`. The processors rewrite the logits in
+    order (seeing `history` [b, t], the ids so far), then the sampler picks; when neither needs the logits
+    (`reads_logits`) the graph's own argmax is read instead."""
+    if not reads_logits(sampler, logits_processors):
+        return output.next_token()
+    logits = output.logits()
+    for process in logits_processors:
+        logits = process(history, logits)
+    return sampler(logits)
 
 
 class KVDecoder(Protocol):
@@ -229,16 +233,9 @@ def generate_step(
     history = prompt.ids
     eos = np.asarray(list(eos_ids), dtype=np.int64)
     running = np.ones(len(history), dtype=bool)
-    fetch_logits = reads_logits(sampler, logits_processors)
     output = decoder.prefill(prompt)
     for step in range(max_new_tokens):
-        if fetch_logits:
-            logits = output.logits()
-            for process in logits_processors:
-                logits = process(history, logits)
-            tokens = sampler(logits)
-        else:
-            tokens = output.next_token()
+        tokens = next_tokens(output, history, sampler, logits_processors)
         rows = np.flatnonzero(running)
         yield rows, tokens[rows]
         running &= ~np.isin(tokens, eos)

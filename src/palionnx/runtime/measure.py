@@ -132,7 +132,8 @@ def continuous(captioner: Captioner, images: list[Any], max_new_tokens: int, slo
     spread = [1.0, 0.5, 0.25, 0.75]
     requests = [Request(image_pixels(image, captioner.image_spec), max_new_tokens=max(1, int(max_new_tokens * f)),
                         ignore_eos=True) for image, f in zip(images, spread * len(images))]
-    scheduler = Scheduler(captioner, slots, len(captioner.text.prompt_ids(requests[0].prompt)) + max_new_tokens)
+    max_len = len(captioner.text.prompt_ids(requests[0].prompt)) + max_new_tokens
+    scheduler = Scheduler(captioner.model, captioner.text, slots, max_len)
     started = time.perf_counter()
     done = sum(1 for _ in scheduler.run(requests))
     return done / (time.perf_counter() - started), scheduler.occupancy.ratio(slots)
@@ -150,7 +151,7 @@ def decode_step_ms(captioner: Captioner, allocated: int, steps: int = 64) -> flo
     tokens = state.prefill(batch).next_token()
     for _ in range(3):  # warm-up (and, on CUDA, the graph capture)
         tokens = state.step(tokens).next_token()
-    state = captioner.model.new_state(1, batch.input_ids.shape[1] + allocated)  # the same buffers, reset
+    state.reset()
     tokens = state.prefill(batch).next_token()
     started = time.perf_counter()
     for _ in range(steps):

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .contract import DECODER, DECODER_PREFILL, DECODER_WINDOWED, VISION_ENCODER, graph_io
+from .contract import DECODER, DECODER_PREFILL, DECODER_WINDOWED, VISION_ENCODER, decoder_io, graph_io
 from .defaults import CPU_PREFILL_ROWS, CUDA_MIN_CACHE_SLOTS
-from .generate import PromptBatch
 from .limits import cache_length
 from .manifest import Manifest
+from .prompt import PromptBatch
 from .sessions import DeviceError, open_sessions, requested_device
 
 BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16: numpy has no bfloat16, so such buffers are held as uint16
@@ -73,14 +73,13 @@ class OnnxPaliGemma:
         self.batch_decode_from = kernels.batch_decode_from if kernels and DECODER_PREFILL in sessions else 0
         self.windowed: ort.InferenceSession | None = None  # Gemma 2, opened when first needed
         self.providers = self.decoder.get_providers()
-        self.io = graph_io(DECODER, manifest.layers)
+        self.io = decoder_io(manifest.layers)
         # the cache's storage type and the element type it is bound as (they differ for bfloat16)
         self.kv_storage, self.kv_element = _CACHE_TYPES[
-            {i.name: i.type for i in self.decoder.get_inputs()}[self.io.inputs[5]]]
+            {i.name: i.type for i in self.decoder.get_inputs()}[self.io.caches[0].past]]
         # onnxruntime-gpu 1.31's GroupQueryAttention ignores the padding of shorter rows when soft-capping
         # (Gemma 2) is combined with bidirectional attention: prefill such batches one row at a time.
         self.prefill_rows_alone = self.device == "cuda" and manifest.family == "pg2"
-        self._states: dict[tuple[int, int], DecoderState] = {}
         self._graph_ids = 0
         # On CUDA, small batches get a cache of at least this many slots (see `cache_slots`).
         self.min_cache_slots = CUDA_MIN_CACHE_SLOTS if self.device == "cuda" else 0
@@ -117,23 +116,19 @@ class OnnxPaliGemma:
         return self.windowed
 
     def new_state(self, batch: int, max_len: int) -> DecoderState:
-        """A KV cache for `batch` rows of up to `max_len` tokens. The last two shapes are kept and reused, so
-        batch after batch runs on the same buffers (and the same captured CUDA graph)."""
-        if max_len > self.manifest.max_positions:
-            raise ValueError(f"prompt + new tokens ({max_len}) exceed the model's {self.manifest.max_positions} "
-                             "positions")
-        key = (batch, self.cache_slots(batch, max_len))
-        state = self._states.pop(key, None) or DecoderState(self, *key, self._next_graph_id())
-        self._states[key] = state
-        while len(self._states) > 2:
-            self._states.pop(next(iter(self._states)))
-        return state
+        """A new KV cache of its own for `batch` rows of up to `max_len` tokens (on CUDA, with its own captured
+        decode graph). To run batch after batch on the same buffers, keep the state and `reset` it."""
+        return DecoderState(self, batch, self.cache_slots(batch, max_len), self._next_graph_id())
 
     def cache_slots(self, batch: int, max_len: int) -> int:
         """Slots per row of the cache for `max_len` tokens: on CUDA, small batches get at least
         `min_cache_slots`, because GroupQueryAttention splits a decode step's attention over the cache's
         length (its total_sequence_length, fixed in the captured graph): a longer cache spreads one row's
-        few heads over more of the GPU, while the work still follows each row's filled length."""
+        few heads over more of the GPU, while the work still follows each row's filled length. ValueError
+        when `max_len` exceeds the model's positions."""
+        if max_len > self.manifest.max_positions:
+            raise ValueError(f"prompt + new tokens ({max_len}) exceed the model's {self.manifest.max_positions} "
+                             "positions")
         return cache_length(self.manifest, batch, max_len, self.min_cache_slots)
 
     def _next_graph_id(self) -> int:
@@ -151,18 +146,40 @@ class OnnxPaliGemma:
 
 
 class StepOutput:
-    """The decoder's outputs for one call, copied to the host only when asked for."""
+    """The decoder's outputs for one call, copied to the host only when first asked for (then kept)."""
 
     def __init__(self, logits: ort.OrtValue, next_token: ort.OrtValue):
         self._logits, self._next_token = logits, next_token
+        self._host: dict[str, np.ndarray] = {}
 
     def logits(self) -> np.ndarray:
         """[b, vocab] float32 scores of the next token."""
-        return np.array(self._logits.numpy())
+        if "logits" not in self._host:
+            self._host["logits"] = np.array(self._logits.numpy())
+        return self._host["logits"]
 
     def next_token(self) -> np.ndarray:
         """[b] int64 argmax of the logits: all a greedy loop needs to read back."""
-        return np.array(self._next_token.numpy())
+        if "next_token" not in self._host:
+            self._host["next_token"] = np.array(self._next_token.numpy())
+        return self._host["next_token"]
+
+    def rows(self, rows: slice) -> RowsOutput:
+        """The outputs of some rows only (each read back once for all of them)."""
+        return RowsOutput(self, rows)
+
+
+class RowsOutput:
+    """Some rows of a StepOutput, as a DecoderOutput of their own."""
+
+    def __init__(self, output: StepOutput, rows: slice):
+        self.output, self.selected = output, rows
+
+    def logits(self) -> np.ndarray:
+        return self.output.logits()[self.selected]
+
+    def next_token(self) -> np.ndarray:
+        return self.output.next_token()[self.selected]
 
 
 class DecoderState:
@@ -177,7 +194,7 @@ class DecoderState:
             return ort.OrtValue.ortvalue_from_numpy(array, device, 0)
 
         # Zero-filled once; GroupQueryAttention only reads the slots a row has filled.
-        self.cache = [on_device(np.zeros(shape, dtype=model.kv_storage)) for _ in model.io.inputs[5:]]
+        self.cache = [on_device(np.zeros(shape, dtype=model.kv_storage)) for _ in model.io.caches]
         self.token_ids = on_device(np.zeros((batch, 1), dtype=np.int64))
         self.no_features = on_device(np.zeros((1, 1, m.hidden), dtype=np.float32))  # decode steps add no image
         self.seqlens = on_device(np.zeros(batch, dtype=np.int32))
@@ -190,6 +207,10 @@ class DecoderState:
         self.lengths = np.zeros(batch, dtype=np.int32)  # tokens of each row in the cache
         self._bindings: dict[int, ort.IOBinding] = {}
         self._options = {capture: self._make_run_options(capture) for capture in (False, True)}
+
+    def reset(self) -> None:
+        """Empty every row, to run a new batch on the same buffers."""
+        self.lengths[:] = 0
 
     def prefill(self, prompt: PromptBatch) -> StepOutput:
         """Run each row's whole prompt (right-padded [b, s]) into its empty cache slots 0 .. len - 1."""
@@ -218,27 +239,25 @@ class DecoderState:
         width = int(lengths.max())
         session = self.model.prefill_decoder
         binding = session.io_binding()
-        inputs, outputs = self.model.io.inputs, self.model.io.outputs
-        arrays = [prompt.input_ids[start:stop, :width], None, (lengths - 1).astype(np.int32),
-                  np.array(width, dtype=np.int32), np.arange(stop - start) * width + lengths - 1]
-        for name, array in zip(inputs[:5], arrays):
-            if array is None:
-                binding.bind_ortvalue_input(name, prompt.image_features)
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        io = self.model.io
+        binding.bind_ortvalue_input(io.image_features, prompt.image_features)
+        for name, array in ((io.input_ids, prompt.input_ids[start:stop, :width]),
+                            (io.seqlens_k, (lengths - 1).astype(np.int32)),
+                            (io.total_sequence_length, np.array(width, dtype=np.int32)),
+                            (io.last_index, np.arange(stop - start) * width + lengths - 1)):
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
         rows = stop - start
         self._bind_cache(binding, into, rows)
-        self._bind_rows(binding, outputs[0], self.logits, into, rows, output=True)
-        self._bind_rows(binding, outputs[1], self.next_token, into, rows, output=True)
+        self._bind_rows(binding, io.logits, self.logits, into, rows, output=True)
+        self._bind_rows(binding, io.next_token, self.next_token, into, rows, output=True)
         session.run_with_iobinding(binding, self._run_options(capture=False))
 
     def _bind_cache(self, binding: ort.IOBinding, first: int, rows: int) -> None:
         """Bind cache rows first .. first + rows - 1 of every layer as both past and present: GroupQueryAttention
         writes the new keys and values into the same buffer, in place."""
-        io = self.model.io
-        for past, present, value in zip(io.inputs[5:], io.outputs[2:], self.cache):
-            self._bind_rows(binding, past, value, first, rows, output=False, cache=True)
-            self._bind_rows(binding, present, value, first, rows, output=True, cache=True)
+        for pair, value in zip(self.model.io.caches, self.cache):
+            self._bind_rows(binding, pair.past, value, first, rows, output=False, cache=True)
+            self._bind_rows(binding, pair.present, value, first, rows, output=True, cache=True)
 
     def _bind_rows(self, binding: ort.IOBinding, name: str, value: ort.OrtValue, first: int, rows: int,
                    output: bool, cache: bool = False) -> None:
@@ -281,24 +300,23 @@ class DecoderState:
         binding = self._bindings.get(id(session))
         if binding is None:
             binding = session.io_binding()
-            for name, value in zip(self.model.io.inputs[:5],
-                                   [self.token_ids, self.no_features, self.seqlens, None, self.last_index]):
-                if value is None:
-                    binding.bind_cpu_input(name, self.total)
-                else:
-                    binding.bind_ortvalue_input(name, value)
+            io = self.model.io
+            for name, value in ((io.input_ids, self.token_ids), (io.image_features, self.no_features),
+                                (io.seqlens_k, self.seqlens), (io.last_index, self.last_index)):
+                binding.bind_ortvalue_input(name, value)
+            binding.bind_cpu_input(io.total_sequence_length, self.total)
             self._bind_cache_and_outputs(binding)
             self._bindings[id(session)] = binding
         if self.model.device == "cpu":
             self.total = np.array(self.lengths.max() + 1, dtype=np.int32)
-            binding.bind_cpu_input(self.model.io.inputs[3], self.total)
+            binding.bind_cpu_input(self.model.io.total_sequence_length, self.total)
         session.run_with_iobinding(binding, self._run_options(capture=True))
 
     def _bind_cache_and_outputs(self, binding: ort.IOBinding) -> None:
         io = self.model.io
         self._bind_cache(binding, 0, self.batch)
-        binding.bind_ortvalue_output(io.outputs[0], self.logits)
-        binding.bind_ortvalue_output(io.outputs[1], self.next_token)
+        binding.bind_ortvalue_output(io.logits, self.logits)
+        binding.bind_ortvalue_output(io.next_token, self.next_token)
 
     def _run_options(self, capture: bool) -> ort.RunOptions | None:
         return self._options[capture] if self.model.cuda_graph else None

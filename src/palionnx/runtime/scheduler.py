@@ -13,17 +13,17 @@ import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .captioner import Captioner, CaptionResult, Timings, source_name
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
-from .generate import LogitsProcessor, Sampler, greedy, reads_logits
-from .model import DecoderState, StepOutput
-from .preprocess import ImageInput, ImageLoadError
+from .generate import LogitsProcessor, Sampler, greedy, next_tokens
+from .limits import RequestError, check_request
+from .model import DecoderState, OnnxPaliGemma, StepOutput
+from .prompt import encode_prompts
+from .text import TextCodec
 
 
 @dataclass
@@ -74,69 +74,45 @@ class Occupancy:
         return self.busy / (self.steps * slots) if self.steps else 0.0
 
 
-def word_count(text: str) -> int:
-    return len(text.split())
-
-
-@dataclass(frozen=True)
-class Retry:
-    """Caption an image again while its caption is short: fewer than `min_words` words (as `words` counts
-    them), at most `retries` more times. The caption with the most words is kept (the first among equals)."""
-
-    min_words: int
-    retries: int
-    words: Callable[[str], int] = word_count
-
-    def again(self, result: CaptionResult) -> bool:
-        """Whether `result` (after `result.attempts` captions) is short and may be captioned again."""
-        return result.ok and result.attempts <= self.retries and self.words(result.text) < self.min_words
-
-    def better(self, best: CaptionResult, latest: CaptionResult) -> CaptionResult:
-        """The caption to keep of the best so far and the latest one, counting both attempts."""
-        keep = latest if latest.ok and self.words(latest.text) > self.words(best.text) else best
-        return dataclasses.replace(keep, attempts=latest.attempts)
-
-
-@dataclass
-class _Ticket:
-    """A CaptionStream request's tag: the caller's tag, the image's name and the captions so far."""
-
-    tag: Any
-    source: str
-    attempts: int = 1
-    best: CaptionResult | None = None
-
-
 IDLE_S = 0.2  # how long run() waits when nothing is in flight and the source has nothing ready
 _END: Any = object()  # the end of a source (None means "nothing ready yet")
 
 
 class Scheduler:
-    """Captions a stream of requests over `slots` KV-cache rows of `max_len` tokens each."""
+    """Captions a stream of requests over `slots` KV-cache rows of `max_len` tokens each, with `model`'s
+    graphs and `text`'s tokenizer."""
 
-    def __init__(self, captioner: Captioner, slots: int, max_len: int):
-        self.captioner, self.slots, self.max_len = captioner, slots, max_len
-        self.state: DecoderState = captioner.model.new_state(slots, max_len)
-        self.state.lengths[:] = 0
+    def __init__(self, model: OnnxPaliGemma, text: TextCodec, slots: int, max_len: int):
+        self.model, self.text, self.slots, self.max_len = model, text, slots, max_len
+        self.state: DecoderState = model.new_state(slots, max_len)
         self.rows: list[_Slot | None] = [None] * slots
         self.waiting: deque[Request] = deque()
         self.occupancy = Occupancy()
-        self.eos = set(captioner.manifest.eos_token_ids)
+        self.eos = set(model.manifest.eos_token_ids)
         self._tokens = np.zeros(slots, dtype=np.int64)  # each slot's next input token
         self._admitting: list[Request] = []
 
-    def prompt_tokens(self, prompt: str) -> int:
-        return len(self.captioner.text.prompt_ids(prompt))
-
     @property
     def busy(self) -> int:
+        """Slots holding a caption in flight."""
         return sum(slot is not None for slot in self.rows)
 
-    def submit(self, request: Request) -> None:
-        """Queue a request; ValueError if its prompt and caption cannot fit a slot."""
-        needed = self.prompt_tokens(request.prompt) + request.max_new_tokens
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self.waiting)
+
+    def check(self, request: Request) -> None:
+        """RequestError (a ValueError) if the request cannot be captioned here: its prompt (special-token
+        text, the model's context; `limits.check_request`) or prompt + caption longer than a slot."""
+        prompt_tokens = check_request(self.model.manifest, self.text, [request.prompt], request.max_new_tokens, 1)
+        needed = prompt_tokens + request.max_new_tokens
         if needed > self.max_len:
-            raise ValueError(f"prompt + max_new_tokens = {needed} tokens exceed a slot's {self.max_len}")
+            raise RequestError(f"prompt + max_new_tokens = {needed} tokens exceed a slot's {self.max_len}")
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; RequestError (see `check`) if it cannot be captioned here."""
+        self.check(request)
         self.waiting.append(request)
 
     def drop(self, unwanted: Callable[[Request], bool]) -> int:
@@ -209,7 +185,8 @@ class Scheduler:
         if not newcomers:
             return []
         started = time.perf_counter()
-        prompt = self.captioner.prompt_batch(np.stack([r.pixels for r in newcomers]), [r.prompt for r in newcomers])
+        prompt = encode_prompts(self.model, self.text, np.stack([r.pixels for r in newcomers]),
+                                [r.prompt for r in newcomers])
         vision = time.perf_counter() - started
         rows = free[: len(newcomers)]
         first = 0
@@ -222,30 +199,20 @@ class Scheduler:
             first = stop
         prefill = time.perf_counter() - started - vision
         for i, (row, request) in enumerate(zip(rows, newcomers)):
-            history = prompt.input_ids[i, : prompt.lengths[i]].copy()
-            history[history < 0] = self.captioner.manifest.image_token_id  # as transformers sees the prompt
-            self.rows[row] = _Slot(request, history, time.perf_counter(), vision, prefill)
+            self.rows[row] = _Slot(request, prompt.history(i), time.perf_counter(), vision, prefill)
         self._admitting = []
         assert output is not None
         return self._advance(output, np.array(rows))
 
     def _advance(self, output: StepOutput, rows: np.ndarray) -> list[Completion]:
-        """Pick each row's next token, retire the rows that finished."""
-        slots = [self.rows[row] for row in rows]
-        need_logits = any(reads_logits(s.request.sampler, s.request.logits_processors) for s in slots if s)
-        logits = output.logits() if need_logits else None
-        greedy_tokens = output.next_token()
+        """Pick each row's next token (with its own sampler and processors), retire the rows that finished."""
         done = []
-        for row, slot in zip(rows.tolist(), slots):
+        for row in rows.tolist():
+            slot = self.rows[row]
             assert slot is not None
             request = slot.request
-            if logits is not None and reads_logits(request.sampler, request.logits_processors):
-                scores = logits[row : row + 1]
-                for process in request.logits_processors:
-                    scores = process(slot.history[None], scores)
-                token = int(request.sampler(scores)[0])
-            else:
-                token = int(greedy_tokens[row])
+            token = int(next_tokens(output.rows(slice(row, row + 1)), slot.history[None], request.sampler,
+                                    request.logits_processors)[0])
             finished = token in self.eos and not request.ignore_eos
             if not finished:
                 slot.tokens.append(token)
@@ -260,84 +227,5 @@ class Scheduler:
     def _retire(self, row: int, slot: _Slot) -> Completion:
         self.rows[row] = None
         self._tokens[row] = 0
-        return Completion(slot.request, slot.tokens, self.captioner.text.decode(slot.tokens), slot.vision_s,
+        return Completion(slot.request, slot.tokens, self.text.decode(slot.tokens), slot.vision_s,
                           slot.prefill_s, time.perf_counter() - slot.admitted, len(slot.tokens))
-
-
-class CaptionStream:
-    """Captions (tag, image) pairs through a Scheduler; iterate for (tag, CaptionResult) as captions end.
-
-    Images are decoded a few slots ahead on the captioner's threads; an unreadable one comes back at once
-    as a result with `error` set. `items` may yield None for "nothing ready yet" (see `Scheduler.run`).
-    With `retry`, a short caption goes back to the scheduler as a new request for the same pixels, and the
-    image's result comes once it is long enough or out of retries (`CaptionResult.attempts` counts them).
-    `occupancy` says how full the slots were so far.
-    """
-
-    def __init__(self, captioner: Captioner, items: Iterable[tuple[Any, ImageInput] | None], *,
-                 slots: int | None = None,
-                 prompt: str = DEFAULT_PROMPT, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 sampler: Sampler | None = None, logits_processors: Sequence[LogitsProcessor] | None = None,
-                 ignore_eos: bool = False, retry: Retry | None = None):
-        self.captioner, self.items, self.retry = captioner, items, retry
-        self.slots = slots or captioner.default_batch_size
-        self.template = Request(np.empty(0), prompt, max_new_tokens, sampler or greedy, logits_processors or (),
-                                ignore_eos)
-        prompt_tokens = len(captioner.text.prompt_ids(prompt))
-        self.scheduler = Scheduler(captioner, self.slots, prompt_tokens + max_new_tokens)
-        self._failed: deque[tuple[Any, CaptionResult]] = deque()
-
-    @property
-    def occupancy(self) -> float:
-        return self.scheduler.occupancy.ratio(self.slots)
-
-    def __iter__(self) -> Iterator[tuple[Any, CaptionResult]]:
-        for completion in self.scheduler.run(self._requests()):
-            yield from self._drain_failed()
-            ticket: _Ticket = completion.request.tag
-            timings = Timings(vision_s=completion.vision_s, prefill_s=completion.prefill_s,
-                              decode_s=completion.decode_s, decode_steps=completion.steps)
-            error = f"{ticket.source}: {completion.error}" if completion.error else None
-            result = CaptionResult(ticket.source, completion.text, completion.tokens, error, timings, ticket.attempts)
-            if self.retry is None:
-                yield ticket.tag, result
-                continue
-            if ticket.best is not None:
-                result = self.retry.better(ticket.best, result)
-            if self.retry.again(result):
-                again = _Ticket(ticket.tag, ticket.source, ticket.attempts + 1, result)
-                self.scheduler.submit(dataclasses.replace(completion.request, tag=again))
-            else:
-                yield ticket.tag, result
-        yield from self._drain_failed()
-
-    def _drain_failed(self) -> Iterator[tuple[Any, CaptionResult]]:
-        while self._failed:
-            yield self._failed.popleft()
-
-    def _requests(self) -> Iterator[Request | None]:
-        pool = self.captioner.image_threads()
-        ahead: deque[tuple[Any, ImageInput, Future]] = deque()
-        items = iter(self.items)
-        exhausted = False
-        while True:
-            while not exhausted and len(ahead) < 2 * self.slots:
-                item = next(items, _END)
-                if item is _END:
-                    exhausted = True
-                elif item is None:  # the source has nothing ready now
-                    break
-                else:
-                    tag, image = item
-                    ahead.append((tag, image, pool.submit(self.captioner.load_pixels, image)))
-            if not ahead:
-                if exhausted:
-                    return
-                yield None
-                continue
-            tag, image, future = ahead.popleft()
-            pixels = future.result()
-            if isinstance(pixels, ImageLoadError):
-                self._failed.append((tag, CaptionResult(source_name(image), error=str(pixels))))
-                continue
-            yield dataclasses.replace(self.template, pixels=pixels, tag=_Ticket(tag, source_name(image)))

@@ -10,7 +10,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 from ..runtime.captioner import Captioner
-from ..runtime.limits import RequestError, check_request
+from ..runtime.limits import RequestError
 from ..runtime.scheduler import Completion, Request, Scheduler
 from .metrics import Metrics
 
@@ -35,7 +35,7 @@ class Engine:
 
     def __init__(self, captioner: Captioner, slots: int, max_len: int, max_queue: int, metrics: Metrics):
         self.captioner, self.max_queue, self.metrics = captioner, max_queue, metrics
-        self.scheduler = Scheduler(captioner, slots, max_len)
+        self.scheduler = Scheduler(captioner.model, captioner.text, slots, max_len)
         self.inbox: deque[Request] = deque()
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -49,21 +49,17 @@ class Engine:
     def submit(self, request: Request) -> Future[Completion]:
         """Queue a request (thread-safe); QueueFull when the queue is at --max-queue, Rejected when it cannot
         fit a slot."""
-        try:  # special-token text, the model's context: checked here, so a bad prompt never reaches a step
-            prompt_tokens = check_request(self.captioner.manifest, self.captioner.text, [request.prompt],
-                                          request.max_new_tokens, 1)
+        try:  # checked here, so a bad prompt never reaches a step
+            self.scheduler.check(request)
         except RequestError as exc:
             raise Rejected(str(exc)) from None
-        needed = prompt_tokens + request.max_new_tokens
-        if needed > self.scheduler.max_len:
-            raise Rejected(f"prompt + max_new_tokens = {needed} tokens exceed the server's {self.scheduler.max_len}")
         future: Future[Completion] = Future()
         future.add_done_callback(self._note_cancelled)
         request.tag = Submitted(future)
         with self.lock:
             if self.stopping:
                 raise QueueFull("the server is shutting down")
-            if len(self.inbox) + len(self.scheduler.waiting) >= self.max_queue:
+            if len(self.inbox) + self.scheduler.queued >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
             self.inbox.append(request)
         self.wake.set()
@@ -71,7 +67,7 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self.inbox) + len(self.scheduler.waiting)
+        return len(self.inbox) + self.scheduler.queued
 
     def _note_cancelled(self, future: Future[Completion]) -> None:
         if future.cancelled():
@@ -89,8 +85,8 @@ class Engine:
         while True:
             with self.lock:
                 while self.inbox:
-                    scheduler.waiting.append(self.inbox.popleft())
-                idle = not scheduler.waiting and not scheduler.busy
+                    scheduler.submit(self.inbox.popleft())  # checked by `submit` above: it fits
+                idle = not scheduler.queued and not scheduler.busy
                 if idle and self.stopping:
                     return
             if idle:
