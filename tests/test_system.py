@@ -169,3 +169,20 @@ def test_nvidia_gpus_parses_nvidia_smi(monkeypatch):
     assert gpu.name == "NVIDIA H100 80GB HBM3" and gpu.memory_free_mb == 80000 and gpu.driver == "580.1"
     monkeypatch.setattr(system, "_run", lambda command, timeout=10: None)
     assert system.nvidia_gpus() == []
+
+
+def test_process_gpu_memory_reads_this_process_row(monkeypatch):
+    rows = f"{os.getpid() + 1}, 900\n{os.getpid()}, 1234\n"
+    monkeypatch.setattr(system, "_run", lambda command, timeout=10: rows)
+    assert system.process_gpu_memory_mb() == 1234.0
+    assert system.process_gpu_memory_mb(os.getpid() + 1) == 900.0
+    assert system.process_gpu_memory_mb(os.getpid() + 2) is None  # holds no GPU memory
+    monkeypatch.setattr(system, "_run", lambda command, timeout=10: None)
+    assert system.process_gpu_memory_mb() is None  # no nvidia-smi
+
+
+def test_last_level_cache_from_sysfs(monkeypatch):
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "32768K\n")
+    assert system.last_level_cache_bytes() == 32 * 2**20
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(OSError("no sysfs")))
+    assert system.last_level_cache_bytes() is None

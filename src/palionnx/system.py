@@ -370,3 +370,27 @@ def nvidia_gpus() -> list[Gpu]:
             except ValueError:
                 continue
     return gpus
+
+
+def process_gpu_memory_mb(pid: int | None = None) -> float | None:
+    """GPU memory a process (default: this one) holds, as nvidia-smi reports it; None without nvidia-smi or
+    when the process holds none."""
+    out = _run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])
+    wanted = str(os.getpid() if pid is None else pid)
+    for line in (out or "").splitlines():
+        parts = [part.strip() for part in line.split(",")]
+        if len(parts) == 2 and parts[0] == wanted:
+            try:
+                return float(parts[1])
+            except ValueError:
+                return None
+    return None
+
+
+def last_level_cache_bytes() -> int | None:
+    """The size of CPU 0's last-level (L3) cache from Linux's sysfs; None elsewhere or when it does not say."""
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        return int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1)
+    except (OSError, ValueError, IndexError):
+        return None

@@ -23,11 +23,14 @@ from ..runtime.defaults import (
     DEFAULT_PROMPT,
     DEFAULT_SERVE_CPU_SLOTS,
 )
+from ..server.options import ServeOptions
 from .batch import BatchOptions, Plan, Summary
 from .files import ImageJob
 from .helpformat import CleanGroup
 from .models import DEFAULT_MODEL
 from .presets import apply_preset
+
+SERVE = ServeOptions()  # `serve`'s defaults, declared in server/options.py
 
 app = typer.Typer(
     cls=CleanGroup,
@@ -685,21 +688,21 @@ def _bench_agreement(rows: list[dict[str, Any]], reference: Path, device: str) -
 def serve(
     model_dir: Annotated[Path, typer.Argument(metavar="FOLDER", help="An exported model folder.")],
     host: Annotated[str, typer.Option(metavar="ADDRESS", help=(
-        "Address to listen on (0.0.0.0 for every interface)."))] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, metavar="N", help="Port to listen on.")] = 8000,
+        "Address to listen on (0.0.0.0 for every interface)."))] = SERVE.host,
+    port: Annotated[int, typer.Option(min=0, max=65535, metavar="N", help="Port to listen on.")] = SERVE.port,
     slots: Annotated[int | None, typer.Option(min=1, metavar="N", help=(
         f"Captions decoded together (default {DEFAULT_CUDA_BATCH_SIZE} on CUDA, {DEFAULT_SERVE_CPU_SLOTS} on the "
-        "CPU)."), show_default=False)] = None,
-    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, directml or coreml.")] = "auto",
+        "CPU)."), show_default=False)] = SERVE.slots,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, directml or coreml.")] = SERVE.device,
     max_queue: Annotated[int, typer.Option(min=1, metavar="N", help=(
-        "Requests allowed to wait for a slot; more get 503."))] = 256,
+        "Requests allowed to wait for a slot; more get 503."))] = SERVE.max_queue,
     timeout: Annotated[float, typer.Option(min=0.01, metavar="S", help=(
-        "Seconds a request may take, waiting included; then 504."))] = 120.0,
+        "Seconds a request may take, waiting included; then 504."))] = SERVE.timeout_s,
     max_new_tokens: Annotated[int, typer.Option(min=1, metavar="N", help=(
-        "Longest caption a request may ask for (and the default)."))] = DEFAULT_MAX_NEW_TOKENS,
+        "Longest caption a request may ask for (and the default)."))] = SERVE.max_new_tokens,
     max_body_mb: Annotated[float, typer.Option(min=0.001, metavar="MB", help=(
-        "Largest request body; bigger gets 413."))] = 20.0,
-    cuda_graph: CudaGraphOpt = True,
+        "Largest request body; bigger gets 413."))] = SERVE.max_body_mb,
+    cuda_graph: CudaGraphOpt = SERVE.cuda_graph,
 ) -> None:
     """Serve captions over HTTP: POST /v1/caption, POST /v1/chat/completions (OpenAI-compatible),
     GET /healthz, GET /metrics. Concurrent requests share decode steps. SIGTERM or Ctrl-C finish the
@@ -709,7 +712,7 @@ def serve(
     """
     from ..runtime.manifest import ModelFolderError
     from ..runtime.sessions import DeviceError
-    from ..server.serve import ServeError, ServeExtraMissing, ServeOptions, require_serve_extra
+    from ..server.serve import ServeError, ServeExtraMissing, require_serve_extra
     from ..server.serve import serve as run_server
 
     options = ServeOptions(host=host, port=port, slots=slots, device=device, max_queue=max_queue, timeout_s=timeout,

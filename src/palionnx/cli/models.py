@@ -24,7 +24,6 @@ from .export_plan import ExportEstimate, estimate, free_disk, parameter_count, r
 from .tables import human_bytes
 
 DEFAULT_MODEL = "mnemic/paligemma-longprompt-v1-safetensors"
-ALTERNATIVE_MODEL = "gokaygokay/paligemma-rich-captions"
 DEFAULT_QUANT = "int4"
 LEVEL_PREFERENCE = ("int4", "int8", "fp16", "bf16", "fp32")  # a hub repository's level when --quant is not given
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]

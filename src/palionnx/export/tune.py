@@ -32,7 +32,6 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -351,12 +350,7 @@ def _probe_session(kernel: Kernel, probe: Probe, weights: list[list[np.ndarray]]
 
 def _cache_bytes() -> int:
     """Twice the last-level cache (at least 64 MB): what one pass must touch to evict it."""
-    try:
-        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
-        size = int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1)
-    except (OSError, ValueError):
-        size = 0
-    return max(2 * size, 64 * 2**20)
+    return max(2 * (system.last_level_cache_bytes() or 0), 64 * 2**20)
 
 
 def physical_memory() -> int:

@@ -42,7 +42,7 @@ def kv_cache_bytes(m: Manifest, batch: int, max_len: int) -> int:
     return m.layers * 2 * batch * m.kv_heads * max_len * m.head_dim * element
 
 
-def prefill_bytes(m: Manifest, batch: int, prompt_len: int, max_len: int) -> int:
+def prefill_bytes(m: Manifest, batch: int, prompt_len: int) -> int:
     """Transient memory of the prefill of `batch` prompts at once: attention over the whole prompt (prompt x
     prompt scores: the cache's free slots are not attended) and the MLP activations."""
     attention = int(ATTENTION_COPIES * batch * m.heads * prompt_len * prompt_len * 4)
@@ -57,7 +57,7 @@ def request_bytes(m: Manifest, batch: int, prompt_len: int, max_new_tokens: int,
     model's `OnnxPaliGemma.prefill_chunk`)."""
     max_len = prompt_len + max_new_tokens
     cache = kv_cache_bytes(m, batch, cache_length(m, batch, max_len, min_cache_slots))
-    return cache + prefill_bytes(m, min(batch, prefill_rows or batch), prompt_len, max_len)
+    return cache + prefill_bytes(m, min(batch, prefill_rows or batch), prompt_len)
 
 
 def check_request(m: Manifest, codec: TextCodec, prompts: Sequence[str], max_new_tokens: int, batch_size: int,

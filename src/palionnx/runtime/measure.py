@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..system import cpu_name, nvidia_gpus, rss_bytes
+from ..system import cpu_name, nvidia_gpus, process_gpu_memory_mb, rss_bytes
 from .captioner import Captioner
 from .contract import folder_size
 from .preprocess import image_pixels
@@ -30,18 +29,7 @@ def peak_rss_mb() -> float:
 
 def gpu_memory_mb() -> float | None:
     """This process's GPU memory from nvidia-smi, if there is one."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in out.splitlines():
-        pid, used = (part.strip() for part in line.split(","))
-        if pid == str(os.getpid()):
-            return float(used)
-    return None
+    return process_gpu_memory_mb()
 
 
 def device_name(device: str) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from ..runtime.captioner import Captioner
@@ -11,6 +11,7 @@ from ..runtime.defaults import DEFAULT_SERVE_CPU_SLOTS
 from .app import Limits, create_app
 from .engine import Engine
 from .metrics import Metrics
+from .options import ServeOptions
 
 MAX_PROMPT_TOKENS = 128  # text tokens a request's prompt may have (image tokens come on top)
 # An idle keep-alive connection stays open this long: far beyond client pools' reuse of idle connections, so
@@ -25,21 +26,6 @@ class ServeExtraMissing(ImportError):
 
 class ServeError(OSError):
     """The server cannot start (the address is in use, say); the message names what."""
-
-
-@dataclass
-class ServeOptions:
-    """`palionnx serve` settings (see its --help)."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    slots: int | None = None  # None: DEFAULT_SERVE_CPU_SLOTS on the CPU, the device's default batch size elsewhere
-    device: str = "auto"
-    max_queue: int = 256
-    timeout_s: float = 120.0
-    max_new_tokens: int = 256
-    max_body_mb: float = 20.0
-    cuda_graph: bool = True
 
 
 def require_serve_extra() -> None:
@@ -68,7 +54,7 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(folder: Path, options: ServeOptions, say: object = print) -> None:
+def serve(folder: Path, options: ServeOptions, say: Callable[[str], object] = print) -> None:
     """Load `folder` and serve it until stopped (SIGTERM or Ctrl-C finish the requests in flight first)."""
     import uvicorn
 
@@ -80,9 +66,8 @@ def serve(folder: Path, options: ServeOptions, say: object = print) -> None:
     engine.start()
     limits = Limits(options.max_new_tokens, options.timeout_s, int(options.max_body_mb * 2**20))
     app = create_app(captioner, engine, limits, model_name=folder.name)
-    if callable(say):
-        say(f"serving {folder} ({captioner.manifest.quant.level}, {captioner.device}, {slots} slots) on "
-            f"http://{options.host}:{options.port}")
+    say(f"serving {folder} ({captioner.manifest.quant.level}, {captioner.device}, {slots} slots) on "
+        f"http://{options.host}:{options.port}")
     config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S,
                             timeout_graceful_shutdown=int(options.timeout_s) + SHUTDOWN_GRACE_S)
     uvicorn.Server(config).run(sockets=[sock])
