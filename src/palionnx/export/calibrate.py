@@ -159,7 +159,7 @@ def vision_inputs(graph: Path, pixels: np.ndarray, collector: Collector) -> np.n
 
 
 def matmul_inputs(model: Any) -> list[str]:
-    """The distinct activation inputs of a graph's MatMuls by constant 2-D weights (what quantize_graph
+    """The distinct activation inputs of a graph's MatMuls by constant 2-D weights (what graph_quantize.quantize_graph
     quantizes), in node order."""
     weights = {init.name for init in model.graph.initializer if len(init.dims) == 2}
     names = [node.input[0] for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in weights]
@@ -302,7 +302,7 @@ def calibrate(images: list[Image.Image], described: str, spec: ImageSpec, vision
 
 def _vision_weights(model: Any, base: str) -> dict[str, np.ndarray]:
     """Per MatMul input of the vision graph, the sampled [N, K] weights of the MatMuls reading it."""
-    from .quantize import load_initializer
+    from .graph_quantize import load_initializer
 
     initializers = {init.name: init for init in model.graph.initializer if len(init.dims) == 2}
     readers: dict[str, list[np.ndarray]] = {}

@@ -31,7 +31,7 @@ from ..runtime.manifest import CpuKernels, GraphInfo, Manifest, QuantInfo
 from ..runtime.preprocess import ImageSpec
 from ..system import rss_bytes
 from ..version import __version__
-from . import calibrate, quantize, tune
+from . import calibrate, graph_quantize, quantize, tune
 from .checkpoint import Checkpoint, open_checkpoint
 from .decoder import DecoderConfig, Precision, build_decoder
 from .linear import SitePlan
@@ -138,7 +138,7 @@ def _write_folder(source: str | Path, outdir: Path, o: _Options, progress: Progr
         if o.quant in quantize.BITS:
             vision_kernel = Kernel.parse(plan.vision) if plan else precision.table_kernel
             say(f"quantizing the vision encoder to {o.quant} ({vision_kernel.name})")
-            quantize.quantize_graph(staging / vision.file, outdir / vision.file, vision_kernel,
+            graph_quantize.quantize_graph(staging / vision.file, outdir / vision.file, vision_kernel,
                                     precision.accuracy_level,
                                     calibration.check("vision", vision_kernel) if calibration else None)
         else:

@@ -11,25 +11,19 @@ Two formulations (`Kernel`):
   (MLAS QGEMM, VNNI where the CPU has it, AMX on Xeons). CPU only: it must never reach a folder built for
   CUDA (it would run on the CPU there).
 
-`quantize_graph` applies a kernel to every MatMul by a constant weight of an exported graph (the vision
-encoder); the decoder builder (export/decoder.py) quantizes each weight through `Kernel.arrays`; both write
-the products through export/linear.py, which also keeps outlier channels out of the int8 activations.
+This module is the kernel math only. `export/graph_quantize.py` applies a kernel to every MatMul by a constant
+weight of an exported graph (the vision encoder); the decoder builder (export/decoder.py) quantizes each weight
+through `Kernel.arrays`; both write the products through export/linear.py, which also keeps outlier channels
+out of the int8 activations.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import onnx
-from onnx import external_data_helper, helper, numpy_helper
-
-if TYPE_CHECKING:
-    from .linear import SitePlan
 
 OPSET = 21
 BITS = {"int8": 8, "int4": 4}
@@ -114,74 +108,3 @@ def quantize_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scales = np.where(peak > 0, peak / 127, 1.0).astype(np.float32)
     quantized = np.clip(np.rint(weight / scales[:, None]), -127, 127).astype(np.int8)
     return np.ascontiguousarray(quantized.T), scales
-
-
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Save with all weights in one `<name>.data` file beside the graph (needed past 2 GB)."""
-    data = path.name + ".data"
-    for stale in (path, path.with_name(data)):
-        stale.unlink(missing_ok=True)
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data, size_threshold=1024)
-
-
-def quantize_graph(src: Path, dst: Path, kernel: Kernel, accuracy_level: int,
-                   plans: dict[str, SitePlan] | None = None) -> None:
-    """Write `dst`: `src` with every MatMul by a constant weight on `kernel`, each input fed as `plans` says
-    (by input tensor name; export/linear.py: outlier channels, float compute; default: as it is).
-
-    Weights are streamed: the graph is read without its external data and each weight is loaded,
-    quantized and dropped, so memory holds one float weight at a time plus the quantized results.
-    """
-    from .linear import PLAIN, LinearInput
-    from .onnx_builder import GraphBuilder, Weights
-
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    model = onnx.load(str(src), load_external_data=False)
-    graph, base = model.graph, str(src.parent)
-    weights = {init.name: init for init in graph.initializer}
-    g = GraphBuilder(Weights())
-    sites: dict[str, LinearInput] = {}
-    nodes: list[onnx.NodeProto] = []
-    for node in graph.node:
-        x, name = node.input[0], node.input[-1]
-        if node.op_type != "MatMul" or name not in weights or len(weights[name].dims) != 2:
-            nodes.append(node)
-            continue
-        weight = load_initializer(weights[name], base).T.astype(np.float32)  # [N, K]
-        n, k = weight.shape
-        site = sites.get(x) or sites.setdefault(x, LinearInput(g, x, k, kernel, (plans or {}).get(x, PLAIN),
-                                                               accuracy_level, f"{x}/int8"))
-        def quantized(chosen: Kernel, name: str = name, weight: np.ndarray = weight) -> tuple[str, str]:
-            packed, scales = chosen.arrays(weight)
-            return g.weight(name + "_Q", lambda: packed), g.weight(name + "_scales", lambda: scales)
-
-        def float_weight(weight: np.ndarray = weight) -> np.ndarray:
-            return weight
-
-        start = len(g.nodes)
-        site.product(quantized, float_weight, n, name, (node.name or name) + "_Q", output=node.output[0])
-        nodes += g.nodes[start:]
-
-    used = {name for node in nodes for name in node.input}
-    kept = [init for init in graph.initializer if init.name in used]
-    for init in kept:  # what stays float (norm gains, biases, conv) is small: load it for saving
-        if external_data_helper.uses_external_data(init):
-            external_data_helper.load_external_data_for_tensor(init, base)
-            init.data_location = onnx.TensorProto.DEFAULT
-            del init.external_data[:]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + [g.weights.tensors[name] for name in g.used])
-    del graph.node[:]
-    graph.node.extend(nodes)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    save_model(model, dst)
-
-
-def load_initializer(init: onnx.TensorProto, base: str) -> np.ndarray:
-    """An initializer of a graph read without its external data, as an array (its data read from `base`)."""
-    tensor = onnx.TensorProto()
-    tensor.CopyFrom(init)
-    external_data_helper.load_external_data_for_tensor(tensor, base)
-    return numpy_helper.to_array(tensor)

@@ -17,7 +17,7 @@ from .limits import check_request
 from .manifest import Manifest
 from .model import DecoderState, OnnxPaliGemma
 from .preprocess import ImageInput, ImageLoadError, Pixels, image_pixels
-from .prompt import PromptBatch, encode_prompts
+from .prompt import PromptBatch
 from .text import TextCodec
 
 
@@ -141,7 +141,7 @@ class Captioner:
 
     def prompt_batch(self, pixels: np.ndarray, prompts: list[str]) -> PromptBatch:
         """Encode pixel values [n, 3, H, W] and lay out one batch's prompts for the decoder."""
-        return encode_prompts(self.model, self.text, pixels, prompts)
+        return self.model.prompt_batch(pixels, [self.text.prompt_ids(p) for p in prompts])
 
     def prefill_logits(self, images: Sequence[ImageInput], prompts: list[str]) -> np.ndarray:
         """Next-token logits [b, vocab] after the prompt: what validation compares with transformers."""

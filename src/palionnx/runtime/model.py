@@ -18,7 +18,7 @@ from .contract import DECODER, DECODER_PREFILL, DECODER_WINDOWED, VISION_ENCODER
 from .defaults import CPU_PREFILL_ROWS, CUDA_MIN_CACHE_SLOTS
 from .limits import cache_length
 from .manifest import Manifest
-from .prompt import PromptBatch
+from .prompt import PromptBatch, lay_out
 from .sessions import DeviceError, open_sessions, requested_device
 
 BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16: numpy has no bfloat16, so such buffers are held as uint16
@@ -98,6 +98,12 @@ class OnnxPaliGemma:
         binding.bind_output(io.outputs[0], self.device)
         self.vision.run_with_iobinding(binding)
         return binding.get_outputs()[0]
+
+    def prompt_batch(self, pixels: np.ndarray, sequences: list[list[int]]) -> PromptBatch:
+        """Encode pixel values [n, 3, H, W] and lay out the n prompts' token ids (`TextCodec.prompt_ids`)."""
+        m = self.manifest
+        return lay_out(sequences, self.encode_images(pixels), pad_id=m.pad_token_id, image_token_id=m.image_token_id,
+                       image_tokens=m.image_seq_length)
 
     def decode_session(self, batch: int, max_len: int) -> ort.InferenceSession:
         """The decoder for decode steps of `batch` rows: Gemma 2's windowed graph once a row can outgrow the

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from .model import OnnxPaliGemma
-    from .text import TextCodec
 
 
 @dataclass
@@ -44,9 +40,3 @@ def lay_out(sequences: list[list[int]], image_features: Any, *, pad_id: int, ima
         input_ids[row, slots] = -1 - (row * image_tokens + np.arange(len(slots)))
     return PromptBatch(ids, input_ids, image_features, lengths)
 
-
-def encode_prompts(model: OnnxPaliGemma, text: TextCodec, pixels: np.ndarray, prompts: list[str]) -> PromptBatch:
-    """Encode pixel values [n, 3, H, W] with `model`'s vision encoder and lay out the n prompts for its decoder."""
-    m = model.manifest
-    return lay_out([text.prompt_ids(p) for p in prompts], model.encode_images(pixels), pad_id=m.pad_token_id,
-                   image_token_id=m.image_token_id, image_tokens=m.image_seq_length)

@@ -22,7 +22,6 @@ from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from .generate import LogitsProcessor, Sampler, greedy, next_tokens
 from .limits import RequestError, check_request
 from .model import DecoderState, OnnxPaliGemma, StepOutput
-from .prompt import encode_prompts
 from .text import TextCodec
 
 
@@ -185,8 +184,8 @@ class Scheduler:
         if not newcomers:
             return []
         started = time.perf_counter()
-        prompt = encode_prompts(self.model, self.text, np.stack([r.pixels for r in newcomers]),
-                                [r.prompt for r in newcomers])
+        prompt = self.model.prompt_batch(np.stack([r.pixels for r in newcomers]),
+                                         [self.text.prompt_ids(r.prompt) for r in newcomers])
         vision = time.perf_counter() - started
         rows = free[: len(newcomers)]
         first = 0
