@@ -9,54 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import BAD, GOOD, captions, make_dataset, palionnx  # noqa: F401
 
 from palionnx.cli.claims import CLAIM_SUFFIX
 from palionnx.cli.files import TEMP_SUFFIX, clean_caption
 from palionnx.samples import sample_images
-
-GOOD = ["a.png", "nested/b.JPG", "nested/deeper/c.PNG", "d.webp", "cmyk.jpg", "grey16.png", "palette.png",
-        "anim.gif", "e.bmp", "f.tiff"]
-BAD = ["corrupt.jpg", "empty.png", "text.jpg"]
-
-
-def palionnx(*args, env=None, **kwargs):
-    return subprocess.run([sys.executable, "-m", "palionnx", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, **kwargs)
-
-
-def make_dataset(root: Path) -> Path:
-    """Good images in nested folders with mixed-case extensions and awkward modes, and broken files."""
-    pictures = iter(sample_images(10, size=40))
-    for name in GOOD:
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image = next(pictures)
-        if name == "cmyk.jpg":
-            image = image.convert("CMYK")
-        elif name == "grey16.png":
-            image = Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257)
-        elif name == "palette.png":
-            image = image.convert("P")
-            image.info["transparency"] = 0
-        if name == "anim.gif":
-            image.save(path, save_all=True, append_images=[image.rotate(90)], duration=100)
-        elif name == "palette.png":
-            image.save(path, transparency=0)
-        else:
-            image.save(path)
-    sample_images(1, size=200)[0].save(root / "corrupt.jpg", quality=95)
-    (root / "corrupt.jpg").write_bytes((root / "corrupt.jpg").read_bytes()[:400])  # truncated JPEG
-    (root / "empty.png").write_bytes(b"")
-    (root / "text.jpg").write_text("this is not a picture")
-    (root / "notes.md").write_text("not an image extension: ignored")
-    return root
-
-
-def captions(root: Path, ext=".txt") -> dict[str, str]:
-    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob(f"*{ext}"))}
 
 
 def test_caption_folder_end_to_end(tmp_path, model):
@@ -187,7 +145,12 @@ def test_usage_errors_exit_2(tmp_path, model):
 @pytest.mark.parametrize("command", ["caption", "export", "synth", "info", "bench"])
 def test_help_reads_well(command):
     run = palionnx(command, "--help")
-    assert run.returncode == 0 and "Example" in run.stdout and "Traceback" not in run.stderr
+    assert run.returncode == 0 and "Traceback" not in run.stderr and not run.stderr
+    text = " ".join(run.stdout.split())
+    assert text.startswith(f"Usage: palionnx {command} ")  # its usage line first
+    examples = text.split("Example", 1)[1]  # "Example:" or "Examples:", then command lines of itself
+    assert f"palionnx {command} " in examples
+    assert max(map(len, run.stdout.splitlines())) <= 100  # the help's width
 
 
 def test_synth_export_info_and_bench(tmp_path):

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import captions, palionnx
+from helpers import captions, palionnx
 
 from palionnx.cli.claims import CLAIM_SUFFIX, claim_path
 from palionnx.samples import sample_images

@@ -8,7 +8,7 @@ import os
 import sys
 
 import pytest
-from test_cli import palionnx
+from helpers import palionnx
 
 from palionnx.cli.claims import claim_path
 from palionnx.cli.files import temp_file

@@ -11,9 +11,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from helpers import palionnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cli import palionnx
 
 from palionnx.runtime.contract import MANIFEST_NAME
 from palionnx.runtime.manifest import Manifest, ModelFolderError

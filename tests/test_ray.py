@@ -15,7 +15,7 @@ from palionnx.cli.files import TEMP_SUFFIX
 
 pytest.importorskip("ray.data")
 
-from test_cli import BAD, captions, make_dataset, palionnx  # noqa: E402
+from helpers import BAD, captions, make_dataset, palionnx  # noqa: E402
 
 RAY_ENV = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
 RAY = ["--ray", "local", "--cpus-per-worker", "0.5"]  # 2 CPUs here: leave one for the reading tasks

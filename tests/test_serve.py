@@ -1,59 +1,17 @@
 """`palionnx serve`, started for real in a subprocess on a loopback port and asked over HTTP."""
 
 import base64
-import io
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from palionnx.samples import sample_images
-
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 
-from test_cli import palionnx  # noqa: E402
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`palionnx serve MODEL` in a subprocess, ready when /healthz answers."""
-
-    def __init__(self, model, *args, port=None):
-        self.port = port or _port()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "palionnx", "serve", str(model), "--port", str(self.port), *map(str, args)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if self.client.get("/healthz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("the server did not start: " + self.process.stderr.read())
-
-    def caption(self, png: bytes, **fields):
-        return self.client.post("/v1/caption", files={"image": ("x.png", png, "image/png")},
-                                data={k: str(v) for k, v in fields.items()})
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(30)
-        self.client.close()
+from helpers import Server, free_port, palionnx, png_bytes  # noqa: E402, F401
 
 
 @pytest.fixture
@@ -61,15 +19,6 @@ def server(model):
     running = Server(model, "--slots", 3)
     yield running
     running.stop()
-
-
-def _pngs(count, size=40):
-    out = []
-    for image in sample_images(count, size=size):
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        out.append(buffer.getvalue())
-    return out
 
 
 def _cli_captions(tmp_path, model, pngs, tokens):
@@ -82,7 +31,7 @@ def _cli_captions(tmp_path, model, pngs, tokens):
 
 
 def test_concurrent_requests_get_the_cli_captions(server, model, tmp_path):
-    pngs = _pngs(8)
+    pngs = png_bytes(8)
     expected = _cli_captions(tmp_path, model, pngs, 20)
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda png: server.caption(png, max_new_tokens=20), pngs))
@@ -109,7 +58,7 @@ def test_concurrent_requests_get_the_cli_captions(server, model, tmp_path):
 
 
 def test_bad_requests_get_their_status_while_good_ones_succeed(server):
-    good = _pngs(1)[0]
+    good = png_bytes(1)[0]
     with ThreadPoolExecutor(7) as pool:
         futures = [pool.submit(server.caption, good, max_new_tokens=10),
                    pool.submit(server.caption, b"not an image"),
@@ -127,7 +76,7 @@ def test_bad_requests_get_their_status_while_good_ones_succeed(server):
 def test_oversize_body_full_queue_and_timeout(model):
     big = Server(model, "--slots", 1, "--max-queue", 1, "--max-body-mb", 0.05, "--timeout", 0.3)
     try:
-        small = _pngs(1)[0]
+        small = png_bytes(1)[0]
         assert big.caption(os.urandom(80_000)).status_code == 413
         with ThreadPoolExecutor(12) as pool:
             answers = list(pool.map(lambda _: big.caption(small, max_new_tokens=200), range(12)))
@@ -149,7 +98,7 @@ def test_oversize_body_full_queue_and_timeout(model):
 
 def test_sigterm_drains_and_sigkill_restarts(model):
     server = Server(model, "--slots", 2)
-    png = _pngs(1)[0]
+    png = png_bytes(1)[0]
     with ThreadPoolExecutor(2) as pool:
         pending = pool.submit(server.caption, png, max_new_tokens=250)
         time.sleep(0.05)

@@ -14,7 +14,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 
-from test_serve import Server, _pngs, _port  # noqa: E402
+from helpers import Server, free_port, png_bytes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def _data_uri(png: bytes) -> str:
     ({"image": "x", "top_k": [1]}, "top_k must be an integer"),
 ])
 def test_bad_caption_json_is_400(server, body, words):
-    png = _pngs(1)[0]
+    png = png_bytes(1)[0]
     body = {**body, "image": _data_uri(png) if body["image"] == "x" else body["image"]}
     content = json.dumps(body, allow_nan=True)  # NaN as the JSON extension clients send
     message = _json_error(server.client.post("/v1/caption", content=content,
@@ -56,7 +56,7 @@ def test_bad_caption_json_is_400(server, body, words):
 
 
 def test_bad_chat_messages_are_400(server):
-    png = _pngs(1)[0]
+    png = png_bytes(1)[0]
     image = {"type": "image_url", "image_url": {"url": _data_uri(png)}}
     for content, words in ((5, "content must be a string or a list"), ([image, {"type": "text", "text": 5}],
                            "'text' must be a string"), ([image, {"type": "text", "text": ["a"]}], "'text'"),
@@ -71,7 +71,7 @@ def test_deep_json_and_bad_multipart_are_4xx(server):
         "/v1/caption", content=deep, headers={"content-type": "application/json"}), 400)
     no_boundary = server.client.post("/v1/caption", content=b"--x\r\n", headers={"content-type": "multipart/form-data"})
     assert "multipart" in _json_error(no_boundary, 400)
-    png = _pngs(1)[0]
+    png = png_bytes(1)[0]
     big_field = server.client.post("/v1/caption", files={"image": ("x.png", png, "image/png")},
                                    data={"prompt": "x" * (2**20 + 10)})
     _json_error(big_field, 413)
@@ -159,7 +159,7 @@ def test_the_deadline_covers_a_slow_body_and_shutdown(exported):
 
 def test_idle_keep_alive_connections_stay_open(server):
     """A request sent on a connection left idle longer than uvicorn's default keep-alive (5 s) is answered."""
-    png = _pngs(1)[0]
+    png = png_bytes(1)[0]
     with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30) as client:
         assert client.get("/healthz").status_code == 200
         time.sleep(6)
@@ -168,7 +168,7 @@ def test_idle_keep_alive_connections_stay_open(server):
 
 
 def test_a_port_in_use_is_one_line_and_exit_2(exported):
-    port = _port()
+    port = free_port()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen()
@@ -194,7 +194,7 @@ def test_any_request_body_is_answered_2xx_or_4xx(exported):
     engine = Engine(captioner, 2, 64, 16, Metrics())
     engine.start()
     client = TestClient(create_app(captioner, engine, Limits(8, 10.0, 2**20), "tiny"), raise_server_exceptions=False)
-    png = _data_uri(_pngs(1)[0])
+    png = _data_uri(png_bytes(1)[0])
     leaves = st.none() | st.booleans() | st.integers(-10, 10**20) | st.floats(allow_nan=True) | st.text(max_size=20) \
         | st.just(png)
     values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8),

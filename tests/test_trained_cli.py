@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_cli import palionnx
+from helpers import palionnx
 
 from palionnx.cli.files import clean_caption
 from palionnx.export.trained import RECIPES

@@ -1,4 +1,4 @@
-"""Issue 13: installing and the first run. Extras and the missing-onnxruntime error, the console script's
+"""Installing and the first run. Extras and the missing-onnxruntime error, the console script's
 behaviour under Ctrl-C and SIGTERM, doctor, models from a hub cache laid out on disk (offline, never the
 network), the first-use export plan, `palionnx models`, help screens, progress and tables, the scripts."""
 
@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from test_cli import captions, palionnx
+from helpers import captions, palionnx
 
 from palionnx.samples import sample_images
 

@@ -1,4 +1,4 @@
-"""Issue 11: a user's mistake (damaged model folder, odd input, odd option) is one clear line and the right
+"""A user's mistake (damaged model folder, odd input, odd option) is one clear line and the right
 exit code, never a traceback; nothing is lost. Real folders, real `palionnx` subprocesses."""
 
 import json
@@ -8,8 +8,8 @@ import stat
 from pathlib import Path
 
 import pytest
+from helpers import captions, palionnx
 from PIL import Image
-from test_cli import captions, palionnx
 
 from palionnx.runtime.contract import MANIFEST_NAME
 from palionnx.samples import sample_images
@@ -338,8 +338,12 @@ def test_the_default_batch_shrinks_to_the_memory(tmp_path, model):
 
 def test_long_prompt_within_limits_runs(tmp_path, model):
     data = images(tmp_path / "data", 1)
-    run = palionnx("caption", data, "--model", model, "--prompt", "word " * 200, "--max-new-tokens", 4)
+    run = palionnx("caption", data, "--model", model, "--prompt", "word " * 200, "--max-new-tokens", 4, "--jsonl",
+                   tmp_path / "run.jsonl")
     assert run.returncode == 0, run.stderr
+    (record,) = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
+    assert record["status"] == "captioned" and record["error"] is None and 1 <= record["tokens"] <= 4
+    assert (data / "0.txt").read_text() == record["caption"]
 
 
 def test_quiet_prints_nothing_on_success(tmp_path, model):
