@@ -122,30 +122,30 @@ def _write_folder(source: str | Path, outdir: Path, o: _Options, progress: Progr
     if o.quant in quantize.BITS and o.block_size and config.hidden % o.block_size:
         raise ExportError(f"--block-size {o.block_size} does not divide the hidden size {config.hidden}")
     checkpoint.tokenizer.backend_tokenizer.save(str(outdir / TOKENIZER_NAME))
-    staging = outdir / ".staging"
-    staging.mkdir(exist_ok=True)
+    scratch = outdir / ".vision"  # the vision encoder as torch exports it, before quantizing
+    scratch.mkdir(exist_ok=True)
     plan = calibration = None
     try:
         # bf16 folders keep the fp16 vision encoder: onnxruntime's CUDA Conv has bfloat16 from opset 22 only
-        vision = _export_in_child(checkpoint.folder, staging, o.quant in ("fp16", "bf16"), progress, started)
+        vision = _export_in_child(checkpoint.folder, scratch, o.quant in ("fp16", "bf16"), progress, started)
         # read after the vision export, which reports an unreadable checkpoint as one line
         weights = CheckpointWeights(checkpoint.folder, checkpoint.config.text_config,
                                     "float16" if o.quant == "fp16" else "float32")
         if o.target == "cpu" and o.quant in quantize.BITS:
-            calibration = _calibrate(checkpoint, config, staging / vision.file, weights, o.calibration, say)
+            calibration = _calibrate(checkpoint, config, scratch / vision.file, weights, o.calibration, say)
             plan = _cpu_kernels(checkpoint, config, o, calibration, say)
         precision = _precision(o, config, plan, calibration)
         if o.quant in quantize.BITS:
             vision_kernel = Kernel.parse(plan.vision) if plan else precision.table_kernel
             say(f"quantizing the vision encoder to {o.quant} ({vision_kernel.name})")
-            graph_quantize.quantize_graph(staging / vision.file, outdir / vision.file, vision_kernel,
-                                    precision.accuracy_level,
-                                    calibration.check("vision", vision_kernel) if calibration else None)
+            graph_quantize.quantize_graph(scratch / vision.file, outdir / vision.file, vision_kernel,
+                                          precision.accuracy_level,
+                                          calibration.check("vision", vision_kernel) if calibration else None)
         else:
-            for path in staging.iterdir():
+            for path in scratch.iterdir():
                 shutil.move(str(path), outdir / path.name)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     notes = f", prefill graph on {precision.prefill_kernel.name}" if precision.prefill_kernel else ""
     notes += ", linear weights [N, K]" if precision.transposed else ""
     say(f"writing the decoder ({o.quant}, {precision.compute_dtype} compute, for {o.target}{notes})")
@@ -224,7 +224,7 @@ def cuda_block_size(quant: str, hidden: int) -> int:
     return CUDA_INT4_BLOCK_SIZE if quant == "int4" and hidden % CUDA_INT4_BLOCK_SIZE == 0 else DEFAULT_BLOCK_SIZE
 
 
-def _export_in_child(folder: Path, staging: Path, fp16: bool, progress: Progress | None,
+def _export_in_child(folder: Path, scratch: Path, fp16: bool, progress: Progress | None,
                      started: float) -> GraphInfo:
     """Run the torch export of the vision encoder in a child process and wait for it.
 
@@ -233,7 +233,7 @@ def _export_in_child(folder: Path, staging: Path, fp16: bool, progress: Progress
     """
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
-    child = context.Process(target=_export_worker, args=(str(folder), str(staging), fp16, messages, started))
+    child = context.Process(target=_export_worker, args=(str(folder), str(scratch), fp16, messages, started))
     child.start()
     while True:
         try:
@@ -252,7 +252,7 @@ def _export_in_child(folder: Path, staging: Path, fp16: bool, progress: Progress
         return payload
 
 
-def _export_worker(folder: str, staging: str, fp16: bool, messages: Any, started: float) -> None:
+def _export_worker(folder: str, scratch: str, fp16: bool, messages: Any, started: float) -> None:
     """Child process: load the model and export the vision encoder, reporting through `messages`."""
     try:
         _quiet_exporters()
@@ -265,7 +265,7 @@ def _export_worker(folder: str, staging: str, fp16: bool, messages: Any, started
             checkpoint.model.model.vision_tower.half()
             checkpoint.model.model.multi_modal_projector.half()
         say(f"exporting the vision encoder ({'fp16' if fp16 else 'fp32'})")
-        messages.put(("done", _export_vision(checkpoint, Path(staging))))
+        messages.put(("done", _export_vision(checkpoint, Path(scratch))))
     except Exception as exc:  # everything goes back to the parent as a message
         messages.put(("error", f"exporting failed: {type(exc).__name__}: {exc}"))
 
