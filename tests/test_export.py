@@ -450,3 +450,30 @@ def test_pg2_window_that_never_binds_uses_the_main_graph(tmp_path):
     assert captioner.model.windowed is None
     long = captioner.caption(images[:1], max_new_tokens=120)  # 16 prompt tokens + 120 > 128: windowed
     assert long[0].ok and captioner.model.windowed is not None
+
+
+@pytest.mark.parametrize(("model_type", "head_dim", "theta"), [("gemma", 256, 10000.0), ("gemma2", 128, 10000.0),
+                                                             ("gemma", 16, 500000.0)])
+def test_numpy_rotary_tables_equal_transformers(model_type, head_dim, theta):
+    """The decoder's cos / sin tables, computed in numpy (no torch), are transformers' own within float32
+    rounding at every position of an 8192-token context."""
+    import torch
+    from transformers import Gemma2Config, GemmaConfig
+    from transformers.models.gemma.modeling_gemma import GemmaRotaryEmbedding
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RotaryEmbedding
+
+    from palionnx.export.rotary import rope_theta, rotary_tables
+
+    config_class, rotary_class = ((GemmaConfig, GemmaRotaryEmbedding) if model_type == "gemma"
+                                  else (Gemma2Config, Gemma2RotaryEmbedding))
+    config = config_class(head_dim=head_dim, rope_parameters={"rope_type": "default", "rope_theta": theta})
+    assert rope_theta(config) == theta
+    with torch.no_grad():
+        cos, sin = rotary_class(config=config)(torch.zeros(1), torch.arange(1, 8193)[None])
+    ours = rotary_tables(head_dim, theta, 8192)
+    for theirs, mine in zip((cos, sin), ours):
+        assert mine.shape == (8192, head_dim // 2) and mine.dtype == np.float32
+        np.testing.assert_allclose(mine, theirs[0, :, : head_dim // 2].numpy(), rtol=0, atol=5e-7)
+    other = config_class(head_dim=head_dim, rope_parameters={"rope_type": "linear", "rope_theta": theta,
+                                                             "factor": 2.0})
+    assert rope_theta(other) is None  # other RoPE types keep transformers' module

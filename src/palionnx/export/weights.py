@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from .rotary import rope_theta, rotary_tables
+
 _ATTENTION = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
 _MLP = {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
@@ -50,7 +52,13 @@ class CheckpointWeights:
         return self._tensor("norm.weight" if layer is None else f"layers.{layer}.{name}.weight")
 
     def rotary(self, positions: int) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin [positions, head_dim/2] for positions 1 .. positions (PaliGemma counts from 1)."""
+        """cos, sin [positions, head_dim/2] for positions 1 .. positions (PaliGemma counts from 1): in numpy for
+        the default RoPE (export/rotary.py), else from transformers' own rotary module."""
+        theta = rope_theta(self.text_config)
+        if theta is not None:
+            t = self.text_config
+            return rotary_tables(getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads, theta,
+                                 positions)
         import torch
         from transformers.models.gemma.modeling_gemma import GemmaRotaryEmbedding
         from transformers.models.gemma2.modeling_gemma2 import Gemma2RotaryEmbedding
