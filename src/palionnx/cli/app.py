@@ -628,26 +628,12 @@ def bench(
     """
     import json
 
-    from ..runtime.manifest import Manifest, ModelFolderError
     from ..runtime.measure import MeasureRefused, measure_in_subprocess
     from .bench import kernels, table_cells
-    from .checks import CheckError
-    from .eval import check_same_checkpoint
     from .tables import print_table
 
     _check_device(device)
-    broken = []
-    for folder in model_dirs + ([reference] if reference else []):
-        try:
-            manifest = Manifest.load(folder)
-            if reference and folder != reference:
-                check_same_checkpoint(manifest, Manifest.load(reference), folder, reference)
-        except (ModelFolderError, CheckError) as exc:
-            broken.append(str(exc))
-    for problem in broken:
-        _err(f"error: {problem}")
-    if broken:
-        raise typer.Exit(2)
+    _check_bench_folders(model_dirs, reference)
     rows = []
     for folder in model_dirs:
         _err(f"benchmarking {folder} ...")
@@ -667,6 +653,27 @@ def bench(
         typer.echo(kernels(rows))
     if json_file:
         json_file.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _check_bench_folders(model_dirs: list[Path], reference: Path | None) -> None:
+    """Every folder (and the reference) loads, and each is an export of the reference's checkpoint; else each
+    problem is one line and exit status 2, before any measurement."""
+    from ..runtime.manifest import Manifest, ModelFolderError
+    from .checks import CheckError
+    from .eval import check_same_checkpoint
+
+    broken = []
+    for folder in model_dirs + ([reference] if reference else []):
+        try:
+            manifest = Manifest.load(folder)
+            if reference and folder != reference:
+                check_same_checkpoint(manifest, Manifest.load(reference), folder, reference)
+        except (ModelFolderError, CheckError) as exc:
+            broken.append(str(exc))
+    for problem in broken:
+        _err(f"error: {problem}")
+    if broken:
+        raise typer.Exit(2)
 
 
 def _bench_agreement(rows: list[dict[str, Any]], reference: Path, device: str) -> None:

@@ -88,21 +88,8 @@ def create_app(captioner: Captioner, engine: Engine, limits: Limits, model_name:
             left = max(limits.timeout_s - (time.perf_counter() - arrived), 0.001)
             completion = await asyncio.wait_for(asyncio.wrap_future(future), left)
             outcome, response = "ok", JSONResponse(render(completion, arrived))
-        except ClientDisconnect:  # the client went away mid-body: nobody reads an answer
-            outcome, response = "disconnected", Response(status_code=499)
-        except asyncio.CancelledError:  # the server is shutting down under this request
-            outcome, response = "cancelled", _error(503, "the server is shutting down", "server_busy")
-        except _TooLarge as exc:
-            outcome, response = "too_large", _error(413, str(exc), "invalid_request_error")
-        except (BadRequest, Rejected, ImageLoadError) as exc:
-            outcome, response = "bad_request", _error(400, str(exc), "invalid_request_error")
-        except QueueFull as exc:
-            outcome, response = "queue_full", _error(503, f"busy: {exc}; retry shortly", "server_busy",
-                                                     {"Retry-After": "1"})
-        except asyncio.TimeoutError:
-            outcome, response = "timeout", _error(504, f"no caption within {limits.timeout_s:g} s", "timeout")
-        except RuntimeError as exc:  # the model failed on the step this caption was in
-            outcome, response = "error", _error(500, str(exc), "server_error")
+        except _ANSWERED as exc:
+            outcome, response = _failure(exc, limits)
         finally:
             metrics.record_request(route, outcome, time.perf_counter() - arrived)
         return response
@@ -121,21 +108,44 @@ def create_app(captioner: Captioner, engine: Engine, limits: Limits, model_name:
         yield
         await run_in_threadpool(engine.stop)  # after uvicorn has drained the requests in flight
 
-    async def http_error(http: HttpRequest, exc: Exception) -> Response:
-        """404, 405 and Starlette's other HTTP errors in the API's JSON error shape."""
-        status = getattr(exc, "status_code", 500)
-        detail = {404: f"no route {http.url.path}: the API has POST /v1/caption, POST /v1/chat/completions, "
-                       "GET /healthz and GET /metrics",
-                  405: f"{http.method} is not allowed on {http.url.path}"}.get(status, str(getattr(exc, "detail", "")))
-        return _error(status, detail, "invalid_request_error", getattr(exc, "headers", None))
-
     routes = [Route("/v1/caption", caption, methods=["POST"]), Route("/v1/chat/completions", chat, methods=["POST"]),
               Route("/healthz", healthz), Route("/metrics", metrics_text)]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
 
 
 class _TooLarge(Exception):
     pass
+
+
+# What a request can end in besides a caption; `_failure` says how each is answered.
+_ANSWERED = (ClientDisconnect, asyncio.CancelledError, _TooLarge, BadRequest, Rejected, ImageLoadError, QueueFull,
+             asyncio.TimeoutError, RuntimeError)
+
+
+def _failure(exc: BaseException, limits: Limits) -> tuple[str, Response]:
+    """The metrics outcome and the response of a request that ended in `exc` (one of _ANSWERED)."""
+    if isinstance(exc, ClientDisconnect):  # the client went away mid-body: nobody reads an answer
+        return "disconnected", Response(status_code=499)
+    if isinstance(exc, asyncio.CancelledError):  # the server is shutting down under this request
+        return "cancelled", _error(503, "the server is shutting down", "server_busy")
+    if isinstance(exc, _TooLarge):
+        return "too_large", _error(413, str(exc), "invalid_request_error")
+    if isinstance(exc, (BadRequest, Rejected, ImageLoadError)):
+        return "bad_request", _error(400, str(exc), "invalid_request_error")
+    if isinstance(exc, QueueFull):
+        return "queue_full", _error(503, f"busy: {exc}; retry shortly", "server_busy", {"Retry-After": "1"})
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timeout", _error(504, f"no caption within {limits.timeout_s:g} s", "timeout")
+    return "error", _error(500, str(exc), "server_error")  # the model failed on the step this caption was in
+
+
+async def _http_error(http: HttpRequest, exc: Exception) -> Response:
+    """404, 405 and Starlette's other HTTP errors in the API's JSON error shape."""
+    status = getattr(exc, "status_code", 500)
+    detail = {404: f"no route {http.url.path}: the API has POST /v1/caption, POST /v1/chat/completions, "
+                   "GET /healthz and GET /metrics",
+              405: f"{http.method} is not allowed on {http.url.path}"}.get(status, str(getattr(exc, "detail", "")))
+    return _error(status, detail, "invalid_request_error", getattr(exc, "headers", None))
 
 
 async def _body(http: HttpRequest, limits: Limits) -> bytes:
