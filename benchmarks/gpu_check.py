@@ -34,8 +34,9 @@ import onnxruntime as ort
 
 from palionnx import Captioner
 from palionnx.runtime.contract import DECODER
-from palionnx.runtime.measure import decode_step_ms, device_name, gpu_memory_mb
+from palionnx.runtime.measure import decode_step_ms, device_name
 from palionnx.samples import sample_images
+from palionnx.system import process_gpu_memory_mb
 
 PROMPTS = ["caption en", "describe this picture in great detail", "caption en", "x"]
 # measured in this order (a run cut short keeps the first); -nk: linear weights [N, K], FusedMatMul transB=1
@@ -184,7 +185,7 @@ def bench(folder: Path, device: str, batches: list[int]) -> dict[str, Any]:
     for batch in batches:
         row[f"images_per_s_b{batch}"] = throughput(captioner, batch, 64)
         print(folder.name, f"batch {batch}: {row[f'images_per_s_b{batch}']:.1f} images/s", flush=True)
-    row["gpu_memory_mb"] = gpu_memory_mb()
+    row["gpu_memory_mb"] = process_gpu_memory_mb()
     print(row, flush=True)
     return row
 

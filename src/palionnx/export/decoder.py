@@ -49,7 +49,6 @@ from ..runtime.contract import (
     CacheIO,
     DecoderIO,
     data_file,
-    decoder_io,
     graph_io,
 )
 from ..runtime.manifest import GraphInfo
@@ -202,7 +201,7 @@ class _DecoderGraph:
 
     def build(self) -> None:
         c, p, g = self.c, self.p, self.g
-        io = decoder_io(c.layers)
+        io = DecoderIO(c.layers)
         g.input(io.input_ids, np.int64, ["batch", "sequence"])
         g.input(io.image_features, F32, ["images", "image_tokens", c.hidden])
         g.input(io.seqlens_k, np.int32, ["batch"])

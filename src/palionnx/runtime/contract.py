@@ -52,7 +52,8 @@ class CacheIO:
 
 @dataclass(frozen=True)
 class DecoderIO:
-    """The decoder graphs' inputs and outputs by meaning (see `graph_io` for what each holds)."""
+    """The inputs and outputs of every decoder graph (decoder, decoder_windowed, decoder_prefill) of a
+    `layers`-layer model, by meaning (see `graph_io` for what each holds)."""
 
     layers: int
     input_ids: str = "input_ids"
@@ -76,11 +77,6 @@ class DecoderIO:
     @property
     def outputs(self) -> list[str]:
         return [self.logits, self.next_token, *present_names(self.layers)]
-
-
-def decoder_io(layers: int) -> DecoderIO:
-    """The I/O of every decoder graph (decoder, decoder_windowed, decoder_prefill) of a `layers`-layer model."""
-    return DecoderIO(layers)
 
 
 def past_names(layers: int) -> list[str]:
@@ -116,7 +112,7 @@ def graph_io(role: str, layers: int) -> GraphIO:
     if role == VISION_ENCODER:
         return GraphIO(["pixel_values"], ["image_features"])
     if role in DECODER_GRAPHS:
-        io = decoder_io(layers)
+        io = DecoderIO(layers)
         return GraphIO(io.inputs, io.outputs)
     raise KeyError(f"unknown graph role {role!r}")
 

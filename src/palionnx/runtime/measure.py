@@ -27,11 +27,6 @@ def peak_rss_mb() -> float:
     return (rss_bytes(peak=True) or 0) / 2**20
 
 
-def gpu_memory_mb() -> float | None:
-    """This process's GPU memory from nvidia-smi, if there is one."""
-    return process_gpu_memory_mb()
-
-
 def device_name(device: str) -> str:
     """What a report names the machine by: the first GPU's name (nvidia-smi) for "cuda", else the CPU's."""
     if device == "cuda":
@@ -90,7 +85,7 @@ def measure(folder: Path, *, images: int, max_new_tokens: int, batch_size: int, 
         "images_per_s_continuous": continuous_rate,
         "slot_occupancy": occupancy,
         "peak_rss_mb": peak_rss_mb(),
-        "gpu_memory_mb": gpu_memory_mb() if captioner.device == "cuda" else None,
+        "gpu_memory_mb": process_gpu_memory_mb() if captioner.device == "cuda" else None,
         "size_on_disk_mb": folder_size(folder) / 1e6,
         "images": images, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "repeats": repeats,
     }

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .contract import DECODER, DECODER_PREFILL, DECODER_WINDOWED, VISION_ENCODER, decoder_io, graph_io
+from .contract import DECODER, DECODER_PREFILL, DECODER_WINDOWED, VISION_ENCODER, DecoderIO, graph_io
 from .defaults import CPU_PREFILL_ROWS, CUDA_MIN_CACHE_SLOTS
 from .limits import cache_length
 from .manifest import Manifest
@@ -73,7 +73,7 @@ class OnnxPaliGemma:
         self.batch_decode_from = kernels.batch_decode_from if kernels and DECODER_PREFILL in sessions else 0
         self.windowed: ort.InferenceSession | None = None  # Gemma 2, opened when first needed
         self.providers = self.decoder.get_providers()
-        self.io = decoder_io(manifest.layers)
+        self.io = DecoderIO(manifest.layers)
         # the cache's storage type and the element type it is bound as (they differ for bfloat16)
         self.kv_storage, self.kv_element = _CACHE_TYPES[
             {i.name: i.type for i in self.decoder.get_inputs()}[self.io.caches[0].past]]

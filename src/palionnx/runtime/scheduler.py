@@ -112,6 +112,10 @@ class Scheduler:
     def submit(self, request: Request) -> None:
         """Queue a request; RequestError (see `check`) if it cannot be captioned here."""
         self.check(request)
+        self.queue(request)
+
+    def queue(self, request: Request) -> None:
+        """Queue a request that has already passed `check` (the server checks on the request's own thread)."""
         self.waiting.append(request)
 
     def drop(self, unwanted: Callable[[Request], bool]) -> int:

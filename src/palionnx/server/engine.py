@@ -85,7 +85,7 @@ class Engine:
         while True:
             with self.lock:
                 while self.inbox:
-                    scheduler.submit(self.inbox.popleft())  # checked by `submit` above: it fits
+                    scheduler.queue(self.inbox.popleft())  # checked in `submit`
                 idle = not scheduler.queued and not scheduler.busy
                 if idle and self.stopping:
                     return
