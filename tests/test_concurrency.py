@@ -174,6 +174,21 @@ def test_taking_over_a_dead_claim_removes_its_half_written_caption(tmp_path):
     assert not temp.exists() and not claim_path(target).exists() and other.exists()
 
 
+def test_taking_over_a_dead_claim_removes_its_half_written_claim_update(tmp_path):
+    """A run killed while storing its record in the claim (`store_record`: a temp file of the claim itself)
+    leaves that temp file; the takeover removes it too."""
+    from palionnx.cli.claims import recover_stale
+    from palionnx.cli.files import temp_file
+
+    owner = dead_process()
+    target = tmp_path / "010.txt"
+    claim_path(target).write_text(json.dumps({"owner": owner.to_json()}))
+    half = temp_file(claim_path(target), owner.pid)
+    half.write_text('{"owner": ')
+    assert recover_stale(claim_path(target), target)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_claims_of_a_dead_owner_on_this_host_are_stale(tmp_path):
     from palionnx.cli.claims import ClaimInfo, is_stale
 

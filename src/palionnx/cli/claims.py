@@ -149,8 +149,9 @@ def recover_stale(path: Path, target: Path) -> bool:
             return info is None
         if info.line and info.jsonl and target.is_file():
             append_missing_record(Path(info.jsonl), info.line)
-        # a caption only its claim's holder writes: a temp file of it is the dead owner's, half-written
-        for temp in temp_files(target):
+        # a caption and its claim only the claim's holder writes (the claim again in `store_record`): a temp
+        # file of either is the dead owner's, half-written
+        for temp in temp_files(target) + temp_files(path):
             temp.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         return True
