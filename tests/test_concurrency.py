@@ -108,7 +108,7 @@ def dead_process() -> ProcessId:
     """The identity of a process that has exited."""
     child = subprocess.Popen([sys.executable, "-c", "import os; print(os.getpid())"], stdout=subprocess.PIPE, text=True)
     pid = int(child.communicate()[0])
-    return ProcessId(ProcessId.current().host, pid, ProcessId.current().boot, 1.0)
+    return ProcessId(ProcessId.current().host, pid, 1.0)
 
 
 def test_a_caption_written_just_before_a_kill_gets_its_record(tmp_path, model):
@@ -141,7 +141,7 @@ def test_a_live_claim_is_left_to_its_owner(tmp_path, model):
     try:
         me = ProcessId.current()
         claim = claim_path(data / "a.txt")
-        claim.write_text(json.dumps({"owner": ProcessId(me.host, owner.pid, me.boot, None).to_json()}))
+        claim.write_text(json.dumps({"owner": ProcessId(me.host, owner.pid, None).to_json()}))
         process = subprocess.Popen([sys.executable, "-m", "palionnx", "caption", str(data), "--model", str(model)],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(6)
@@ -196,7 +196,7 @@ def test_claims_of_a_dead_owner_on_this_host_are_stale(tmp_path):
     path.write_text("{}")
     assert is_stale(path, ClaimInfo(dead_process()))
     assert not is_stale(path, ClaimInfo(ProcessId.current()))
-    elsewhere = ProcessId("another-host.invalid", os.getpid(), None, None)
+    elsewhere = ProcessId("another-host.invalid", os.getpid(), None)
     assert not is_stale(path, ClaimInfo(elsewhere))  # another host: only after the lease
     os.utime(path, (time.time() - 7200, time.time() - 7200))
     assert is_stale(path, ClaimInfo(elsewhere))

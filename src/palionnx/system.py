@@ -2,7 +2,9 @@
 
 The rest of palionnx calls these instead of POSIX-only functions (hard links, `fsync` of a folder,
 `os.sched_getaffinity`, `/proc`, signals), so captioning stays atomic and resumable everywhere.
-Standard library only: the runtime imports this module too.
+Process and memory facts come from psutil (tested upstream on Linux, macOS and Windows); what no library
+gives stays here by hand: atomic no-replace links, folder fsync, signals, short side-file names, CPU
+instruction-set flags and name, the last-level cache size, and nvidia-smi's GPU rows.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 IS_WINDOWS = os.name == "nt"
 IS_MACOS = sys.platform == "darwin"
 # Errors meaning "this file system (or OS) cannot make hard links", as opposed to a real failure.
@@ -28,9 +32,10 @@ _NO_HARD_LINKS = {errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, er
 def cpu_count() -> int:
     """Cores this process may run on: the affinity mask where the OS has one (containers often allow
     fewer cores than the host has), else all cores."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    try:
+        return len(psutil.Process().cpu_affinity())
+    except (AttributeError, psutil.Error, OSError):  # macOS has no affinity masks
+        return os.cpu_count() or 1
 
 
 NAME_MAX = 255  # bytes in one file name on ext4, XFS, APFS, NTFS (UTF-16 units there) and most others
@@ -112,96 +117,58 @@ class ProcessId:
 
     host: str
     pid: int
-    boot: str | None  # Linux boot id: a claim from before a reboot is dead whatever its pid
-    started: float | None  # the process's start time where the OS says it
+    created: float | None  # when the process started (psutil's create_time, seconds since the epoch)
 
     @classmethod
     def current(cls) -> ProcessId:
-        return cls(socket.gethostname(), os.getpid(), boot_id(), process_start_time(os.getpid()))
+        return cls(socket.gethostname(), os.getpid(), process_created(os.getpid()))
 
     def to_json(self) -> dict[str, Any]:
-        return {"host": self.host, "pid": self.pid, "boot": self.boot, "started": self.started}
+        # earlier palionnx wrote "boot" (Linux boot id) and "started" (clock ticks since boot); without
+        # them, those versions check the pid alone, which is still right
+        return {"host": self.host, "pid": self.pid, "created": self.created}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ProcessId:
-        return cls(str(data["host"]), int(data["pid"]), data.get("boot"), data.get("started"))
+        created = data.get("created")  # absent from older palionnx's claims: the pid alone decides
+        return cls(str(data["host"]), int(data["pid"]), float(created) if created is not None else None)
 
 
 def is_alive(process: ProcessId) -> bool | None:
-    """Whether `process` still runs: True/False on this host, None (cannot tell) for another host."""
+    """Whether `process` still runs: True/False on this host, None (cannot tell) for another host or where
+    the OS does not say. A process with the same pid but another start time (the pid reused, or the machine
+    rebooted) is not it."""
     if process.host != socket.gethostname():
         return None
-    if process.boot and boot_id() and process.boot != boot_id():
-        return False
     alive = pid_alive(process.pid)
-    if alive and process.started is not None:
-        started = process_start_time(process.pid)
-        return started is None or started == process.started
-    return alive if alive is not None else None
+    if alive and process.created is not None:
+        created = process_created(process.pid)
+        return created is None or abs(created - process.created) < _SAME_START_S
+    return alive
+
+
+_SAME_START_S = 0.01  # start times read by two processes agree to the clock tick (1/100 s on Linux)
 
 
 def pid_alive(pid: int) -> bool | None:
     """Whether a process with this id runs here (None when the OS cannot say). A zombie (killed, not yet
     reaped by its parent) counts as gone."""
-    if IS_WINDOWS:
-        return _windows_pid_alive(pid)
-    state = _linux_state(pid)
-    if state is not None:
-        return state not in ("Z", "X")
     try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True  # exists, owned by another user
-    except OSError:
-        return None
-    return True
-
-
-def _windows_pid_alive(pid: int) -> bool | None:
-    try:
-        import ctypes
-
-        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
-    except (ImportError, AttributeError, OSError):
-        return None
-    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-    if not handle:
-        return False
-    try:
-        code = ctypes.c_ulong()
-        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
-            return None
-        return code.value == 259  # STILL_ACTIVE
-    finally:
-        kernel32.CloseHandle(handle)
-
-
-def _linux_state(pid: int) -> str | None:
-    """The process's state letter from /proc (R, S, Z, ...); None without /proc or without the process
-    (then the portable check decides)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+    except (psutil.Error, OSError):
         return None
 
 
-def boot_id() -> str | None:
-    """Linux's id of the current boot; None elsewhere."""
+def process_created(pid: int) -> float | None:
+    """When the process started (seconds since the epoch); None where the OS does not say."""
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
-    except OSError:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, OSError):
         return None
-
-
-def process_start_time(pid: int) -> float | None:
-    """When the process started, in clock ticks since boot (Linux); None where /proc is absent."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return float(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name before ")" may hold spaces
 
 
 def on_termination(handler: Callable[[], None]) -> list[str]:
@@ -229,69 +196,32 @@ class Memory:
 
 
 def memory() -> Memory | None:
-    """Total and available RAM: /proc/meminfo on Linux, the Win32 API on Windows, sysconf elsewhere."""
-    info = _meminfo()
-    if "MemTotal" in info:
-        return Memory(info["MemTotal"], info.get("MemAvailable"))
-    if IS_WINDOWS:
-        return _windows_memory()
+    """Total and available RAM (psutil's virtual_memory)."""
     try:
-        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
+        found = psutil.virtual_memory()
+    except (psutil.Error, OSError):
         return None
-    available = None
-    if hasattr(os, "sysconf_names") and "SC_AVPHYS_PAGES" in os.sysconf_names:
-        available = os.sysconf("SC_AVPHYS_PAGES") * size
-    return Memory(pages * size, available)
-
-
-def _meminfo() -> dict[str, int]:
-    try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
-    except OSError:
-        return {}
-    values = {}
-    for line in lines:
-        name, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            values[name] = int(parts[0]) * 1024
-    return values
-
-
-def _windows_memory() -> Memory | None:
-    try:
-        import ctypes
-
-        class Status(ctypes.Structure):
-            _fields_ = [("length", ctypes.c_ulong), ("load", ctypes.c_ulong), ("total", ctypes.c_ulonglong),
-                        ("available", ctypes.c_ulonglong), ("page_total", ctypes.c_ulonglong),
-                        ("page_available", ctypes.c_ulonglong), ("virtual_total", ctypes.c_ulonglong),
-                        ("virtual_available", ctypes.c_ulonglong), ("extended", ctypes.c_ulonglong)]
-
-        status = Status()
-        status.length = ctypes.sizeof(Status)
-        if not ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):  # type: ignore[attr-defined]
-            return None
-        return Memory(int(status.total), int(status.available))
-    except (ImportError, AttributeError, OSError):
-        return None
+    return Memory(int(found.total), int(found.available))
 
 
 def rss_bytes(peak: bool = False) -> int | None:
-    """This process's resident memory now, or its peak: /proc (Linux), getrusage elsewhere on POSIX."""
-    key = "VmHWM" if peak else "VmRSS"
+    """This process's resident memory now (psutil), or its peak. psutil gives the peak on Windows only
+    (`peak_wset`); on POSIX the peak comes from getrusage, which psutil does not wrap."""
     try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) * 1024 for line in status if line.startswith(key + ":"))
-    except (OSError, StopIteration):
-        pass
+        info = psutil.Process().memory_info()
+    except (psutil.Error, OSError):
+        return None
+    if not peak:
+        return int(info.rss)
+    if hasattr(info, "peak_wset"):
+        return int(info.peak_wset)
     try:
         import resource
     except ImportError:
-        return None  # Windows
+        return None
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss if IS_MACOS else maxrss * 1024  # macOS reports bytes, Linux kilobytes
+    # macOS reports bytes, Linux kilobytes; Linux updates it lazily, so it can trail the current size
+    return max(maxrss if IS_MACOS else maxrss * 1024, int(info.rss))
 
 
 # CPU features that change which --quant runs fastest: VNNI lets MatMulNBits (accuracy_level 4) compute

@@ -1,7 +1,7 @@
 """Claim files: several `palionnx caption` runs on one folder share the work, each image done once.
 
 Before captioning an image a run creates `.NAME.txt.palionnx-claim` beside its caption file with O_EXCL
-(atomic on local disks, NFS v3+, SMB and on Windows). The claim names its owner (host, pid, boot, start
+(atomic on local disks, NFS v3+, SMB and on Windows). The claim names its owner (host, pid, start
 time) and, once the caption is ready, holds the run's --jsonl path and the record line it will append:
 
     claim (O_EXCL) -> caption computed -> record line stored in the claim -> caption file renamed into
