@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import BAD, GOOD, captions, make_dataset, palionnx  # noqa: F401
 
-from palionnx.cli.claims import CLAIM_SUFFIX
-from palionnx.cli.files import TEMP_SUFFIX, clean_caption
+from palionnx.jobs.claims import CLAIM_SUFFIX
+from palionnx.jobs.files import TEMP_SUFFIX, clean_caption
 from palionnx.samples import sample_images
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import captions, palionnx
 
-from palionnx.cli.claims import CLAIM_SUFFIX, claim_path
+from palionnx.jobs.claims import CLAIM_SUFFIX, claim_path
 from palionnx.samples import sample_images
 from palionnx.system import ProcessId
 
@@ -160,8 +160,8 @@ def test_a_live_claim_is_left_to_its_owner(tmp_path, model):
 def test_taking_over_a_dead_claim_removes_its_half_written_caption(tmp_path):
     """A run killed while writing a caption leaves its temp file; whoever takes the claim over removes it
     (runs already under way never rescan the folder for temp files)."""
-    from palionnx.cli.claims import recover_stale
-    from palionnx.cli.files import TEMP_SUFFIX
+    from palionnx.jobs.claims import recover_stale
+    from palionnx.jobs.files import TEMP_SUFFIX
 
     owner = dead_process()
     target = tmp_path / "a [1].txt"
@@ -177,8 +177,8 @@ def test_taking_over_a_dead_claim_removes_its_half_written_caption(tmp_path):
 def test_taking_over_a_dead_claim_removes_its_half_written_claim_update(tmp_path):
     """A run killed while storing its record in the claim (`store_record`: a temp file of the claim itself)
     leaves that temp file; the takeover removes it too."""
-    from palionnx.cli.claims import recover_stale
-    from palionnx.cli.files import temp_file
+    from palionnx.jobs.claims import recover_stale
+    from palionnx.jobs.files import temp_file
 
     owner = dead_process()
     target = tmp_path / "010.txt"
@@ -190,7 +190,7 @@ def test_taking_over_a_dead_claim_removes_its_half_written_claim_update(tmp_path
 
 
 def test_claims_of_a_dead_owner_on_this_host_are_stale(tmp_path):
-    from palionnx.cli.claims import ClaimInfo, is_stale
+    from palionnx.jobs.claims import ClaimInfo, is_stale
 
     path = tmp_path / ".a.txt.palionnx-claim"
     path.write_text("{}")

@@ -10,8 +10,8 @@ import sys
 import pytest
 from helpers import palionnx
 
-from palionnx.cli.claims import claim_path
-from palionnx.cli.files import temp_file
+from palionnx.jobs.claims import claim_path
+from palionnx.jobs.files import temp_file
 from palionnx.samples import sample_images
 from palionnx.system import NAME_MAX, side_file
 

@@ -320,7 +320,7 @@ class Terminal(io.StringIO):
 
 
 def test_progress_is_a_rich_bar_on_a_terminal_and_lines_otherwise():
-    from palionnx.cli.progress import Progress
+    from palionnx.jobs.progress import Progress
 
     plain = io.StringIO()
     progress = Progress(2, stream=plain)

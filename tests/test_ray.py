@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from palionnx.cli.files import TEMP_SUFFIX
+from palionnx.jobs.files import TEMP_SUFFIX
 
 pytest.importorskip("ray.data")
 

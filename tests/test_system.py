@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from palionnx import system
-from palionnx.cli.files import write_atomic
+from palionnx.jobs.files import write_atomic
 
 
 def test_cpu_count_without_affinity(monkeypatch):

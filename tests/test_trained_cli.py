@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from helpers import palionnx
 
-from palionnx.cli.files import clean_caption
 from palionnx.export.trained import RECIPES
+from palionnx.jobs.files import clean_caption
 from palionnx.scenes import TAGS_PROMPT, make_scenes, render
 
 SIZE = RECIPES["shapes-pg1"].geometry.image_size

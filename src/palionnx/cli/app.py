@@ -6,12 +6,14 @@ generation, performance, Ray); the commands' bodies call helpers in the modules 
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 
+from ..jobs.options import CaptionOptions, RayOptions
+from ..jobs.plan import Plan
+from ..jobs.records import Summary
 from ..runtime.captioner import Captioner
 from ..runtime.contract import folder_size
 from ..runtime.defaults import (
@@ -19,18 +21,15 @@ from ..runtime.defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BLOCK_SIZE,
     DEFAULT_CUDA_BATCH_SIZE,
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_PROMPT,
     DEFAULT_SERVE_CPU_SLOTS,
 )
 from ..server.options import ServeOptions
-from .batch import BatchOptions, Plan, Summary
-from .files import ImageJob
 from .helpformat import CleanGroup
 from .models import DEFAULT_MODEL
 from .presets import apply_preset
 
 SERVE = ServeOptions()  # `serve`'s defaults, declared in server/options.py
+CAPTION, RAY = CaptionOptions(), RayOptions()  # `caption`'s defaults, declared in jobs/options.py
 
 app = typer.Typer(
     cls=CleanGroup,
@@ -157,16 +156,19 @@ CpusOpt = Annotated[float, typer.Option(min=0.0, metavar="N", rich_help_panel=RA
 
 @app.command()
 def caption(
-    inputs: Inputs, model: ModelOpt = DEFAULT_MODEL, quant: QuantOpt = None, ext: ExtOpt = ".txt",
-    output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False, jsonl: JsonlOpt = None,
-    prefix: PrefixOpt = "", suffix: SuffixOpt = "", prompt: PromptOpt = DEFAULT_PROMPT,
-    max_new_tokens: MaxTokensOpt = DEFAULT_MAX_NEW_TOKENS, batch_size: BatchOpt = None,
-    device: DeviceOpt = "auto", recursive: RecursiveOpt = True, clean: CleanOpt = False,
-    temperature: TemperatureOpt = 0.0, top_k: TopKOpt = 0, top_p: TopPOpt = 1.0, seed: SeedOpt = None,
-    repetition_penalty: RepetitionOpt = 1.0, no_repeat_ngram_size: NgramOpt = 0, quiet: QuietOpt = False,
-    max_memory: MaxMemoryOpt = None, parquet: ParquetOpt = None, ray: RayOpt = None, workers: WorkersOpt = 1,
-    gpus_per_worker: GpusOpt = 0.0, cpus_per_worker: CpusOpt = 1.0, cuda_graph: CudaGraphOpt = True,
-    min_words: MinWordsOpt = 0, retries: RetriesOpt = 0, preset: PresetOpt = None,
+    inputs: Inputs, model: ModelOpt = DEFAULT_MODEL, quant: QuantOpt = None, ext: ExtOpt = CAPTION.ext,
+    output_dir: OutputDirOpt = CAPTION.output_dir, overwrite: OverwriteOpt = CAPTION.overwrite,
+    jsonl: JsonlOpt = CAPTION.jsonl, prefix: PrefixOpt = CAPTION.prefix, suffix: SuffixOpt = CAPTION.suffix,
+    prompt: PromptOpt = CAPTION.prompt, max_new_tokens: MaxTokensOpt = CAPTION.max_new_tokens,
+    batch_size: BatchOpt = CAPTION.batch_size, device: DeviceOpt = "auto", recursive: RecursiveOpt = CAPTION.recursive,
+    clean: CleanOpt = CAPTION.clean, temperature: TemperatureOpt = CAPTION.temperature, top_k: TopKOpt = CAPTION.top_k,
+    top_p: TopPOpt = CAPTION.top_p, seed: SeedOpt = CAPTION.seed,
+    repetition_penalty: RepetitionOpt = CAPTION.repetition_penalty,
+    no_repeat_ngram_size: NgramOpt = CAPTION.no_repeat_ngram_size, quiet: QuietOpt = False,
+    max_memory: MaxMemoryOpt = CAPTION.max_memory_gb, parquet: ParquetOpt = CAPTION.parquet, ray: RayOpt = None,
+    workers: WorkersOpt = RAY.workers, gpus_per_worker: GpusOpt = RAY.gpus_per_worker,
+    cpus_per_worker: CpusOpt = RAY.cpus_per_worker, cuda_graph: CudaGraphOpt = CAPTION.cuda_graph,
+    min_words: MinWordsOpt = CAPTION.min_words, retries: RetriesOpt = CAPTION.retries, preset: PresetOpt = None,
 ) -> None:
     """Caption images, writing a caption file beside each one (images that have one are skipped).
 
@@ -184,32 +186,16 @@ def caption(
         palionnx caption "photos/**/*.png" --output-dir captions/ --ext .caption
         palionnx caption /shared/dataset --ray auto --workers 8 --gpus-per-worker 1
     """
-    from ..runtime.generate import make_logits_processors, make_sampler
-    from .batch import plan_run
-    from .checks import CheckError, check_outputs, check_retries, check_sampling
-
-    try:
-        check_sampling(temperature, top_k, top_p, seed, repetition_penalty, no_repeat_ngram_size)
-        check_retries(min_words, retries, temperature)
-        jobs = _find_jobs(inputs, ext, device, recursive)
-        options = BatchOptions(
-            ext=ext, output_dir=output_dir, overwrite=overwrite, jsonl=jsonl, parquet=parquet, prefix=prefix,
-            suffix=suffix, clean=clean, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
-            sampler=make_sampler(temperature, top_k, top_p, seed),
-            logits_processors=make_logits_processors(repetition_penalty, no_repeat_ngram_size),
-            min_words=min_words, retries=retries,
-        )
-        plan = plan_run(jobs, options, quiet)  # reports name clashes before any model is loaded
-        check_outputs(options, plan)
-    except CheckError as exc:
-        _usage(str(exc))
+    options = CaptionOptions(
+        ext=ext, output_dir=output_dir, overwrite=overwrite, jsonl=jsonl, parquet=parquet, prefix=prefix,
+        suffix=suffix, clean=clean, recursive=recursive, prompt=prompt, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size, min_words=min_words, retries=retries, batch_size=batch_size,
+        max_memory_gb=max_memory, cuda_graph=cuda_graph)
+    ray_options = RayOptions(ray, workers, gpus_per_worker, cpus_per_worker) if ray else None
+    plan = _plan_caption(inputs, options, device, quiet)
     folder, captioner = _open_model(model, quant, device, ray, quiet, cuda_graph)
-    if ray:
-        summary = _caption_with_ray(plan, folder, options, device, ray, workers, gpus_per_worker, cpus_per_worker,
-                                    quiet)
-    else:
-        assert captioner is not None
-        summary = _caption_here(captioner, plan, options, max_memory, quiet)
+    summary = _run_caption(plan, folder, captioner, options, ray_options, device, quiet)
     if not quiet:
         _err(summary.line())
     if summary.interrupted:
@@ -217,89 +203,61 @@ def caption(
     raise typer.Exit(1 if summary.failed else 0)
 
 
-def _caption_here(captioner: Captioner, plan: Plan, options: BatchOptions, max_memory: float | None,
-                  quiet: bool) -> Summary:
-    from ..runtime.limits import RequestError, check_request
-    from .batch import caption_files
-    from .checks import memory_limit
-
-    slots = options.batch_size or captioner.default_batch_size
-    limit = memory_limit(captioner.device, max_memory)
-
-    def check(batch: int) -> None:
-        check_request(captioner.manifest, captioner.text, [options.prompt], options.max_new_tokens,
-                      min(batch, max(1, len(plan.todo))), limit, captioner.model.min_cache_slots,
-                      captioner.model.prefill_chunk)
+def _plan_caption(inputs: list[str], options: CaptionOptions, device: str, quiet: bool) -> Plan:
+    """Check the options, find the images and plan the run (name clashes reported) before any model loads;
+    exit 2 on a usage error, 0 when there are no images."""
+    from ..jobs.checks import CheckError, check_options, check_outputs
+    from ..jobs.files import find_images
+    from ..jobs.plan import plan_run
 
     try:
-        while options.batch_size is None and slots > 1:  # the default batch halves until it fits the memory
-            try:
-                check(slots)
-                break
-            except RequestError:
-                slots //= 2
-        check(slots)
+        check_options(options)
+        _check_device(device)
+        jobs = find_images(inputs, recursive=options.recursive)
+        if not jobs:
+            _err("no images found (extensions: jpg, jpeg, png, webp, bmp, gif, tif, tiff)")
+            raise typer.Exit(0)
+        plan = plan_run(jobs, options, quiet)
+        check_outputs(options, plan)
+    except (CheckError, FileNotFoundError) as exc:
+        _usage(str(exc))
+    return plan
+
+
+def _run_caption(plan: Plan, folder: Path, captioner: Captioner | None, options: CaptionOptions,
+                 ray_options: RayOptions | None, device: str, quiet: bool) -> Summary:
+    """Caption the planned images here or on Ray; a request the model cannot serve is a usage error."""
+    from ..jobs.captioning import caption_files, fit_batch
+    from ..jobs.ray_pipeline import caption_with_ray
+    from ..runtime.limits import RequestError
+
+    say = None if quiet else _err
+    try:
+        if ray_options:
+            return caption_with_ray(plan, folder, options, ray_options, device, quiet=quiet, say=say)
+        assert captioner is not None
+        options = fit_batch(captioner, options, len(plan.todo), say)
     except RequestError as exc:
         _usage(str(exc))
-    if options.batch_size is None and slots < captioner.default_batch_size:
-        if not quiet:
-            _err(f"batch {slots} (the default {captioner.default_batch_size} needs more memory than is free)")
-        options = dataclasses.replace(options, batch_size=slots)
-    if not quiet:
-        _err(f"model {captioner.folder} ({captioner.manifest.quant.level}) on {captioner.providers[0]}")
+    if say:
+        say(f"model {captioner.folder} ({captioner.manifest.quant.level}) on {captioner.providers[0]}")
     return caption_files(captioner, plan, options, quiet=quiet)
-
-
-def _caption_with_ray(plan: Plan, folder: Path, options: BatchOptions, device: str, ray: str, workers: int,
-                      gpus_per_worker: float, cpus_per_worker: float, quiet: bool) -> Summary:
-    from ..runtime.limits import RequestError, check_request
-    from ..runtime.manifest import Manifest
-    from ..runtime.text import TextCodec
-    from .ray_pipeline import caption_with_ray
-
-    manifest = Manifest.load(folder)
-    try:  # the actors load the model; the prompt and the context are checked here, once
-        check_request(manifest, TextCodec(folder, manifest), [options.prompt], options.max_new_tokens,
-                      options.batch_size or 1)
-    except RequestError as exc:
-        _usage(str(exc))
-    if not quiet:
-        _err(f"model {folder} on Ray ({ray}): {workers} worker(s), {gpus_per_worker} GPU each")
-    return caption_with_ray(plan.todo, folder, options, device, ray, workers, gpus_per_worker, cpus_per_worker,
-                            quiet=quiet, plan=plan)
-
-
-def _find_jobs(inputs: list[str], ext: str, device: str, recursive: bool) -> list[ImageJob]:
-    """Check the options that need no model, then expand the inputs; exit 2 (or 0: no images) otherwise."""
-    from .files import find_images
-
-    if ext not in (".txt", ".caption"):
-        _usage(f"--ext must be .txt or .caption, got {ext!r}")
-    _check_device(device)
-    try:
-        jobs = find_images(inputs, recursive=recursive)
-    except FileNotFoundError as exc:
-        _usage(str(exc))
-    if not jobs:
-        _err("no images found (extensions: jpg, jpeg, png, webp, bmp, gif, tif, tiff)")
-        raise typer.Exit(0)
-    return jobs
 
 
 def _open_model(model: str, quant: str | None, device: str, ray: str | None, quiet: bool,
                 cuda_graph: bool = True) -> tuple[Path, Captioner | None]:
     """Resolve --model to a folder (downloading or exporting a hub model on first use) and load it here,
     unless Ray actors will load it themselves. Any failure is a usage error (exit 2)."""
+    from ..jobs.progress import Steps
     from ..runtime.manifest import Manifest, ModelFolderError
     from ..runtime.sessions import DeviceError
     from .models import ModelResolveError, resolve_model
-    from .progress import Steps
 
     try:
         with Steps(quiet=quiet) as steps:
             folder = resolve_model(model, quant, device, progress=steps.say)
         if ray:
-            from .ray_pipeline import require_ray
+            from ..jobs.ray_pipeline import require_ray
 
             require_ray()
             Manifest.load(folder)  # each actor loads the model itself
@@ -351,8 +309,8 @@ def export(
     from ..export.checkpoint import CheckpointError
     from ..export.convert import ExportError
     from ..export.convert import export as run_export
+    from ..jobs.progress import Steps
     from ..runtime.levels import LevelError, resolve_quant
-    from .progress import Steps
 
     try:
         quant = resolve_quant(quant, device)
@@ -461,7 +419,7 @@ def evaluate(
     """
     import json
 
-    from .checks import CheckError
+    from ..jobs.checks import CheckError
     from .eval import check_eval, print_report
 
     try:
@@ -490,9 +448,9 @@ def _evaluate_against(model_dir: Path, reference: Path, inputs: list[str], promp
     import json
 
     from ..agreement import agreement, reference_run
+    from ..jobs.checks import CheckError
     from ..runtime.limits import RequestError
     from ..runtime.manifest import Manifest, ModelFolderError
-    from .checks import CheckError
     from .eval import check_same_checkpoint, print_agreement, reference_images
 
     try:
@@ -658,8 +616,8 @@ def bench(
 def _check_bench_folders(model_dirs: list[Path], reference: Path | None) -> None:
     """Every folder (and the reference) loads, and each is an export of the reference's checkpoint; else each
     problem is one line and exit status 2, before any measurement."""
+    from ..jobs.checks import CheckError
     from ..runtime.manifest import Manifest, ModelFolderError
-    from .checks import CheckError
     from .eval import check_same_checkpoint
 
     broken = []

@@ -9,12 +9,14 @@ from pathlib import Path
 import typer
 
 from ..evaluation import Report, score_scene, text_ids
+from ..jobs.captioning import caption_files
+from ..jobs.files import ImageJob
+from ..jobs.options import CaptionOptions
+from ..jobs.plan import plan_run
 from ..runtime.captioner import Captioner
 from ..runtime.contract import MANIFEST_NAME
 from ..scenes import CAPTION_PROMPT, Scene, make_scenes, render
-from .batch import BatchOptions, caption_files, plan_run
 from .eval import print_report
-from .files import ImageJob
 from .models import cache_root
 
 DEMO_LEVELS = ("fp32", "int8", "int4")  # the CPU levels
@@ -67,7 +69,7 @@ def run_demo(captioner: Captioner, folder: Path, count: int, seed: int) -> Repor
     beside its truth, then the scores."""
     scenes = make_scenes(count, seed)
     jobs = write_scenes(scenes, folder, captioner.manifest.image_size)
-    options = BatchOptions(overwrite=True, prompt=CAPTION_PROMPT)
+    options = CaptionOptions(overwrite=True, prompt=CAPTION_PROMPT)
     caption_files(captioner, plan_run(jobs, options, quiet=True), options, quiet=True)
     tokenizer = captioner.text.tokenizer
     report = Report(folder=str(captioner.folder), prompt=CAPTION_PROMPT, seed=seed)

@@ -9,12 +9,12 @@ import typer
 
 from ..agreement import Agreement
 from ..evaluation import Report
+from ..jobs.checks import CheckError
+from ..jobs.files import find_images
 from ..runtime.manifest import Manifest
 from ..runtime.preprocess import ImageInput, ImageSpec, Pixels, image_pixels
 from ..samples import sample_images
 from ..scenes import PROMPTS, make_scenes, render
-from .checks import CheckError
-from .files import find_images
 
 DEFAULT_SCENES = 8  # --reference without IMAGES: the packaged samples and this many held-out scenes
 

@@ -91,6 +91,15 @@ class Captioner:
         (runtime/defaults.py)."""
         return DEFAULT_CUDA_BATCH_SIZE if self.device == "cuda" else DEFAULT_BATCH_SIZE
 
+    def check(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+              memory_limit: float | None = None) -> int:
+        """RequestError (a ValueError) if this model cannot caption `batch_size` images at once with these
+        prompts (special-token text, the model's context and, with `memory_limit` in bytes, the estimated
+        KV-cache and prefill memory of its cache floor and prefill chunks: `limits.check_request`). Returns
+        the longest prompt's length in tokens."""
+        return check_request(self.manifest, self.text, prompts, max_new_tokens, batch_size, memory_limit,
+                             self.model.min_cache_slots, self.model.prefill_chunk)
+
     def caption(
         self,
         images: Sequence[ImageInput],
@@ -117,7 +126,7 @@ class Captioner:
             raise ValueError(f"got {len(prompts)} prompts for {len(images)} images")
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be at least 1")
-        check_request(self.manifest, self.text, prompts, max_new_tokens, batch_size)  # RequestError: ValueError
+        self.check(prompts, max_new_tokens, batch_size)  # RequestError: a ValueError
         results = [CaptionResult(source=source_name(image)) for image in images]
         for first in range(0, len(images), batch_size):
             indices, pixels = [], []

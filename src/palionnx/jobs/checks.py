@@ -9,13 +9,23 @@ from pathlib import Path
 
 from ..runtime.generate import SettingError, check_settings
 from ..system import memory, nvidia_gpus
-from .batch import BatchOptions, Plan
+from .options import CaptionOptions
+from .plan import Plan
 
 GB = 1e9
 
 
 class CheckError(Exception):
     """An option or output that cannot work; the message says which and why."""
+
+
+def check_options(options: CaptionOptions) -> None:
+    """A captioning job's options that contradict each other or cannot work, before anything is read."""
+    if options.ext not in (".txt", ".caption"):
+        raise CheckError(f"--ext must be .txt or .caption, got {options.ext!r}")
+    check_sampling(options.temperature, options.top_k, options.top_p, options.seed, options.repetition_penalty,
+                   options.no_repeat_ngram_size)
+    check_retries(options.min_words, options.retries, options.temperature)
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, seed: int | None, repetition_penalty: float,
@@ -39,7 +49,7 @@ def check_retries(min_words: int, retries: int, temperature: float) -> None:
                          "decoding gives the same caption every time")
 
 
-def check_outputs(options: BatchOptions, plan: Plan) -> None:
+def check_outputs(options: CaptionOptions, plan: Plan) -> None:
     """--jsonl, --parquet, --output-dir and the folders captions go into must be writable, now."""
     if options.jsonl:
         _check_file("--jsonl", options.jsonl, append=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -18,10 +19,14 @@ from typing import Any
 import numpy as np
 
 from ..runtime.defaults import DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE
+from ..runtime.limits import check_request
 from ..runtime.manifest import Manifest
 from ..runtime.preprocess import ImageSpec
-from .batch import BatchOptions, Plan, Record, Summary, caption_stream, plan_run, publish, recording
-from .files import ImageJob
+from ..runtime.text import TextCodec
+from .captioning import caption_stream, publish
+from .options import CaptionOptions, RayOptions
+from .plan import Plan, recording
+from .records import Record, Summary
 
 
 def require_ray() -> None:
@@ -46,7 +51,7 @@ def load_row(row: dict[str, Any], spec: ImageSpec) -> dict[str, Any]:
 class CaptionActor:
     """One model load per actor; captions a batch of decoded images and writes their caption files."""
 
-    def __init__(self, folder: str, device: str, options: BatchOptions, threads: int | None):
+    def __init__(self, folder: str, device: str, options: CaptionOptions, threads: int | None):
         from ..runtime.captioner import Captioner
 
         self.captioner = Captioner.load(folder, device=device, threads=threads)
@@ -68,24 +73,30 @@ class CaptionActor:
         return {"record": np.array([asdict(r) for r in records], dtype=object)}
 
 
-def caption_with_ray(jobs: list[ImageJob], folder: Path, options: BatchOptions, device: str, address: str,
-                     workers: int, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
-                     quiet: bool = False, plan: Plan | None = None) -> Summary:
-    """Caption `jobs` on Ray: `address` is "local" (start Ray on this machine), "auto" (the running cluster)
-    or a cluster address. Same outputs, summary and --jsonl as `caption_files`; `plan` is `plan_run`'s
-    result when the caller planned already.
+def caption_with_ray(plan: Plan, folder: Path, options: CaptionOptions, ray_options: RayOptions, device: str = "auto",
+                     quiet: bool = False, say: Callable[[str], None] | None = None) -> Summary:
+    """Caption the plan's images on Ray (`ray_options.address`: "local" starts Ray on this machine, "auto"
+    joins the running cluster, or a cluster address). Same outputs, summary and --jsonl as
+    `captioning.caption_files`. The prompt and the context are checked here, once (RequestError), before
+    any actor loads the model; then `say` hears where it runs.
 
     Ray places actors by the CPUs and GPUs they request: workers x cpus_per_worker must leave CPU on each
     node for the image-reading tasks (0.5 CPU each), or reading waits forever behind the actors.
     """
     import ray
 
+    manifest = Manifest.load(folder)
+    check_request(manifest, TextCodec(folder, manifest), [options.prompt], options.max_new_tokens,
+                  options.batch_size or 1)
     started = time.perf_counter()
+    address, workers, gpus_per_worker = ray_options.address, ray_options.workers, ray_options.gpus_per_worker
+    cpus_per_worker = ray_options.cpus_per_worker
+    if say:
+        say(f"model {folder} on Ray ({address}): {workers} worker(s), {gpus_per_worker} GPU each")
     # CPU actors run onnxruntime on as many threads as Ray reserved cores for them, so actors sharing a
     # node do not oversubscribe it; GPU actors keep onnxruntime's default.
     threads = None if gpus_per_worker else max(1, round(cpus_per_worker))
-    plan = plan or plan_run(jobs, options, quiet)
-    spec = Manifest.load(folder).image_spec
+    spec = manifest.image_spec
     with recording(plan, options, started, quiet) as recorder:
         if plan.todo:
             ray.init(address=None if address == "local" else address, ignore_reinit_error=True,

@@ -1,0 +1,205 @@
+"""Captioning a planned run of image files: claimed images through continuous batching, each caption file
+written atomically as its caption ends, records and progress as they come."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..runtime.captioner import Captioner, CaptionResult
+from ..runtime.limits import RequestError
+from ..runtime.preprocess import ImageInput
+from ..runtime.stream import CaptionStream, Retry
+from .checks import memory_limit
+from .claims import Claims
+from .files import ImageJob, clean_caption, write_atomic
+from .options import CaptionOptions
+from .plan import Plan, recording
+from .records import Record, Recorder, Summary
+
+WAIT_FOR_OTHERS_S = 0.5  # how often a run that has finished its share looks at images other runs hold
+
+
+def fit_batch(captioner: Captioner, options: CaptionOptions, images: int,
+              say: Callable[[str], None] | None = None) -> CaptionOptions:
+    """The options with the batch this run captions at: --batch-size, or the device's default halved until
+    its estimated memory fits what is free (or --max-memory). RequestError when the prompt or the context
+    cannot work, or even that batch does not fit."""
+    limit = memory_limit(captioner.device, options.max_memory_gb)
+
+    def fits(batch: int) -> bool:
+        try:
+            captioner.check([options.prompt], options.max_new_tokens, min(batch, max(1, images)), limit)
+        except RequestError:
+            return False
+        return True
+
+    if options.batch_size is not None:
+        captioner.check([options.prompt], options.max_new_tokens, min(options.batch_size, max(1, images)), limit)
+        return options
+    default = slots = captioner.default_batch_size
+    while slots > 1 and not fits(slots):
+        slots //= 2
+    captioner.check([options.prompt], options.max_new_tokens, min(slots, max(1, images)), limit)
+    if slots < default and say:
+        say(f"batch {slots} (the default {default} needs more memory than is free)")
+    return dataclasses.replace(options, batch_size=slots) if slots < default else options
+
+
+def caption_body(text: str, options: CaptionOptions) -> str:
+    """A raw caption as the caption file holds it, before the prefix and suffix (--clean applied)."""
+    return clean_caption(text) if options.clean else text
+
+
+def caption_text(result: CaptionResult, options: CaptionOptions) -> str:
+    """The caption file's text: prefix, the caption (--clean applied), suffix."""
+    return options.prefix + caption_body(result.text, options) + options.suffix
+
+
+def retry_policy(options: CaptionOptions) -> Retry | None:
+    """--min-words / --retries as a `Retry`: words are counted in the caption as written (--clean applied,
+    without the prefix and suffix)."""
+    if not (options.min_words and options.retries):
+        return None
+    return Retry(options.min_words, options.retries, words=lambda text: len(caption_body(text, options).split()))
+
+
+def caption_stream(captioner: Captioner, items: Iterable[tuple[Any, ImageInput] | None], options: CaptionOptions
+                   ) -> CaptionStream:
+    """A CaptionStream over `items` with the run's generation options, --min-words / --retries included."""
+    return CaptionStream(captioner, items, slots=options.batch_size, prompt=options.prompt,
+                         max_new_tokens=options.max_new_tokens, sampler=options.sampler(),
+                         logits_processors=options.logits_processors(), retry=retry_policy(options))
+
+
+def publish(result: CaptionResult, target: Path, options: CaptionOptions, exclusive: bool = False,
+            claims: Claims | None = None) -> Record:
+    """Write one image's caption file and return its record.
+
+    With `exclusive`, an existing caption file is left alone (a retried Ray task must not write twice).
+    With `claims`, the record is stored in the image's claim first, so a kill right after the caption is
+    written still gets its --jsonl line (see `palionnx.jobs.claims`).
+    """
+    record = Record(path=str(result.source), status="captioned" if result.ok else "failed",
+                    tokens=len(result.tokens), error=result.error, attempts=result.attempts,
+                    timings={"vision_s": round(result.timings.vision_s, 4),
+                             "prefill_s": round(result.timings.prefill_s, 4),
+                             "decode_ms_per_token": round(result.timings.decode_ms_per_token, 3)})
+    if not result.ok:
+        return record
+    record.output, record.caption = str(target), caption_text(result, options)
+    if claims:
+        claims.store_record(target, record.line())
+    try:
+        write_atomic(target, record.caption, exclusive=exclusive)
+    except FileExistsError:
+        record.caption = target.read_text(encoding="utf-8")
+    except OSError as exc:
+        record.status, record.output, record.caption = "failed", None, None
+        record.error = f"{target}: cannot write the caption ({exc})"
+    return record
+
+
+@dataclass
+class Unit:
+    """One image file to run through the model and the jobs (paths to it) whose captions it gives."""
+
+    image: Path
+    jobs: list[ImageJob]
+
+
+def caption_files(captioner: Captioner, plan: Plan, options: CaptionOptions, quiet: bool = False) -> Summary:
+    """Caption the plan's images in this process, sharing the folder with any other run on it.
+
+    Continuous batching: `--batch-size` slots, each refilled as soon as its caption ends; each caption
+    file is written when its caption is done. Each path gets its caption file; the model runs once per
+    distinct file (symbolic links to one image share its caption). Ctrl-C abandons the captions in flight
+    and releases their claims.
+    """
+    started = time.perf_counter()
+    units: dict[Path, Unit] = {}
+    for job in plan.todo:
+        units.setdefault(job.image.resolve(), Unit(job.image, [])).jobs.append(job)
+    claims = Claims(options.jsonl)
+    with recording(plan, options, started, quiet) as recorder:
+        try:
+            stream = caption_stream(captioner, claimed_units(list(units.values()), plan, claims, options, recorder),
+                                    options)
+            for unit, result in stream:
+                for job in unit.jobs:
+                    target = plan.targets[job]
+                    recorder.add(publish(_for_path(result, job), target, options, claims=claims))
+                    claims.release(target)
+                plan.summary.occupancy = stream.occupancy
+        finally:
+            claims.release_all()
+    return plan.summary
+
+
+def _for_path(result: CaptionResult, job: ImageJob) -> CaptionResult:
+    """The result as seen from one path to the image (a symbolic link names itself)."""
+    if result.source == str(job.image):
+        return result
+    error = result.error.replace(result.source, str(job.image), 1) if result.error else None
+    return dataclasses.replace(result, source=str(job.image), error=error)
+
+
+def claimed_units(units: list[Unit], plan: Plan, claims: Claims, options: CaptionOptions,
+                  recorder: Recorder) -> Iterator[tuple[Unit, Path] | None]:
+    """(unit, image) for each image this run claims, for a CaptionStream. Images other runs hold are put
+    back and looked at again (every WAIT_FOR_OTHERS_S; None meanwhile, so the captions in flight go on)
+    once this run's share is done: finished by their owner (counted as done by other runs) or, when the
+    owner died, taken over. So when the last run on a folder ends, every image has been done once."""
+    pending, waiting = deque(units), deque[Unit]()
+    run_started = time.time()
+    told, next_look = False, 0.0
+    while pending or waiting:
+        if not pending:
+            if not told:
+                recorder.progress.note(f"waiting for other runs to finish the {len(waiting)} image(s) they hold")
+                told = True
+            if time.monotonic() < next_look:
+                yield None
+                continue
+            next_look = time.monotonic() + WAIT_FOR_OTHERS_S
+            pending, waiting = waiting, pending
+            continue
+        unit = pending.popleft()
+        mine, busy = [], []
+        for job in unit.jobs:
+            try:
+                state = _claim(plan.targets[job], claims, options.overwrite, run_started)
+            except OSError as exc:
+                recorder.add(Record(str(job.image), "failed", error=f"{plan.targets[job]}: cannot claim it ({exc})"))
+                continue
+            if state == "mine":
+                mine.append(job)
+            elif state == "busy":
+                busy.append(job)
+            else:
+                plan.summary.by_others += 1
+                recorder.progress.update(job.image, "done by another run")
+        if busy:
+            waiting.append(Unit(unit.image, busy))
+        if mine:
+            yield Unit(unit.image, mine), unit.image
+
+
+def _claim(target: Path, claims: Claims, overwrite: bool, run_started: float) -> str:
+    """"mine" (claimed), "busy" (another live run holds it) or "done" (captioned meanwhile by another run;
+    with --overwrite: a caption newer than this run's start)."""
+    if not claims.claim(target):
+        return "busy"
+    try:
+        done = target.is_file() and (not overwrite or target.stat().st_mtime >= run_started)
+    except FileNotFoundError:
+        done = False
+    if done:
+        claims.release(target)
+        return "done"
+    return "mine"

@@ -1,0 +1,57 @@
+"""The settings of a captioning job, declared once: `palionnx caption`'s options take their defaults here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..runtime.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
+from ..runtime.generate import LogitsProcessor, Sampler, make_logits_processors, make_sampler
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """`caption --ray`: where the cluster is and how many actors it runs (see the Ray panel of --help)."""
+
+    address: str = "local"  # "local" (Ray on this machine), "auto" (the running cluster) or an address
+    workers: int = 1  # captioning actors, one model each
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """What a captioning job does with each image (see `palionnx caption --help`)."""
+
+    # input and output
+    ext: str = ".txt"
+    output_dir: Path | None = None
+    overwrite: bool = False
+    jsonl: Path | None = None
+    parquet: Path | None = None
+    prefix: str = ""
+    suffix: str = ""
+    clean: bool = False
+    recursive: bool = True
+    # generation
+    prompt: str = DEFAULT_PROMPT
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    min_words: int = 0  # caption again (sampling) while the caption has fewer words than this ...
+    retries: int = 0  # ... at most this many more times
+    # performance
+    batch_size: int | None = None  # None: the device's default (Captioner.default_batch_size), halved to fit
+    max_memory_gb: float | None = None  # None: what is free on the device once the model has loaded
+    cuda_graph: bool = True
+
+    def sampler(self) -> Sampler:
+        """A fresh sampler for these settings (greedy at temperature 0; seeded where --seed is given)."""
+        return make_sampler(self.temperature, self.top_k, self.top_p, self.seed)
+
+    def logits_processors(self) -> list[LogitsProcessor]:
+        return make_logits_processors(self.repetition_penalty, self.no_repeat_ngram_size)
