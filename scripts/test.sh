@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# Fresh-machine test run: set up .venv (CPU torch unless a GPU is present), then lint, type-check, test.
+# Fresh-machine test run: set up .venv (CPU torch unless a GPU is present), then lint, type-check, test: the unit
+# tier first (no torch, no subprocesses: under a minute), then the integration tier. `--fast`: the unit tier only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+fast=0
+if [ "${1:-}" = "--fast" ]; then fast=1; shift; fi
 scripts/setup.sh dev
 . .venv/bin/activate
 ruff check src tests benchmarks
 mypy src/palionnx benchmarks
-python -m pytest -q "$@"
+tier() { python -m pytest -q -m "$@" || [ $? = 5 ]; }  # 5: no test of this tier among the ones asked for
+tier "not integration" "$@"
+if [ "$fast" = 0 ]; then
+  tier integration "$@"
+fi

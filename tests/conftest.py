@@ -55,6 +55,23 @@ def exported(tmp_path_factory, checkpoints):
 
 
 @pytest.fixture(scope="session")
+def numpy_folder(tmp_path_factory):
+    """numpy_folder(family) -> an fp32 CPU folder of tiny-pg1 / tiny-pg2 written from numpy weights without
+    torch (palionnx.testmodels), built on first use: the unit tier's model."""
+    from palionnx.testmodels.numpy_folder import write_folder
+
+    root = tmp_path_factory.mktemp("numpy-folders")
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            cache[family] = write_folder(family, root / family)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def reference(checkpoints):
     """reference(family) -> (model, processor) from transformers, loaded once."""
     from palionnx.export.validate import load_reference
@@ -78,9 +95,42 @@ def model(exported) -> Path:
 _TRAINING: dict[str, subprocess.Popen] = {}  # trained checkpoint name -> the child training it
 
 
+# The integration tier: tests that build checkpoints or exports through torch, compare with transformers, train,
+# or start processes. Everything else is the unit tier (`scripts/test.sh --fast`: `pytest -m "not integration"`).
+TORCH_FIXTURES = {"checkpoints", "exported", "reference", "model", "shapes_pg1", "shapes_exported"}
+PROCESS_CALLS = ("palionnx(", "Server(", "subprocess.", "Popen(", "import torch", "transformers", "write_checkpoint",
+                 "export(", "trained_checkpoint(", "train(")
+
+
+def _integration(item) -> bool:
+    """Whether a collected test belongs to the integration tier (see TORCH_FIXTURES and PROCESS_CALLS: read from
+    the source of the test function and of every fixture it uses, so a helper counts only through its name)."""
+    import inspect
+
+    if TORCH_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    functions = [item.function] + [definition.func for definitions in item._fixtureinfo.name2fixturedefs.values()
+                                   for definition in definitions if definition.baseid]  # the suite's own fixtures
+    for function in functions:
+        try:
+            source = inspect.getsource(function)
+        except (OSError, TypeError):
+            return True
+        if any(call in source for call in PROCESS_CALLS):
+            return True
+    return False
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "integration: torch, transformers, training or subprocesses (see conftest)")
+
+
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """When some test needs the trained shapes-pg1 and it is not cached, start training it in a child process
-    now: it trains (minutes, once per machine) while the tests that do not need it run."""
+    """Mark the integration tier. When some test needs the trained shapes-pg1 and it is not cached, start
+    training it in a child process now: it trains (minutes, once per machine) while the other tests run."""
+    for item in items:
+        if _integration(item):
+            item.add_marker(pytest.mark.integration)
     if not any("shapes_pg1" in item.fixturenames for item in items):
         return
     from palionnx.cli.models import cache_root

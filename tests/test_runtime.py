@@ -81,11 +81,11 @@ def test_decompression_bomb_is_an_image_error(tmp_path, monkeypatch):
         load_image(path)
 
 
-def test_bad_inputs_do_not_poison_the_batch(tmp_path, exported):
+def test_bad_inputs_do_not_poison_the_batch(tmp_path, numpy_folder):
     good = [_save(_photo(seed=i), tmp_path / f"good{i}.png") for i in range(3)]
     bad = tmp_path / "bad.jpg"
     bad.write_text("nope")
-    captioner = Captioner.load(exported("tiny-pg1", "fp32"), device="cpu")
+    captioner = Captioner.load(numpy_folder("tiny-pg1"), device="cpu")
     mixed = captioner.caption([good[0], bad, good[1], tmp_path / "missing.png", good[2]], max_new_tokens=6)
     alone = captioner.caption(good, max_new_tokens=6)
     assert [r.ok for r in mixed] == [True, False, True, False, True]
@@ -120,13 +120,13 @@ def test_cuda_request_without_cuda_is_an_error(exported):
     assert Captioner.load(exported("tiny-pg1", "fp16"), device="auto").providers == ["CPUExecutionProvider"]
 
 
-def test_folder_built_for_the_cpu_refuses_cuda(exported):
+def test_folder_built_for_the_cpu_refuses_cuda(numpy_folder):
     """fp32 computes in float32, which onnxruntime's CUDA attention lacks: say how to export for CUDA."""
     from palionnx.runtime.sessions import DeviceError
 
     with pytest.raises(DeviceError, match="--quant fp16"):
-        Captioner.load(exported("tiny-pg1", "fp32"), device="cuda")
-    assert Captioner.load(exported("tiny-pg1", "fp32"), device="auto").device == "cpu"
+        Captioner.load(numpy_folder("tiny-pg1"), device="cuda")
+    assert Captioner.load(numpy_folder("tiny-pg1"), device="auto").device == "cpu"
 
 
 # --- generation controls against transformers' own processors on the same logits ---
@@ -189,8 +189,8 @@ def test_sampler_is_seeded_and_stays_in_the_nucleus():
     assert generate.make_sampler(0.0) is generate.greedy
 
 
-def test_sampled_captions_are_reproducible(exported):
-    captioner = Captioner.load(exported("tiny-pg1", "fp32"), device="cpu")
+def test_sampled_captions_are_reproducible(numpy_folder):
+    captioner = Captioner.load(numpy_folder("tiny-pg1"), device="cpu")
     image = _photo()
     def sampled(seed):
         return captioner.caption([image], max_new_tokens=12, sampler=generate.make_sampler(0.7, 50, 0.9, seed),
@@ -228,11 +228,11 @@ def test_device_is_decided_once_for_all_graphs(monkeypatch, tmp_path):
     assert device == "cuda" and opened["vision_encoder"].get_providers()[0] == "CUDAExecutionProvider"
 
 
-def test_rows_prefilled_one_at_a_time_equal_the_batched_prefill(exported):
+def test_rows_prefilled_one_at_a_time_equal_the_batched_prefill(numpy_folder):
     """Each row fills its own cache rows: prefilling rows separately (as CUDA does for Gemma 2 batches of
     different prompt lengths) gives the batched result."""
     prompts = ["caption en", "describe this picture in great detail", "caption en", "x"]
-    captioner = Captioner.load(exported("tiny-pg2", "fp32"), device="cpu")
+    captioner = Captioner.load(numpy_folder("tiny-pg2"), device="cpu")
     images = [_photo(seed=i) for i in range(4)]
     batched = captioner.caption(images, prompt=prompts, max_new_tokens=16, batch_size=4)
     captioner.model.prefill_rows_alone = True
@@ -240,14 +240,14 @@ def test_rows_prefilled_one_at_a_time_equal_the_batched_prefill(exported):
     assert [r.tokens for r in alone] == [r.tokens for r in batched] and all(r.tokens for r in alone)
 
 
-def test_cache_floor_lengthens_small_batches_caches_only(exported):
+def test_cache_floor_lengthens_small_batches_caches_only(numpy_folder):
     """The minimum KV-cache length (on by default on CUDA only) gives small batches a longer cache and leaves
     the captions as they are; larger batches keep the length they ask for."""
     from palionnx.runtime.defaults import CUDA_SMALL_BATCH
     from palionnx.runtime.limits import kv_cache_bytes, request_bytes
     from palionnx.samples import sample_images
 
-    captioner = Captioner.load(exported("tiny-pg1", "fp32"), device="cpu")
+    captioner = Captioner.load(numpy_folder("tiny-pg1"), device="cpu")
     model = captioner.model
     assert model.min_cache_slots == 0  # the CPU's attention follows the cache length: no floor there
     images = sample_images(3)

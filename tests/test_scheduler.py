@@ -32,8 +32,8 @@ def _alone(captioner, image, request, seed=None):
 
 
 @pytest.mark.parametrize("family", ["tiny-pg1", "tiny-pg2"])
-def test_slots_give_each_image_its_caption_alone(family, exported):
-    captioner = Captioner.load(exported(family, "fp32"), device="cpu")
+def test_slots_give_each_image_its_caption_alone(family, numpy_folder):
+    captioner = Captioner.load(numpy_folder(family), device="cpu")
     images, requests = _requests(captioner, 9, [30, 5, 18, 2, 24], processors=True)
     # eos ids that end the greedy captions at very different lengths
     free = [_alone(captioner, image, r) for image, r in zip(images, requests)]
@@ -47,8 +47,8 @@ def test_slots_give_each_image_its_caption_alone(family, exported):
     assert 0.5 < scheduler.occupancy.ratio(3) <= 1.0 and scheduler.busy == 0
 
 
-def test_seeded_sampling_does_not_depend_on_the_neighbours(exported):
-    captioner = Captioner.load(exported("tiny-pg1", "fp32"), device="cpu")
+def test_seeded_sampling_does_not_depend_on_the_neighbours(numpy_folder):
+    captioner = Captioner.load(numpy_folder("tiny-pg1"), device="cpu")
     seeds = list(range(10, 16))
     images, requests = _requests(captioner, 6, [12, 7], seeds=seeds)
     scheduler = Scheduler(captioner.model, captioner.text, slots=4, max_len=96)
@@ -56,9 +56,9 @@ def test_seeded_sampling_does_not_depend_on_the_neighbours(exported):
     assert [got[i] for i in range(6)] == [_alone(captioner, im, r, s) for im, r, s in zip(images, requests, seeds)]
 
 
-def test_slots_stay_full_while_captions_vary(exported):
+def test_slots_stay_full_while_captions_vary(numpy_folder):
     """With many more images than slots, a slot is refilled the step after its caption ends."""
-    captioner = Captioner.load(exported("tiny-pg1", "fp32"), device="cpu")
+    captioner = Captioner.load(numpy_folder("tiny-pg1"), device="cpu")
     _, requests = _requests(captioner, 64, [3, 20, 9, 14, 6, 30])
     for request in requests:
         request.ignore_eos = True  # lengths exactly as asked: 3 to 30 tokens
@@ -70,18 +70,18 @@ def test_slots_stay_full_while_captions_vary(exported):
     assert scheduler.occupancy.ratio(4) >= 0.9
 
 
-def test_request_too_long_for_a_slot_is_refused(exported):
-    captioner = Captioner.load(exported("tiny-pg1", "fp32"), device="cpu")
+def test_request_too_long_for_a_slot_is_refused(numpy_folder):
+    captioner = Captioner.load(numpy_folder("tiny-pg1"), device="cpu")
     _, (request,) = _requests(captioner, 1, [60])
     with pytest.raises(ValueError, match="exceed a slot"):
         Scheduler(captioner.model, captioner.text, slots=2, max_len=40).submit(request)
     assert np.all(Scheduler(captioner.model, captioner.text, slots=2, max_len=80).state.lengths == 0)
 
 
-def test_short_captions_are_captioned_again_and_the_longest_kept(exported):
+def test_short_captions_are_captioned_again_and_the_longest_kept(numpy_folder):
     """CaptionStream with a Retry resubmits a short caption's pixels as a new request, at most `retries` more
     times, and gives back the caption with the most words with the attempts counted."""
-    captioner = Captioner.load(exported("tiny-pg1", "fp32"), device="cpu")
+    captioner = Captioner.load(numpy_folder("tiny-pg1"), device="cpu")
     images = [Pixels(image_pixels(image, captioner.image_spec), f"image{i}")
               for i, image in enumerate(sample_images(5, size=48))]
     lengths = {}  # words of every caption generated, per image
@@ -107,7 +107,7 @@ def test_short_captions_are_captioned_again_and_the_longest_kept(exported):
     assert [result.attempts for _, result in never] == [1]  # long enough at once: captioned once
 
 
-def test_engine_frees_the_slot_of_a_request_its_caller_gave_up(exported):
+def test_engine_frees_the_slot_of_a_request_its_caller_gave_up(numpy_folder):
     """The server's engine drops a cancelled request (an HTTP timeout) at its next step: with one slot, a
     long caption whose caller gave up does not hold back the next request."""
     import time
@@ -115,7 +115,7 @@ def test_engine_frees_the_slot_of_a_request_its_caller_gave_up(exported):
     from palionnx.server.engine import Engine
     from palionnx.server.metrics import Metrics
 
-    captioner = Captioner.load(exported("tiny-pg1", "fp32"), device="cpu")
+    captioner = Captioner.load(numpy_folder("tiny-pg1"), device="cpu")
     engine = Engine(captioner, slots=1, max_len=4096, max_queue=4, metrics=Metrics())
     engine.start()
     try:
