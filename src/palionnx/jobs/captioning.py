@@ -32,20 +32,21 @@ def fit_batch(captioner: Captioner, options: CaptionOptions, images: int,
     cannot work, or even that batch does not fit."""
     limit = memory_limit(captioner.device, options.max_memory_gb)
 
-    def fits(batch: int) -> bool:
-        try:
-            captioner.check([options.prompt], options.max_new_tokens, min(batch, max(1, images)), limit)
-        except RequestError:
-            return False
-        return True
+    def check(batch: int) -> None:
+        captioner.check([options.prompt], options.max_new_tokens, min(batch, max(1, images)), limit)
 
     if options.batch_size is not None:
-        captioner.check([options.prompt], options.max_new_tokens, min(options.batch_size, max(1, images)), limit)
+        check(options.batch_size)
         return options
     default = slots = captioner.default_batch_size
-    while slots > 1 and not fits(slots):
-        slots //= 2
-    captioner.check([options.prompt], options.max_new_tokens, min(slots, max(1, images)), limit)
+    while slots > 1:
+        try:
+            check(slots)
+            break
+        except RequestError:
+            slots //= 2
+    else:
+        check(slots)  # batch 1: its error is the one to report
     if slots < default and say:
         say(f"batch {slots} (the default {default} needs more memory than is free)")
     return dataclasses.replace(options, batch_size=slots) if slots < default else options

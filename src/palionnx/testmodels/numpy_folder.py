@@ -10,6 +10,7 @@ tests of the runtime, the jobs and the server, not for parity with transformers.
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,7 @@ class NumpyWeights:
         self.config = decoder_config(geometry)
 
     def _random(self, name: str, shape: tuple[int, ...], std: float, mean: float = 0.0) -> np.ndarray:
-        key = int.from_bytes(name.encode()[:16].ljust(16, b"\0"), "little") ^ len(name)
-        rng = np.random.default_rng([self.seed, key % 2**63])
+        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])  # one stream per tensor name
         return (rng.standard_normal(shape, dtype=np.float32) * std + mean).astype(np.float32)
 
     def embedding(self) -> np.ndarray:
