@@ -34,9 +34,9 @@ class Raw(str):
     """A change that replaces the whole file with this text."""
 
 
-def _broken_copy(tmp_path, exported, change):
+def _broken_copy(tmp_path, numpy_folder, change):
     folder = tmp_path / "model"
-    shutil.copytree(exported("tiny-pg1", "fp32"), folder)
+    shutil.copytree(numpy_folder("tiny-pg1"), folder)
     path = folder / contract.MANIFEST_NAME
     data = json.loads(path.read_text())
     text = change(data)
@@ -58,8 +58,8 @@ def _broken_copy(tmp_path, exported, change):
     (lambda d: Raw("{not json"), "not valid JSON"),
     (lambda d: Raw("[1, 2]"), "must hold a JSON object"),
 ])
-def test_manifest_errors_name_the_problem(tmp_path, exported, change, message):
-    folder = _broken_copy(tmp_path, exported, change)
+def test_manifest_errors_name_the_problem(tmp_path, numpy_folder, change, message):
+    folder = _broken_copy(tmp_path, numpy_folder, change)
     with pytest.raises(ModelFolderError, match=message.replace("(", r"\(")):
         Manifest.load(folder)
 
@@ -73,8 +73,8 @@ def test_manifest_round_trips(tmp_path, exported):
     assert Manifest.load(copy) == manifest
 
 
-def test_prompt_template_is_applied_as_written(exported):
-    folder = exported("tiny-pg1", "fp32")
+def test_prompt_template_is_applied_as_written(numpy_folder):
+    folder = numpy_folder("tiny-pg1")
     manifest = Manifest.load(folder)
     codec = TextCodec(folder, manifest)
     text_ids = codec.tokenizer.encode("caption en\n", add_special_tokens=False).ids
