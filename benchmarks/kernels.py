@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import palionnx.export.tune as tune
+from palionnx.export.options import KERNEL_CHOICES
 from palionnx.export.synth import GEOMETRIES
 
 
@@ -26,7 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--geometry", default="pg1-3b-224", choices=sorted(GEOMETRIES))
     parser.add_argument("--level", default="int4", choices=["int4", "int8"])
-    parser.add_argument("--kernels", default="auto", choices=tune.KERNEL_CHOICES)
+    parser.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES)
     parser.add_argument("--threads", type=int, help="intra-op threads (default: every core, as the runtime)")
     parser.add_argument("--json", type=Path, help="also write the timings and the choice here")
     args = parser.parse_args()

@@ -11,6 +11,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from ..export.options import ExportOptions
 from ..jobs.options import CaptionOptions, RayOptions
 from ..jobs.plan import Plan
 from ..jobs.records import Summary
@@ -30,6 +31,7 @@ from .presets import apply_preset
 
 SERVE = ServeOptions()  # `serve`'s defaults, declared in server/options.py
 CAPTION, RAY = CaptionOptions(), RayOptions()  # `caption`'s defaults, declared in jobs/options.py
+# `export`'s defaults are ExportOptions' class attributes (export/options.py): an instance resolves "auto"
 
 app = typer.Typer(
     cls=CleanGroup,
@@ -274,23 +276,26 @@ def export(
     output: Annotated[Path, typer.Option("--output", "-o", metavar="FOLDER", help=(
         "Model folder to write. It appears only when complete; a model folder there is replaced."))],
     quant: Annotated[str, typer.Option(metavar="LEVEL", help=(
-        "Precision: auto (fp16 for CUDA, int4 for the CPU), fp32, fp16, bf16 (CUDA only), int8 or int4."))] = "auto",
+        "Precision: auto (fp16 for CUDA, int4 for the CPU), fp32, fp16, bf16 (CUDA only), int8 or int4."))
+    ] = ExportOptions.quant,
     device: Annotated[str, typer.Option(metavar="DEVICE", help=(
         "What the folder is built for: auto (CUDA if this machine's onnxruntime has it, else the CPU), cpu or "
         "cuda. fp32 is the CPU level, fp16 and bf16 the CUDA ones; int8/int4 compute in float32 for the CPU and in "
-        "float16 for CUDA."))] = "auto",
+        "float16 for CUDA."))] = ExportOptions.device,
     block_size: Annotated[int | None, typer.Option(metavar="N", show_default=False, help=(
         "Block size of int8/int4 weight quantization (default: measured on this CPU for a CPU folder; for "
-        f"CUDA {CUDA_INT4_BLOCK_SIZE} at int4, {DEFAULT_BLOCK_SIZE} at int8)."))] = None,
+        f"CUDA {CUDA_INT4_BLOCK_SIZE} at int4, {DEFAULT_BLOCK_SIZE} at int8)."))] = ExportOptions.block_size,
     cpu_kernels: Annotated[str, typer.Option(metavar="KERNELS", help=(
         "int8/int4 for the CPU: auto (time the candidates here and keep the fastest), nbits (MatMulNBits "
         "only: one decoder graph, least memory) or qgemm (int8 QGEMM for the vision encoder and prefill)."))
-    ] = "auto",
+    ] = ExportOptions.kernels,
     calibration: Annotated[Path | None, typer.Option(metavar="FOLDER", show_default=False, help=(
         "int8/int4 for the CPU: images the float model runs on at export to find each layer's activation "
-        "outliers (default: the packaged sample images and procedural scenes; up to 32 are used)."))] = None,
+        "outliers (default: the packaged sample images and procedural scenes; up to 32 are used)."))
+    ] = ExportOptions.calibration,
     measure_kernels: Annotated[bool, typer.Option("--measure-kernels", help=(
-        "Time the CPU kernels even for a small decoder (under 50 M parameters the defaults are kept)."))] = False,
+        "Time the CPU kernels even for a small decoder (under 50 M parameters the defaults are kept)."))
+    ] = ExportOptions.always_measure,
     validate: Annotated[
         bool, typer.Option("--validate", help="Afterwards, compare the folder with transformers on a few images.")
     ] = False,
@@ -299,27 +304,26 @@ def export(
 
     Example: palionnx export ./paligemma-longprompt -o models/longprompt-int4 --quant int4 --device cpu
     """
+    from ..export.options import ExportError
     from ..export.output import OutputError, check_output
 
     try:
         check_output(output)  # before anything slow: a file or a foreign folder at -o is refused at once
-    except OutputError as exc:
+        options = ExportOptions(quant=quant, block_size=block_size, device=device, kernels=cpu_kernels,
+                                calibration=calibration, always_measure=measure_kernels)
+    except (OutputError, ExportError) as exc:
         _usage(str(exc))
     _need_export_extra()
     from ..export.checkpoint import CheckpointError
-    from ..export.convert import ExportError
     from ..export.convert import export as run_export
     from ..jobs.progress import Steps
-    from ..runtime.levels import LevelError, resolve_quant
 
     try:
-        quant = resolve_quant(quant, device)
         with Steps() as steps:
-            manifest = run_export(source, output, quant=quant, block_size=block_size, device=device,
-                                  progress=steps.say, kernels=cpu_kernels, calibration=calibration,
-                                  always_measure=measure_kernels)
-    except (CheckpointError, ExportError, OutputError, LevelError) as exc:
+            manifest = run_export(source, output, options, progress=steps.say)
+    except (CheckpointError, ExportError, OutputError) as exc:
         _usage(str(exc))
+    quant = options.quant
     typer.echo(f"exported {manifest.family} at {quant} to {output} ({folder_size(output) / 1e9:.2f} GB)")
     if validate:
         from ..export.validate import validate as run_validate

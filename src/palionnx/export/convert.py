@@ -19,14 +19,12 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..runtime.contract import GRAPH_FILES, MANIFEST_NAME, TOKENIZER_NAME, VISION_ENCODER, graph_io
 from ..runtime.defaults import CUDA_INT4_BLOCK_SIZE, DEFAULT_BLOCK_SIZE, DEFAULT_PROMPT
 from ..runtime.integrity import record_files
-from ..runtime.levels import LevelError, target_device
 from ..runtime.manifest import CpuKernels, GraphInfo, Manifest, QuantInfo
 from ..runtime.preprocess import ImageSpec
 from ..system import rss_bytes
@@ -35,113 +33,71 @@ from . import calibrate, graph_quantize, quantize, tune
 from .checkpoint import Checkpoint, open_checkpoint
 from .decoder import DecoderConfig, Precision, build_decoder
 from .linear import SitePlan
+from .options import ExportError, ExportOptions
 from .output import staged_output
 from .quantize import Kernel
 from .weights import CheckpointWeights
 
-LINEAR_LAYOUTS = ("kn", "nk")  # fp32/fp16/bf16 linear weights: [K, N] for MatMul, [N, K] for FusedMatMul transB=1
-
 Progress = Callable[[str], None]
 
 
-class ExportError(Exception):
-    """The export cannot go on; the message says why and what to do."""
+def export(source: str | Path, outdir: str | Path, options: ExportOptions | None = None,
+           progress: Progress | None = None, **settings: Any) -> Manifest:
+    """Export `source` (a local checkpoint folder or a hub id) to `outdir` as `options` say, or the
+    `ExportOptions` fields given as keywords (`export(src, out, quant="int4", device="cpu")`).
 
-
-def export(
-    source: str | Path,
-    outdir: str | Path,
-    quant: str = "fp32",
-    block_size: int | None = None,
-    device: str = "auto",
-    progress: Progress | None = None,
-    kernels: str = "auto",
-    linear_layout: str = "kn",
-    calibration: str | Path | None = None,
-    always_measure: bool = False,
-) -> Manifest:
-    """Export `source` (a local checkpoint folder or a hub id) to `outdir` at `quant` precision, built for
-    `device` (see `target_device`). int8/int4: `block_size` None is measured on the CPU (for CUDA: int4 128
-    where the hidden size allows, else 32);
-    `kernels` "auto" (measured), "nbits" (MatMulNBits only) or "qgemm" (int8 QGEMM for the vision encoder
-    and prefill: CPU only); CPU int8/int4 run the float model on `calibration` (a folder of images; default
-    the packaged samples and procedural scenes) to keep each layer's int8 activations within
-    linear.ERROR_BOUND, and time the kernels only for decoders of tune.MIN_MEASURED_PARAMS or more unless
-    `always_measure`; fp32/fp16/bf16: `linear_layout` "kn" (MatMul over [K, N] weights) or "nk"
-    (FusedMatMul transB=1 over [N, K]; benchmarks/gpu_check.py times both on CUDA)."""
-    if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
-        raise ExportError(f"--block-size must be a power of two >= 16, got {block_size}")
-    try:
-        target = target_device(quant, device)
-    except LevelError as exc:
-        raise ExportError(str(exc)) from None
-    if kernels not in tune.KERNEL_CHOICES:
-        raise ExportError(f"--cpu-kernels must be one of {', '.join(tune.KERNEL_CHOICES)}, got {kernels!r}")
-    if kernels == "qgemm" and (target != "cpu" or quant not in quantize.BITS):
-        raise ExportError("--cpu-kernels qgemm is for int8/int4 folders built for the CPU (QGEMM has no CUDA kernel)")
-    if linear_layout not in LINEAR_LAYOUTS:
-        raise ExportError(f"linear_layout must be one of {', '.join(LINEAR_LAYOUTS)}, got {linear_layout!r}")
-    if linear_layout == "nk" and quant in quantize.BITS:
-        raise ExportError("linear_layout nk is for fp32/fp16/bf16 (int8/int4 weights have their kernel's layout)")
-    calibrated = target == "cpu" and quant in quantize.BITS
-    if calibration is not None and not calibrated:
-        raise ExportError("--calibration is for int8/int4 folders built for the CPU (the only ones with int8 "
-                          "activations)")
-    if calibration is not None and not Path(calibration).is_dir():
-        raise ExportError(f"--calibration {calibration} is not a folder of images")
+    int8/int4 for the CPU run the float model on the calibration images (default: the packaged samples and
+    procedural scenes) to keep each layer's int8 activations within linear.ERROR_BOUND, and time the kernels
+    (for decoders of tune.MIN_MEASURED_PARAMS or more, or with `always_measure`) unless the options fix them;
+    int8/int4 for CUDA take MatMulNBits at the CUDA block size (int4 128 where the hidden size allows, else 32);
+    fp32/fp16/bf16 store linear weights as `linear_layout` says. ExportError when it cannot go on."""
+    if options is None:
+        options = ExportOptions(**settings)
+    elif settings:
+        raise TypeError("export() takes options or their fields as keywords, not both")
     started = time.monotonic()
     say = _timed(progress, started)
-    options = _Options(quant, block_size, kernels, linear_layout == "nk", target,
-                       Path(calibration) if calibration is not None else None, always_measure)
     with staged_output(Path(outdir)) as staging:  # renamed to `outdir` once complete; removed on failure
         manifest = _write_folder(source, staging, options, progress, started)
     say(f"done: {outdir}")
     return manifest
 
 
-@dataclass(frozen=True)
-class _Options:
-    """What `export` was asked for, checked."""
-
-    quant: str
-    block_size: int | None
-    kernels: str
-    transposed: bool
-    target: str
-    calibration: Path | None
-    always_measure: bool
-
-
-def _write_folder(source: str | Path, outdir: Path, o: _Options, progress: Progress | None,
+def _write_folder(source: str | Path, outdir: Path, o: ExportOptions, progress: Progress | None,
                   started: float) -> Manifest:
     """Write the whole model folder into `outdir`, the manifest (with every file's size and hash) last."""
     say = _timed(progress, started)
     say(f"reading checkpoint {source}")
     checkpoint = open_checkpoint(source, load_model=False)
     config = DecoderConfig.from_text_config(checkpoint.config.text_config)
-    if o.quant in quantize.BITS and o.block_size and config.hidden % o.block_size:
+    if o.quantized and o.block_size and config.hidden % o.block_size:
         raise ExportError(f"--block-size {o.block_size} does not divide the hidden size {config.hidden}")
     checkpoint.tokenizer.backend_tokenizer.save(str(outdir / TOKENIZER_NAME))
     scratch = outdir / ".vision"  # the vision encoder as torch exports it, before quantizing
     scratch.mkdir(exist_ok=True)
-    plan = calibration = None
     try:
         # bf16 folders keep the fp16 vision encoder: onnxruntime's CUDA Conv has bfloat16 from opset 22 only
         vision = _export_in_child(checkpoint.folder, scratch, o.quant in ("fp16", "bf16"), progress, started)
         # read after the vision export, which reports an unreadable checkpoint as one line
         weights = CheckpointWeights(checkpoint.folder, checkpoint.config.text_config,
                                     "float16" if o.quant == "fp16" else "float32")
-        if o.target == "cpu" and o.quant in quantize.BITS:
-            calibration = _calibrate(checkpoint, config, scratch / vision.file, weights, o.calibration, say)
-            plan = _cpu_kernels(checkpoint, config, o, calibration, say)
-        precision = _precision(o, config, plan, calibration)
-        if o.quant in quantize.BITS:
-            vision_kernel = Kernel.parse(plan.vision) if plan else precision.table_kernel
-            say(f"quantizing the vision encoder to {o.quant} ({vision_kernel.name})")
-            graph_quantize.quantize_graph(scratch / vision.file, outdir / vision.file, vision_kernel,
+        if o.quantized:
+            calibration = _calibrate(checkpoint, config, scratch / vision.file, weights, o.calibration, say) \
+                if o.calibrated else None
+            plan = _kernel_plan(checkpoint, config, o, calibration, say)
+            precision = _quantized_precision(o, config, plan, calibration)
+            quant_info = QuantInfo(level=o.quant, bits=quantize.BITS[o.quant], block_size=precision.block_size,
+                                   symmetric=True, accuracy_level=precision.accuracy_level, method=_method(plan),
+                                   cpu_kernels=plan if o.calibrated else None)
+            kernel = Kernel.parse(plan.vision)
+            say(f"quantizing the vision encoder to {o.quant} ({kernel.name})")
+            graph_quantize.quantize_graph(scratch / vision.file, outdir / vision.file, kernel,
                                           precision.accuracy_level,
-                                          calibration.check("vision", vision_kernel) if calibration else None)
+                                          calibration.check("vision", kernel) if calibration else None)
         else:
+            precision = Precision.for_level(o.quant, o.target, config.gemma2, DEFAULT_BLOCK_SIZE,
+                                            transposed=o.transposed)
+            quant_info = _float_info(o.quant, config.gemma2)
             for path in scratch.iterdir():
                 shutil.move(str(path), outdir / path.name)
     finally:
@@ -150,7 +106,7 @@ def _write_folder(source: str | Path, outdir: Path, o: _Options, progress: Progr
     notes += ", linear weights [N, K]" if precision.transposed else ""
     say(f"writing the decoder ({o.quant}, {precision.compute_dtype} compute, for {o.target}{notes})")
     graphs = {VISION_ENCODER: vision, **build_decoder(outdir, config, precision, weights)}
-    manifest = _manifest(checkpoint, graphs, precision, o.target, plan)
+    manifest = _manifest(checkpoint, graphs, quant_info, precision.compute_dtype, o.target)
     say("recording file sizes and SHA-256")
     manifest.files = record_files(outdir, skip=(MANIFEST_NAME,))
     manifest.save(outdir)
@@ -173,10 +129,13 @@ def _calibrate(checkpoint: Checkpoint, config: DecoderConfig, vision_graph: Path
     return calibrate.calibrate(images, described, spec, vision_graph, weights, config, text, say)
 
 
-def _cpu_kernels(checkpoint: Checkpoint, config: DecoderConfig, o: _Options, calibration: calibrate.Calibration,
-                 say: Progress) -> CpuKernels:
-    """The kernels of an int8/int4 folder for the CPU: timed here on the candidates the options leave, each
-    checked on the calibration activations."""
+def _kernel_plan(checkpoint: Checkpoint, config: DecoderConfig, o: ExportOptions,
+                 calibration: calibrate.Calibration | None, say: Progress) -> CpuKernels:
+    """The kernels of an int8/int4 folder. For CUDA: MatMulNBits at the CUDA block size everywhere. For the
+    CPU: timed here on the candidates the options leave, each checked on the calibration activations."""
+    if calibration is None:
+        kernel = quantize.nbits(o.quant, o.block_size or cuda_block_size(o.quant, config.hidden))
+        return tune.default_plan(kernel)
     vision_config = checkpoint.config.vision_config
     decoder = tune.decoder_probe(config.hidden, config.intermediate, config.heads, config.kv_heads, config.head_dim,
                                  checkpoint.image_seq_length + tune.PROMPT_TEXT_TOKENS)
@@ -207,16 +166,13 @@ def _cpu_kernels(checkpoint: Checkpoint, config: DecoderConfig, o: _Options, cal
     return plan
 
 
-def _precision(o: _Options, config: DecoderConfig, plan: CpuKernels | None,
-               calibration: calibrate.Calibration | None) -> Precision:
-    if plan is None:
-        return Precision.for_level(o.quant, o.target, config.gemma2,
-                                   o.block_size or cuda_block_size(o.quant, config.hidden), transposed=o.transposed)
-    table_block = tune.table_block_size(plan, o.block_size)
-    kernels = {Kernel.parse(plan.decode), Kernel.parse(plan.prefill)}
-    sites = {k.name: calibration.check("decoder", k) for k in kernels} if calibration else {}
-    return Precision.for_level(o.quant, o.target, config.gemma2, table_block, Kernel.parse(plan.decode),
-                               Kernel.parse(plan.prefill), sites=sites)
+def _quantized_precision(o: ExportOptions, config: DecoderConfig, plan: CpuKernels,
+                         calibration: calibrate.Calibration | None) -> Precision:
+    """An int8/int4 folder's precision: the plan's kernels, each site fed as the calibration says."""
+    decode, prefill = Kernel.parse(plan.decode), Kernel.parse(plan.prefill)
+    sites = {k.name: calibration.check("decoder", k) for k in {decode, prefill}} if calibration else {}
+    return Precision.for_level(o.quant, o.target, config.gemma2, tune.table_block_size(plan, o.block_size), decode,
+                               prefill, sites=sites)
 
 
 def cuda_block_size(quant: str, hidden: int) -> int:
@@ -294,20 +250,20 @@ def _export_vision(checkpoint: Checkpoint, folder: Path) -> GraphInfo:
     return GraphInfo(file=path.name, inputs=io.inputs, outputs=io.outputs)
 
 
-def _manifest(checkpoint: Checkpoint, graphs: dict[str, GraphInfo], precision: Precision, device: str,
-              plan: CpuKernels | None) -> Manifest:
+def _float_info(level: str, gemma2: bool) -> QuantInfo:
+    """What an fp32/fp16/bf16 folder keeps in float32."""
+    if level == "fp32":
+        return QuantInfo(level=level)
+    kept = ["residual stream and RMSNorm (Gemma 2)"] if gemma2 and level == "fp16" else []
+    return QuantInfo(level=level, fp32_kept=kept + ["attention softmax (inside the kernel)", "logits"])
+
+
+def _manifest(checkpoint: Checkpoint, graphs: dict[str, GraphInfo], quant_info: QuantInfo, kv_dtype: str,
+              device: str) -> Manifest:
+    """The folder's manifest (its files are recorded last, by the caller)."""
     cfg = checkpoint.config
     text = cfg.text_config
     is_pg2 = text.model_type == "gemma2"
-    quant = precision.weights
-    quant_info = QuantInfo(level=quant)
-    if quant in quantize.BITS:
-        quant_info = QuantInfo(level=quant, bits=quantize.BITS[quant], block_size=precision.block_size,
-                               symmetric=True, accuracy_level=precision.accuracy_level,
-                               method=_method(plan), cpu_kernels=plan)
-    elif quant in ("fp16", "bf16"):
-        kept = ["residual stream and RMSNorm (Gemma 2)"] if is_pg2 and quant == "fp16" else []
-        quant_info = QuantInfo(level=quant, fp32_kept=kept + ["attention softmax (inside the kernel)", "logits"])
     return Manifest(
         family="pg2" if is_pg2 else "pg1",
         image_size=checkpoint.image_size,
@@ -331,7 +287,7 @@ def _manifest(checkpoint: Checkpoint, graphs: dict[str, GraphInfo], precision: P
         sliding_window=text.sliding_window if is_pg2 else None,
         quant=quant_info,
         device=device,
-        kv_dtype=precision.compute_dtype,
+        kv_dtype=kv_dtype,
         graphs=graphs,
         opset=quantize.OPSET,
         source={"id": checkpoint.source_id, "revision": checkpoint.revision},
@@ -339,11 +295,9 @@ def _manifest(checkpoint: Checkpoint, graphs: dict[str, GraphInfo], precision: P
     )
 
 
-def _method(plan: CpuKernels | None) -> str:
+def _method(plan: CpuKernels) -> str:
     """The operators, in words: MatMulNBits everywhere, or which parts run on int8 QGEMM."""
     method = "MatMulNBits + GatherBlockQuantized"
-    if plan is None:
-        return method
     parts = [name for name, kernel in (("vision", plan.vision), ("prefill", plan.prefill), ("decode", plan.decode))
              if kernel == quantize.QGEMM.name]
     return method + (f"; MatMulIntegerToFloat (int8 activations per row) for {', '.join(parts)}" if parts else "")

@@ -40,6 +40,7 @@ from .. import system
 from ..runtime.defaults import DEFAULT_BLOCK_SIZE
 from ..runtime.manifest import CpuKernels
 from .linear import ERROR_BOUND, LinearInput, SitePlan
+from .options import KERNEL_CHOICES
 from .quantize import BITS, CPU_ACCURACY_LEVEL, OPSET, QGEMM, Kernel
 
 PROMPT_TEXT_TOKENS = 4  # <bos>, a short prompt and "\n" after the image tokens: the prefill probe's rows
@@ -50,7 +51,6 @@ SPLIT_GAIN = 1.3  # a second (int8) prefill graph costs memory: only for at leas
 MIN_MEASURED_PARAMS = 50_000_000  # smaller decoders keep the defaults: their products time overheads
 BLOCK_SIZES = {"int4": (32, 64, 128), "int8": (32, 64, 128, 256)}  # int4 beyond 128 loses too much accuracy
 BATCH_ROWS = (2, 4, 8, 16, 32)  # decode steps of this many rows are timed too (batched decode)
-KERNEL_CHOICES = ("auto", "nbits", "qgemm")
 
 
 @dataclass(frozen=True)
@@ -244,6 +244,11 @@ def _near_best(plans: list[tuple[float, Kernel, Kernel]]) -> list[tuple[float, K
 
 def _plan(decode: Kernel, prefill: Kernel, vision: Kernel, chosen_by: str) -> CpuKernels:
     return CpuKernels(vision=vision.name, decode=decode.name, prefill=prefill.name, chosen_by=chosen_by)
+
+
+def default_plan(kernel: Kernel) -> CpuKernels:
+    """`kernel` for every graph, not measured (a CUDA folder's MatMulNBits)."""
+    return _plan(kernel, kernel, kernel, "default")
 
 
 def table_block_size(plan: CpuKernels, block_size: int | None) -> int:
