@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..runtime.captioner import Captioner
 from ..runtime.defaults import DEFAULT_SERVE_CPU_SLOTS
@@ -12,6 +14,9 @@ from .app import Limits, create_app
 from .engine import Engine
 from .metrics import Metrics
 from .options import ServeOptions
+
+if TYPE_CHECKING:
+    import uvicorn
 
 MAX_PROMPT_TOKENS = 128  # text tokens a request's prompt may have (image tokens come on top)
 # An idle keep-alive connection stays open this long: far beyond client pools' reuse of idle connections, so
@@ -54,8 +59,18 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(folder: Path, options: ServeOptions, say: Callable[[str], object] = print) -> None:
-    """Load `folder` and serve it until stopped (SIGTERM or Ctrl-C finish the requests in flight first)."""
+@dataclass
+class Service:
+    """A model ready to serve: `server` answers on `sock` once run (its engine, started, stops with it)."""
+
+    server: uvicorn.Server
+    sock: socket.socket
+    banner: str  # "serving FOLDER (level, device, N slots) on http://HOST:PORT"
+
+
+def prepare(folder: Path, options: ServeOptions) -> Service:
+    """Bind the address, load `folder`, start the engine and build the uvicorn server over the app:
+    everything `serve` does before it answers (ServeError when the address is taken)."""
     import uvicorn
 
     sock = listen(options.host, options.port)
@@ -66,8 +81,15 @@ def serve(folder: Path, options: ServeOptions, say: Callable[[str], object] = pr
     engine.start()
     limits = Limits(options.max_new_tokens, options.timeout_s, int(options.max_body_mb * 2**20))
     app = create_app(captioner, engine, limits, model_name=folder.name)
-    say(f"serving {folder} ({captioner.manifest.quant.level}, {captioner.device}, {slots} slots) on "
-        f"http://{options.host}:{options.port}")
     config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S,
                             timeout_graceful_shutdown=int(options.timeout_s) + SHUTDOWN_GRACE_S)
-    uvicorn.Server(config).run(sockets=[sock])
+    banner = (f"serving {folder} ({captioner.manifest.quant.level}, {captioner.device}, {slots} slots) on "
+              f"http://{options.host}:{options.port}")
+    return Service(uvicorn.Server(config), sock, banner)
+
+
+def serve(folder: Path, options: ServeOptions, say: Callable[[str], object] = print) -> None:
+    """Load `folder` and serve it until stopped (SIGTERM or Ctrl-C finish the requests in flight first)."""
+    service = prepare(folder, options)
+    say(service.banner)
+    service.server.run(sockets=[service.sock])
