@@ -56,17 +56,17 @@ def exported(tmp_path_factory, checkpoints):
 
 @pytest.fixture(scope="session")
 def numpy_folder(tmp_path_factory):
-    """numpy_folder(family) -> an fp32 CPU folder of tiny-pg1 / tiny-pg2 written from numpy weights without
-    torch (palionnx.testmodels), built on first use: the unit tier's model."""
+    """numpy_folder(family, level) -> a CPU folder of tiny-pg1 / tiny-pg2 at fp32, int8 or int4 (MatMulNBits)
+    written from numpy weights without torch (palionnx.testmodels), built on first use: the unit tier's model."""
     from palionnx.testmodels.numpy_folder import write_folder
 
     root = tmp_path_factory.mktemp("numpy-folders")
-    cache: dict[str, Path] = {}
+    cache: dict[tuple[str, str], Path] = {}
 
-    def get(family: str) -> Path:
-        if family not in cache:
-            cache[family] = write_folder(family, root / family)
-        return cache[family]
+    def get(family: str, level: str = "fp32") -> Path:
+        if (family, level) not in cache:
+            cache[family, level] = write_folder(family, root / f"{family}-{level}", level=level)
+        return cache[family, level]
 
     return get
 

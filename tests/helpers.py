@@ -1,12 +1,15 @@
 """What several test files share: the `palionnx` command in a subprocess, a dataset of awkward images, the
-server in a subprocess, PNG bytes of sample images."""
+server in a subprocess or in this process (a thread), PNG bytes of sample images."""
 
+import contextlib
 import io
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +95,41 @@ class Server:
             self.process.kill()
         self.process.wait(30)
         self.client.close()
+
+
+class Served:
+    """A client of a server running in this process (see `served`), with `Server`'s `caption`."""
+
+    def __init__(self, client, port: int):
+        self.client, self.port = client, port
+
+    def caption(self, png: bytes, **fields):
+        return self.client.post("/v1/caption", files={"image": ("x.png", png, "image/png")},
+                                data={k: str(v) for k, v in fields.items()})
+
+
+@contextlib.contextmanager
+def served(model: Path, **options) -> Iterator[Served]:
+    """What `palionnx serve MODEL` runs, in a thread of this process (real HTTP on a free port; `options` are
+    ServeOptions fields): the unit tier's server. Stopped, its engine drained, on leaving."""
+    import httpx
+
+    from palionnx.server.options import ServeOptions
+    from palionnx.server.serve import prepare
+
+    service = prepare(model, ServeOptions(port=free_port(), **options))
+    thread = threading.Thread(target=service.server.run, kwargs={"sockets": [service.sock]}, daemon=True)
+    thread.start()
+    port = service.sock.getsockname()[1]
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        deadline = time.time() + 30
+        while not service.server.started and thread.is_alive() and time.time() < deadline:
+            time.sleep(0.02)
+        try:
+            yield Served(client, port)
+        finally:
+            service.server.should_exit = True
+            thread.join(60)
 
 
 def png_bytes(count, size=40):

@@ -30,10 +30,10 @@ def test_a_folder_agrees_with_itself_and_an_int4_one_less(exported):
     assert report.worst(1)[0].forced_cosine == min(i.forced_cosine for i in report.images)
 
 
-def test_forced_logits_follow_the_given_tokens(exported):
+def test_forced_logits_follow_the_given_tokens(numpy_folder):
     """Teacher forcing feeds the given tokens, not the model's own: the logits at position p depend on the
     tokens before p only, whatever the batch's other rows are fed."""
-    captioner = Captioner.load(exported("tiny-pg2", "fp32"), device="cpu")
+    captioner = Captioner.load(numpy_folder("tiny-pg2"), device="cpu")
     images = sample_images(2, 28)
     alone = forced_logits(captioner, images[:1], [[5, 6, 7]], "caption en")[0]
     paired = forced_logits(captioner, images, [[5, 6, 7], [9]], "caption en")

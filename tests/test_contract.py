@@ -15,7 +15,17 @@ from palionnx.runtime.text import TextCodec
 @pytest.mark.parametrize("family", ["tiny-pg1", "tiny-pg2"])
 @pytest.mark.parametrize("quant", ["fp32", "fp16", "bf16", "int8", "int4"])
 def test_exported_graphs_follow_the_contract(family, quant, exported):
-    folder = exported(family, quant)
+    _check_contract(exported(family, quant), family, quant)
+
+
+@pytest.mark.parametrize("family", ["tiny-pg1", "tiny-pg2"])
+@pytest.mark.parametrize("level", ["fp32", "int8", "int4"])
+def test_numpy_folders_follow_the_contract(family, level, numpy_folder):
+    """The unit tier's folders are model folders as exports are."""
+    _check_contract(numpy_folder(family, level), family, level)
+
+
+def _check_contract(folder, family, quant):
     manifest = Manifest.load(folder)
     windowed = {contract.DECODER_WINDOWED} if family == "tiny-pg2" else set()
     assert set(manifest.graphs) == set(contract.REQUIRED_GRAPHS) | windowed

@@ -52,8 +52,8 @@ def test_folder_layout_and_manifest(family, exported, checkpoints):
     assert manifest.source["id"] == str(checkpoints[family])
 
 
-def test_logits_only_for_last_position(exported):
-    model, _ = _ops(exported("tiny-pg1", "fp32") / "decoder.onnx")
+def test_logits_only_for_last_position(numpy_folder):
+    model, _ = _ops(numpy_folder("tiny-pg1") / "decoder.onnx")
     logits = next(o for o in model.graph.output if o.name == "logits")
     assert len(logits.type.tensor_type.shape.dim) == 2  # [batch, vocab]: no per-position logits
 
@@ -363,7 +363,17 @@ def _nodes_per_layer(path) -> dict[int, int]:
 def test_decoder_layers_are_fused(family, quant, device, exported):
     """At most 15 nodes per decoder layer (a decode step launches few kernels): one packed QKV MatMul, one
     GroupQueryAttention with the cache in place, fused residual + RMSNorm, no attention pieces left over."""
-    folder = exported(family, quant, device)
+    _check_fused(exported(family, quant, device), family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("level", ["fp32", "int8", "int4"])
+def test_numpy_folder_decoders_are_fused(family, level, numpy_folder):
+    """The graph writer fuses the same way whatever gives it the weights (here numpy, without torch)."""
+    _check_fused(numpy_folder(family, level), family)
+
+
+def _check_fused(folder, family):
     for graph in ["decoder.onnx"] + (["decoder_windowed.onnx"] if family == "tiny-pg2" else []):
         counts = _nodes_per_layer(folder / graph)
         assert len(counts) == Manifest.load(folder).layers and max(counts.values()) <= 15, counts

@@ -109,7 +109,8 @@ def _manifest_of(model: Path) -> dict:
 
 @FAST
 @given(data=st.data())
-def test_corrupted_manifest_loads_or_names_the_problem(model, data, tmp_path_factory):
+def test_corrupted_manifest_loads_or_names_the_problem(numpy_folder, data, tmp_path_factory):
+    model = numpy_folder("tiny-pg1")
     folder = tmp_path_factory.getbasetemp() / "corrupted-in-process"
     if not folder.exists():
         shutil.copytree(model, folder)

@@ -31,9 +31,10 @@ def _alone(captioner, image, request, seed=None):
                              logits_processors=list(request.logits_processors), sampler=sampler)[0].tokens
 
 
+@pytest.mark.parametrize("level", ["fp32", "int8", "int4"])
 @pytest.mark.parametrize("family", ["tiny-pg1", "tiny-pg2"])
-def test_slots_give_each_image_its_caption_alone(family, numpy_folder):
-    captioner = Captioner.load(numpy_folder(family), device="cpu")
+def test_slots_give_each_image_its_caption_alone(family, level, numpy_folder):
+    captioner = Captioner.load(numpy_folder(family, level), device="cpu")
     images, requests = _requests(captioner, 9, [30, 5, 18, 2, 24], processors=True)
     # eos ids that end the greedy captions at very different lengths
     free = [_alone(captioner, image, r) for image, r in zip(images, requests)]

@@ -1,8 +1,10 @@
-"""`palionnx serve`, started for real in a subprocess on a loopback port and asked over HTTP."""
+"""`palionnx serve`, started for real on a loopback port and asked over HTTP: in a subprocess, or in this process
+on a numpy-written folder (the unit tier) where nothing but the answers matters."""
 
 import base64
 import os
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +13,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 
-from helpers import Server, free_port, palionnx, png_bytes  # noqa: E402, F401
+from helpers import Server, free_port, palionnx, png_bytes, served  # noqa: E402, F401
 
 
 @pytest.fixture
@@ -19,6 +21,12 @@ def server(model):
     running = Server(model, "--slots", 3)
     yield running
     running.stop()
+
+
+@pytest.fixture
+def in_process(numpy_folder):
+    with served(numpy_folder("tiny-pg1"), slots=3) as running:
+        yield running
 
 
 def _cli_captions(tmp_path, model, pngs, tokens):
@@ -57,7 +65,8 @@ def test_concurrent_requests_get_the_cli_captions(server, model, tmp_path):
     assert "palionnx_request_seconds_count 10" in metrics and "palionnx_slot_occupancy" in metrics
 
 
-def test_bad_requests_get_their_status_while_good_ones_succeed(server):
+def test_bad_requests_get_their_status_while_good_ones_succeed(in_process):
+    server = in_process
     good = png_bytes(1)[0]
     with ThreadPoolExecutor(7) as pool:
         futures = [pool.submit(server.caption, good, max_new_tokens=10),
@@ -73,10 +82,10 @@ def test_bad_requests_get_their_status_while_good_ones_succeed(server):
     assert "not a readable image" in error["message"] and error["type"] == "invalid_request_error"
 
 
-def test_oversize_body_full_queue_and_timeout(model):
-    big = Server(model, "--slots", 1, "--max-queue", 1, "--max-body-mb", 0.05, "--timeout", 0.3)
-    try:
-        small = png_bytes(1)[0]
+def test_oversize_body_full_queue_and_timeout(numpy_folder):
+    model = numpy_folder("tiny-pg1")
+    small = png_bytes(1)[0]
+    with served(model, slots=1, max_queue=1, max_body_mb=0.05, timeout_s=0.3) as big:
         assert big.caption(os.urandom(80_000)).status_code == 413
         with ThreadPoolExecutor(12) as pool:
             answers = list(pool.map(lambda _: big.caption(small, max_new_tokens=200), range(12)))
@@ -84,16 +93,37 @@ def test_oversize_body_full_queue_and_timeout(model):
         assert 200 in statuses and 503 in statuses, statuses  # one slot, one waiting: the rest are turned away
         assert all(a.headers.get("retry-after") == "1" for a in answers if a.status_code == 503)
         assert big.client.get("/healthz").status_code == 200
-    finally:
-        big.stop()
-    slow = Server(model, "--slots", 1, "--timeout", 0.05)
-    try:
+    with served(model, slots=1, timeout_s=0.05) as slow:
         with ThreadPoolExecutor(6) as pool:
             statuses = list(pool.map(lambda _: slow.caption(small, max_new_tokens=250).status_code, range(6)))
         assert 504 in statuses, statuses
         assert slow.caption(small, max_new_tokens=2).status_code in (200, 504)
-    finally:
-        slow.stop()
+
+
+def test_an_int4_folder_answers_the_api_captions(numpy_folder):
+    """Served captions are the Python API's, token for token, at int4 too (three requests at once)."""
+    from palionnx import Captioner
+    from palionnx.samples import sample_images
+
+    folder = numpy_folder("tiny-pg2", "int4")
+    expected = [r.text for r in Captioner.load(folder, device="cpu").caption(sample_images(3, size=40),
+                                                                             max_new_tokens=12)]
+    with served(folder, slots=3) as server, ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda png: server.caption(png, max_new_tokens=12), png_bytes(3)))
+    assert [a.status_code for a in answers] == [200] * 3
+    assert [a.json()["caption"] for a in answers] == expected
+
+
+def test_a_taken_address_is_named_before_the_model_loads(numpy_folder, tmp_path):
+    from palionnx.server.options import ServeOptions
+    from palionnx.server.serve import ServeError, prepare
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ServeError, match=f"cannot listen on 127.0.0.1:{port} .*Pick another --port"):
+            prepare(tmp_path / "no-model-here", ServeOptions(port=port))  # the address is checked first
 
 
 def test_sigterm_drains_and_sigkill_restarts(model):

@@ -1,6 +1,7 @@
 """What an adversarial client sends `palionnx serve`: every malformed request is a 4xx in the API's JSON
 error shape, never a 500 or a traceback; the deadline covers slow bodies; a port in use is one line.
-Real HTTP against a real `palionnx serve` subprocess (and, for the bounded fuzz test, the same app in process)."""
+Real HTTP against what `palionnx serve` runs: in this process on a numpy-written folder (the unit tier), or a real
+`palionnx serve` subprocess where its output or exit matters (and, for the bounded fuzz test, the app in process)."""
 
 import base64
 import json
@@ -14,14 +15,13 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 
-from helpers import Server, free_port, png_bytes  # noqa: E402
+from helpers import Server, free_port, png_bytes, served  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def server(exported):
-    running = Server(exported("tiny-pg1", "fp32"), "--slots", 2, "--timeout", 3)
-    yield running
-    running.stop()
+def server(numpy_folder):
+    with served(numpy_folder("tiny-pg1"), slots=2, timeout_s=3) as running:
+        yield running
 
 
 def _json_error(response, status):
@@ -91,7 +91,7 @@ def test_unknown_routes_and_methods_are_json(server):
     assert "DELETE is not allowed" in _json_error(server.client.delete("/v1/chat/completions"), 405)
 
 
-def test_a_prompt_character_the_tokenizer_lacks_is_named(exported, tmp_path):
+def test_a_prompt_character_the_tokenizer_lacks_is_named(numpy_folder, tmp_path):
     """A tokenizer without byte fallback reads unknown characters as <unk>: the error names the characters,
     not a "special token" the user never typed (the server and the CLI share this check)."""
     import shutil
@@ -100,7 +100,7 @@ def test_a_prompt_character_the_tokenizer_lacks_is_named(exported, tmp_path):
     from palionnx.runtime.manifest import Manifest
     from palionnx.runtime.text import TextCodec
 
-    folder = exported("tiny-pg1", "fp32")
+    folder = numpy_folder("tiny-pg1")
     shutil.copy(folder / "tokenizer.json", tmp_path / "tokenizer.json")
     spec = json.loads((tmp_path / "tokenizer.json").read_text())
     spec["model"]["byte_fallback"] = False
@@ -157,6 +157,7 @@ def test_the_deadline_covers_a_slow_body_and_shutdown(exported):
     assert "Traceback" not in errors and "CancelledError" not in errors
 
 
+@pytest.mark.integration  # six seconds idle: too slow for the unit tier
 def test_idle_keep_alive_connections_stay_open(server):
     """A request sent on a connection left idle longer than uvicorn's default keep-alive (5 s) is answered."""
     png = png_bytes(1)[0]
@@ -179,7 +180,7 @@ def test_a_port_in_use_is_one_line_and_exit_2(exported):
     assert len(lines) == 1 and lines[0].startswith("error: cannot listen on 127.0.0.1:") and str(port) in lines[0]
 
 
-def test_any_request_body_is_answered_2xx_or_4xx(exported):
+def test_any_request_body_is_answered_2xx_or_4xx(numpy_folder):
     """Bounded, derandomized fuzz of the request decoder, in process: any JSON body on either route."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
@@ -190,7 +191,7 @@ def test_any_request_body_is_answered_2xx_or_4xx(exported):
     from palionnx.server.engine import Engine
     from palionnx.server.metrics import Metrics
 
-    captioner = Captioner.load(exported("tiny-pg1", "fp32"), device="cpu")
+    captioner = Captioner.load(numpy_folder("tiny-pg1"), device="cpu")
     engine = Engine(captioner, 2, 64, 16, Metrics())
     engine.start()
     client = TestClient(create_app(captioner, engine, Limits(8, 10.0, 2**20), "tiny"), raise_server_exceptions=False)

@@ -1,8 +1,9 @@
-"""A complete fp32 CPU model folder from seeded numpy weights of a synth geometry, without torch.
+"""A complete CPU model folder (fp32, int8 or int4) from seeded numpy weights of a synth geometry, without torch.
 
 The decoder goes through the exporter's own graph writer (`export/decoder.py` over `NumpyWeights`, numpy
-rotary tables), the vision encoder through `export/vision_graph.py`, the tokenizer is `synth.build_tokenizer`'s
-and the manifest is checked and saved as an export's is. The weights follow the same recipe as
+rotary tables), the vision encoder through `export/vision_graph.py` (and, at int8/int4, the exporter's graph
+quantizer: MatMulNBits at block 32 everywhere, as an uncalibrated export of a tiny model), the tokenizer is
+`synth.build_tokenizer`'s and the manifest is checked and saved as an export's is. The weights follow the same recipe as
 `synth.write_checkpoint` (scaled noise, random norm gains) but are not the same numbers: these folders are for
 tests of the runtime, the jobs and the server, not for parity with transformers.
 """
@@ -10,23 +11,26 @@ tests of the runtime, the jobs and the server, not for parity with transformers.
 from __future__ import annotations
 
 import math
+import shutil
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from ..export import graph_quantize, quantize
 from ..export.decoder import DecoderConfig, Precision, build_decoder
-from ..export.quantize import OPSET
 from ..export.rotary import rotary_tables
 from ..export.synth import END_OF_TURN_ID, GEOMETRIES, Geometry, build_tokenizer
 from ..export.vision_graph import VisionConfig, build_vision
 from ..runtime.contract import MANIFEST_NAME, TOKENIZER_NAME, VISION_ENCODER
 from ..runtime.integrity import record_files
-from ..runtime.manifest import Manifest, QuantInfo
+from ..runtime.manifest import GraphInfo, Manifest, QuantInfo
 from ..version import __version__
 
 MAX_POSITIONS = 8192  # Gemma's context
 ROPE_THETA = 10000.0
+BLOCK_SIZE = 32  # of int8/int4 weights
+LEVELS = ("fp32", "int8", "int4")
 
 
 class NumpyWeights:
@@ -90,17 +94,25 @@ def decoder_config(g: Geometry) -> DecoderConfig:
                          sliding=tuple(i % 2 == 0 for i in range(g.layers)), window=g.sliding_window)
 
 
-def write_folder(geometry: str | Geometry, outdir: str | Path, seed: int = 0) -> Path:
-    """Write an fp32 CPU model folder of `geometry` with seeded numpy weights into `outdir`; returns it."""
+def write_folder(geometry: str | Geometry, outdir: str | Path, seed: int = 0, level: str = "fp32") -> Path:
+    """Write a CPU model folder of `geometry` at `level` (one of LEVELS) with seeded numpy weights into
+    `outdir`; returns it."""
+    if level not in LEVELS:
+        raise ValueError(f"level {level!r}: numpy folders are {', '.join(LEVELS)}")
     g = GEOMETRIES[geometry] if isinstance(geometry, str) else geometry
     folder = Path(outdir)
     folder.mkdir(parents=True, exist_ok=True)
     weights = NumpyWeights(g, seed)
     build_tokenizer(g).save(str(folder / TOKENIZER_NAME))
-    vision = VisionConfig(g.image_size, g.patch_size, g.vision_hidden, g.vision_intermediate, g.vision_layers,
-                          g.vision_heads, g.hidden)
-    precision = Precision.for_level("fp32", "cpu", g.family == "pg2", 32)
-    graphs = {VISION_ENCODER: build_vision(folder, vision, weights),
+    if level == "fp32":
+        precision = Precision.for_level(level, "cpu", g.family == "pg2", BLOCK_SIZE)
+        quant = QuantInfo(level=level)
+    else:
+        kernel = quantize.nbits(level, BLOCK_SIZE)
+        precision = Precision.for_level(level, "cpu", g.family == "pg2", BLOCK_SIZE, kernel, kernel)
+        quant = QuantInfo(level=level, bits=quantize.BITS[level], block_size=BLOCK_SIZE, symmetric=True,
+                          accuracy_level=precision.accuracy_level, method="MatMulNBits + GatherBlockQuantized")
+    graphs = {VISION_ENCODER: _vision(folder, g, weights, precision.kernel),
               **build_decoder(folder, weights.config, precision, weights)}
     manifest = Manifest(
         family=g.family, image_size=g.image_size, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample="bicubic",
@@ -108,9 +120,25 @@ def write_folder(geometry: str | Geometry, outdir: str | Path, seed: int = 0) ->
         bos_token_id=2, eos_token_ids=[1, END_OF_TURN_ID] if g.family == "pg2" else [1], pad_token_id=0,
         prompt_template="{image}{bos}{prompt}\n", layers=g.layers, heads=g.heads, kv_heads=g.kv_heads,
         head_dim=g.head_dim, hidden=g.hidden, vocab_size=g.vocab_size, max_positions=MAX_POSITIONS,
-        sliding_window=g.sliding_window if g.family == "pg2" else None, quant=QuantInfo(level="fp32"), device="cpu",
-        kv_dtype="float32", graphs=graphs, opset=OPSET, source={"id": f"numpy:{g.family}:{seed}", "revision": None},
-        palionnx_version=__version__)
+        sliding_window=g.sliding_window if g.family == "pg2" else None, quant=quant, device="cpu",
+        kv_dtype="float32", graphs=graphs, opset=quantize.OPSET,
+        source={"id": f"numpy:{g.family}:{seed}", "revision": None}, palionnx_version=__version__)
     manifest.files = record_files(folder, skip=(MANIFEST_NAME,))
     manifest.save(folder)
     return folder
+
+
+def _vision(folder: Path, g: Geometry, weights: NumpyWeights, kernel: quantize.Kernel | None) -> GraphInfo:
+    """The vision encoder in `folder`: fp32, or quantized on `kernel` from an fp32 one written aside."""
+    config = VisionConfig(g.image_size, g.patch_size, g.vision_hidden, g.vision_intermediate, g.vision_layers,
+                          g.vision_heads, g.hidden)
+    if kernel is None:
+        return build_vision(folder, config, weights)
+    scratch = folder / ".vision"
+    scratch.mkdir(exist_ok=True)
+    try:
+        info = build_vision(scratch, config, weights)
+        graph_quantize.quantize_graph(scratch / info.file, folder / info.file, kernel, quantize.CPU_ACCURACY_LEVEL)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return info
