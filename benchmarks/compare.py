@@ -156,8 +156,8 @@ def prepare(geometry: str, levels: list[str], work: Path) -> tuple[Path, dict[st
     LEVEL[:KERNELS[:BLOCK]]: int4 (CPU kernels measured at export), int4:nbits:32 (MatMulNBits at block
     32 everywhere: the formulation before kernels were measured), int4:qgemm:128, ..."""
     from palionnx.export.convert import export
-    from palionnx.export.synth import write_checkpoint
     from palionnx.runtime.contract import MANIFEST_NAME
+    from palionnx.testmodels.synth import write_checkpoint
 
     checkpoint = work / geometry
     if not (checkpoint / "config.json").exists():

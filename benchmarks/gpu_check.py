@@ -91,7 +91,7 @@ def make_hot_checkpoint(target: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from palionnx.export.synth import write_checkpoint
+    from palionnx.testmodels.synth import write_checkpoint
 
     checkpoint = write_checkpoint("tiny-pg2", target, seed=3)
     weights = load_file(checkpoint / "model.safetensors")

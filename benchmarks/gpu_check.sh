@@ -59,7 +59,7 @@ case "${1:-}" in
   prep)
     mkdir -p "$work"
     # the library, not the CLI: the GPU image's typer may differ from the one the CLI is written for
-    synth() { python3 -c "import sys; from palionnx.export.synth import write_checkpoint as w; w(*sys.argv[1:3], dtype=sys.argv[3])" "$@"; }
+    synth() { python3 -c "import sys; from palionnx.testmodels.synth import write_checkpoint as w; w(*sys.argv[1:3], dtype=sys.argv[3])" "$@"; }
     synth pg1-3b-224 "$work/pg1-3b-224" bfloat16
     if [ -n "${HOST_CPU_CORES:-}" ]; then
       mkdir -p /tmp/gpu/cpu && ln -sfn "$work/pg1-3b-224" /tmp/gpu/cpu/pg1-3b-224
@@ -86,7 +86,7 @@ case "${1:-}" in
     ;;
   profile-prep)  # pg1-3b-224 at PROFILE_LEVELS (default fp16 bf16), in both linear layouts, and their variants
     mkdir -p "$work"
-    python3 -c "import sys; from palionnx.export.synth import write_checkpoint as w; w(*sys.argv[1:3], dtype='bfloat16')" \
+    python3 -c "import sys; from palionnx.testmodels.synth import write_checkpoint as w; w(*sys.argv[1:3], dtype='bfloat16')" \
       pg1-3b-224 "$work/pg1-3b-224"
     for level in ${PROFILE_LEVELS:-fp16 bf16}; do
       export_for_cuda "$work/pg1-3b-224" "$work/pg1-3b-224-$level" "$level" &

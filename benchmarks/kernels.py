@@ -20,7 +20,7 @@ from pathlib import Path
 
 import palionnx.export.tune as tune
 from palionnx.export.options import KERNEL_CHOICES
-from palionnx.export.synth import GEOMETRIES
+from palionnx.testmodels.synth import GEOMETRIES
 
 
 def main() -> None:

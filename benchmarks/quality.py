@@ -7,7 +7,7 @@ fp32 generates greedily; every other level is compared with it by `palionnx.agre
 --reference` reports): same captions, and fed fp32's tokens (teacher forcing), its next token and logit
 cosine at each position. Random weights are not a trained model: these numbers measure how much each level
 perturbs the network, not caption quality. `--stress` gives the checkpoint function-preserving activation
-outliers first (export/stress.py), as trained language models have. Levels name their CPU kernels
+outliers first (testmodels/stress.py), as trained language models have. Levels name their CPU kernels
 (int4:qgemm:64: int8 QGEMM for the vision encoder and prefill, MatMulNBits int4 block 64 for decode).
 Writes benchmarks/results/quality-GEOMETRY[-STRESS][-STEM].{json,md}.
 """
@@ -43,13 +43,13 @@ def main() -> None:
                         help="LEVEL[:KERNELS[:BLOCK]], e.g. int4:nbits:32, int4:qgemm:64, int4 (kernels measured)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/palionnx-bench"))
     parser.add_argument("--stem", help="suffix of the results file names")
-    parser.add_argument("--stress", help="outlier variant of the checkpoint, e.g. a512c8 (export/stress.py)")
+    parser.add_argument("--stress", help="outlier variant of the checkpoint, e.g. a512c8 (testmodels/stress.py)")
     args = parser.parse_args()
 
     from palionnx.export.convert import export
-    from palionnx.export.stress import Stress, stress_checkpoint
-    from palionnx.export.synth import write_checkpoint
     from palionnx.runtime.contract import MANIFEST_NAME
+    from palionnx.testmodels.stress import Stress, stress_checkpoint
+    from palionnx.testmodels.synth import write_checkpoint
 
     base = args.work / args.geometry
     if not (base / "config.json").exists():

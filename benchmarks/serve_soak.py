@@ -88,6 +88,12 @@ def main() -> None:
         seconds = time.time() - started
         process.terminate()
         process.wait(60)
+    write_report(args, seconds, counts, curve)
+
+
+def write_report(args: argparse.Namespace, seconds: float, counts: dict[str, int],
+                 curve: list[tuple[int, float]]) -> None:
+    """benchmarks/results/serve-soak-MODEL.{json,md}: the answers by status and the server's RSS curve."""
     report = {"cpu": cpu_name(), "model": str(args.model), "requests": args.requests, "clients": args.clients,
               "seconds": seconds, "answers": counts, "rss_mb": curve}
     RESULTS.mkdir(exist_ok=True)
@@ -100,7 +106,6 @@ def main() -> None:
     lines += [f"| {n} | {mb:.0f} |" for n, mb in curve]
     (RESULTS / f"serve-soak-{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
 
 if __name__ == "__main__":
     main()

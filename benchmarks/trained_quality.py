@@ -19,7 +19,7 @@ to time: MatMulNBits at block 32), LEVEL:measured for the kernels it times and c
 model (`--measure-kernels`), and LEVEL:qgemm for int8 QGEMM (activations quantized per row at run time) in
 the vision encoder and prefill. Every int8/int4 level but LEVEL:BLOCK calibrates its int8 activations at
 export (export/linear.py). `--stress a512c8 ...` runs each level on function-preserving outlier variants of
-the models as well (export/stress.py: `none` is the model as trained); `--forced 0` skips the
+the models as well (testmodels/stress.py: `none` is the model as trained); `--forced 0` skips the
 teacher-forced columns. Writes benchmarks/results/trained-quality-cpu.{json,md} (--name to change).
 
 On a GPU: `--device cuda --levels fp32 fp16 bf16 int8:cuda int4:cuda` runs every level but fp32 (the CPU
@@ -43,9 +43,9 @@ import numpy as np
 
 from palionnx import Captioner
 from palionnx.agreement import forced_logits
-from palionnx.evaluation import evaluate, text_ids
 from palionnx.runtime.measure import device_name
-from palionnx.scenes import CAPTION_PROMPT, Scene, Shape, make_scenes, render
+from palionnx.testmodels.evaluation import evaluate, text_ids
+from palionnx.testmodels.scenes import CAPTION_PROMPT, Scene, Shape, make_scenes, render
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LEVELS = ["fp32", "fp16", "int8:32", "int8:64", "int8:128", "int4:32", "int4:64", "int4:128", "int4:auto",
@@ -139,8 +139,8 @@ def export_level(checkpoint: Path, level: str, folder: Path) -> None:
 def checkpoint_of(family: str, args: argparse.Namespace, stress: str = "none", work: Path | None = None) -> Path:
     """The trained checkpoint of `family`, or its `stress` variant (written under `work` on first use)."""
     from palionnx.cli.models import cache_root
-    from palionnx.export.stress import Stress, stress_checkpoint
-    from palionnx.export.trained import trained_checkpoint
+    from palionnx.testmodels.stress import Stress, stress_checkpoint
+    from palionnx.testmodels.trained import trained_checkpoint
 
     if args.checkpoints:
         base = args.checkpoints / f"shapes-{family}"
@@ -212,7 +212,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"Trained test models, {args.scenes} held-out scenes{' at the edges' if args.edge else ''} "
              f"(seed {args.seed}), `caption en`, greedy, "
              f"{where}. Stress: `none` is the model as trained, aALPHAcN its function-preserving outlier variant "
-             "(export/stress.py; -text: the decoder only; sN: N token-specific spike channels per layer), against "
+             "(testmodels/stress.py; -text: the decoder only; sN: N token-specific spike channels per layer), against "
              "whose own fp32 each level is paired. Lost / won: scenes wrong at this level and right at fp32, and the "
              "reverse (McNemar's exact p). Inputs split: linear-layer inputs with outlier channels split off at "
              "export (export/linear.py). int LEVEL:BLOCK is MatMulNBits at that block (no calibration); :auto "
@@ -260,7 +260,7 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=200)
     parser.add_argument("--forced", type=int, default=200, help="scenes for the teacher-forced columns (0: none)")
     parser.add_argument("--stress", nargs="+", default=["none"], help="outlier variants of each family, e.g. "
-                        "none a128c4 a512c8 a512c8-text a512c0s2 (export/stress.py)")
+                        "none a128c4 a512c8 a512c8-text a512c0s2 (testmodels/stress.py)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="fp32's reference captions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--edge", action="store_true", help="the scenes at the edges of the training jitter "

@@ -21,7 +21,7 @@ FAMILIES = ("tiny-pg1", "tiny-pg2")
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """tiny-pg1 (Gemma, MQA) and tiny-pg2 (Gemma 2, GQA, sliding window 6) checkpoints on disk."""
-    from palionnx.export.synth import write_checkpoint
+    from palionnx.testmodels.synth import write_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     return {name: write_checkpoint(name, root / name, seed=0) for name in FAMILIES}
@@ -57,8 +57,8 @@ def exported(tmp_path_factory, checkpoints):
 @pytest.fixture(scope="session")
 def numpy_folder(tmp_path_factory):
     """numpy_folder(family, level) -> a CPU folder of tiny-pg1 / tiny-pg2 at fp32, int8 or int4 (MatMulNBits)
-    written from numpy weights without torch (palionnx.testmodels), built on first use: the unit tier's model."""
-    from palionnx.testmodels.numpy_folder import write_folder
+    written from numpy weights without torch (palionnx.export.numpy_folder), built on first use: the unit tier's model."""
+    from palionnx.export.numpy_folder import write_folder
 
     root = tmp_path_factory.mktemp("numpy-folders")
     cache: dict[tuple[str, str], Path] = {}
@@ -134,10 +134,11 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     if not any("shapes_pg1" in item.fixturenames for item in items):
         return
     from palionnx.cli.models import cache_root
-    from palionnx.export.trained import cache_key
+    from palionnx.testmodels.trained import cache_key
 
     if not (cache_root() / "trained" / f"shapes-pg1-{cache_key('shapes-pg1')}" / "config.json").is_file():
-        code = ("from palionnx.cli.models import cache_root; from palionnx.export.trained import trained_checkpoint; "
+        code = ("from palionnx.cli.models import cache_root; "
+                "from palionnx.testmodels.trained import trained_checkpoint; "
                 "trained_checkpoint('shapes-pg1', cache_root() / 'trained')")
         # at the lowest priority, so that it only takes the CPU the tests leave (timing-sensitive tests such as
         # the interrupted run see an idle machine); it gets all of it while shapes_pg1 waits for it
@@ -154,7 +155,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 def shapes_pg1() -> Path:
     """The trained shapes-pg1 checkpoint, from the palionnx cache (trained there on first use: minutes)."""
     from palionnx.cli.models import cache_root
-    from palionnx.export.trained import trained_checkpoint
+    from palionnx.testmodels.trained import trained_checkpoint
 
     child = _TRAINING.pop("shapes-pg1", None)
     if child is not None:

@@ -256,7 +256,7 @@ def test_pg2_fp16_survives_activations_beyond_fp16_range(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from palionnx.export.convert import export
-    from palionnx.export.synth import write_checkpoint
+    from palionnx.testmodels.synth import write_checkpoint
 
     checkpoint = write_checkpoint("tiny-pg2", tmp_path / "hot", seed=3)
     weights = load_file(checkpoint / "model.safetensors")
@@ -298,7 +298,7 @@ def test_legacy_checkpoint_layout(tmp_path):
     from transformers import PaliGemmaForConditionalGeneration
 
     from palionnx.export.convert import export
-    from palionnx.export.synth import GEOMETRIES, _randomise, make_config
+    from palionnx.testmodels.synth import GEOMETRIES, _randomise, make_config
 
     folder = tmp_path / "legacy"
     folder.mkdir()
@@ -447,7 +447,7 @@ def test_pg2_window_that_never_binds_uses_the_main_graph(tmp_path):
     import dataclasses
 
     from palionnx.export.convert import export
-    from palionnx.export.synth import GEOMETRIES, write_checkpoint
+    from palionnx.testmodels.synth import GEOMETRIES, write_checkpoint
 
     geometry = dataclasses.replace(GEOMETRIES["tiny-pg2"], sliding_window=128)
     checkpoint = write_checkpoint(geometry, tmp_path / "wide", seed=5)

@@ -1,4 +1,4 @@
-"""Model folders written from numpy weights without torch (palionnx.testmodels): the unit tier's models."""
+"""Model folders written from numpy weights without torch (palionnx.export.numpy_folder): the unit tier's models."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from palionnx.export.numpy_folder import write_folder
 from palionnx.runtime.captioner import Captioner
 from palionnx.runtime.manifest import Manifest
-from palionnx.testmodels.numpy_folder import write_folder
 
 
 def test_writing_a_folder_needs_no_torch(tmp_path):
-    code = ("import sys; from palionnx.testmodels.numpy_folder import write_folder; "
+    code = ("import sys; from palionnx.export.numpy_folder import write_folder; "
             f"write_folder('tiny-pg2', {str(tmp_path / 'm')!r}); print('torch' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr

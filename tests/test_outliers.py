@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from palionnx import Captioner
-from palionnx.evaluation import evaluate
 from palionnx.export import linear
 from palionnx.export.quantize import QGEMM, Kernel
-from palionnx.export.stress import Stress, stress_checkpoint
 from palionnx.runtime.manifest import Manifest
 from palionnx.samples import sample_images
+from palionnx.testmodels.evaluation import evaluate
+from palionnx.testmodels.stress import Stress, stress_checkpoint
 
 SCENES = 100
 # Measured on the AMD EPYC VM over 300 held-out scenes (benchmarks/trained_quality.py --stress a512c8):

@@ -5,9 +5,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from palionnx.evaluation import score_scene
-from palionnx.export.synth import GEOMETRIES, build_tokenizer
-from palionnx.scenes import (
+from palionnx.testmodels.evaluation import score_scene
+from palionnx.testmodels.scenes import (
     CAPTION_PROMPT,
     COLOURS,
     EVAL_STREAM,
@@ -21,6 +20,7 @@ from palionnx.scenes import (
     render,
     vocabulary,
 )
+from palionnx.testmodels.synth import GEOMETRIES, build_tokenizer
 
 
 def test_scenes_are_deterministic_and_streams_differ():

@@ -3,9 +3,9 @@
 import pytest
 from transformers import AutoConfig
 
-from palionnx.export.synth import GEOMETRIES, IMAGE_TOKEN, build_tokenizer
 from palionnx.export.validate import reference_generate
 from palionnx.samples import sample_images
+from palionnx.testmodels.synth import GEOMETRIES, IMAGE_TOKEN, build_tokenizer
 
 
 @pytest.mark.parametrize("family", ["tiny-pg1", "tiny-pg2"])

@@ -7,12 +7,12 @@ trained shapes-pg1 exported at fp32 and at int4 (block 128, MatMulNBits kernels)
 import dataclasses
 
 from palionnx import Captioner
-from palionnx.evaluation import evaluate
-from palionnx.export import trained
-from palionnx.export.synth import GEOMETRIES
-from palionnx.export.train import Recipe, train
 from palionnx.export.validate import validate
-from palionnx.scenes import make_scenes, render
+from palionnx.testmodels import trained
+from palionnx.testmodels.evaluation import evaluate
+from palionnx.testmodels.scenes import make_scenes, render
+from palionnx.testmodels.synth import GEOMETRIES
+from palionnx.testmodels.train import Recipe, train
 
 # Measured on the AMD EPYC VM (2 cores): fp32 96.0 %, int4 block 128 96.5 % (benchmarks/trained_quality.py).
 # Asserted with a 6-point margin (another CPU's kernels train slightly different weights); 0.90 is also the

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from helpers import palionnx
 
-from palionnx.export.trained import RECIPES
 from palionnx.jobs.files import clean_caption
-from palionnx.scenes import TAGS_PROMPT, make_scenes, render
+from palionnx.testmodels.scenes import TAGS_PROMPT, make_scenes, render
+from palionnx.testmodels.trained import RECIPES
 
 SIZE = RECIPES["shapes-pg1"].geometry.image_size
 

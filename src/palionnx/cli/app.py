@@ -353,8 +353,8 @@ def synth(
         palionnx synth shapes-pg1 -o checkpoints/shapes-pg1
     """
     _need_export_extra()
-    from ..export.synth import GEOMETRIES, write_checkpoint
-    from ..export.trained import RECIPES
+    from ..testmodels.synth import GEOMETRIES, write_checkpoint
+    from ..testmodels.trained import RECIPES
 
     if geometry in RECIPES:
         _copy_trained(geometry, output)
@@ -371,7 +371,7 @@ def _copy_trained(name: str, output: Path) -> None:
     """`synth shapes-*`: the cached trained checkpoint (trained first if needed), copied to `output`."""
     import shutil
 
-    from ..export.trained import trained_checkpoint
+    from ..testmodels.trained import trained_checkpoint
     from .models import cache_root
 
     if output.exists() and not output.is_dir():
@@ -435,7 +435,7 @@ def evaluate(
     if reference is not None:
         _evaluate_against(model_dir, reference, images or [], prompt, max_new_tokens, batch_size, device, json_file)
         return
-    from ..evaluation import evaluate as run_eval
+    from ..testmodels.evaluation import evaluate as run_eval
 
     captioner = _load_folder(model_dir, device)
     _err(f"captioning {scenes} held-out scenes (seed {seed}, {prompt!r}) with {model_dir} "

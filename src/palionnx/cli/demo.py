@@ -8,14 +8,14 @@ from pathlib import Path
 
 import typer
 
-from ..evaluation import Report, score_scene, text_ids
 from ..jobs.captioning import caption_files
 from ..jobs.files import ImageJob
 from ..jobs.options import CaptionOptions
 from ..jobs.plan import plan_run
 from ..runtime.captioner import Captioner
 from ..runtime.contract import MANIFEST_NAME
-from ..scenes import CAPTION_PROMPT, Scene, make_scenes, render
+from ..testmodels.evaluation import Report, score_scene, text_ids
+from ..testmodels.scenes import CAPTION_PROMPT, Scene, make_scenes, render
 from .eval import print_report
 from .models import cache_root
 
@@ -30,7 +30,7 @@ class DemoError(Exception):
 def demo_model(family: str, quant: str, say: Callable[[str], None]) -> Path:
     """The exported folder of the trained `shapes-FAMILY` at `quant` in the cache; on first use the checkpoint
     is trained (or taken from the cache) and exported, which needs torch."""
-    from ..export.trained import code_key
+    from ..testmodels.trained import code_key
 
     name = f"shapes-{family}"
     folder = cache_root() / "models" / f"{name}-{code_key(name)}" / quant
@@ -43,7 +43,7 @@ def demo_model(family: str, quant: str, say: Callable[[str], None]) -> Path:
         raise DemoError(f"the demo trains and exports its model once, which needs the export extra: pip install "
                         f"'palionnx[export]' (nothing cached yet in {cache_root()})") from None
     from ..export.convert import export
-    from ..export.trained import trained_checkpoint
+    from ..testmodels.trained import trained_checkpoint
 
     checkpoint = trained_checkpoint(name, cache_root() / "trained", progress=say)
     say(f"exporting {name} at {quant} into {folder} (first use only)")

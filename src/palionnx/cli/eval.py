@@ -1,4 +1,4 @@
-"""`palionnx eval`: the checks before the model loads, the report of `palionnx.evaluation` (held-out scenes)
+"""`palionnx eval`: the checks before the model loads, the report of `palionnx.testmodels.evaluation` (held-out scenes)
 and, with --reference, of `palionnx.agreement` (the folder against a reference folder, on any images)."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ from pathlib import Path
 import typer
 
 from ..agreement import Agreement
-from ..evaluation import Report
 from ..jobs.checks import CheckError
 from ..jobs.files import find_images
 from ..runtime.manifest import Manifest
 from ..runtime.preprocess import ImageInput, ImageSpec, Pixels, image_pixels
 from ..samples import sample_images
-from ..scenes import PROMPTS, make_scenes, render
+from ..testmodels.evaluation import Report
+from ..testmodels.scenes import PROMPTS, make_scenes, render
 
 DEFAULT_SCENES = 8  # --reference without IMAGES: the packaged samples and this many held-out scenes
 

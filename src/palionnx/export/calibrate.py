@@ -26,7 +26,7 @@ from PIL import Image
 
 from ..runtime.preprocess import IMAGE_EXTENSIONS, ImageLoadError, ImageSpec, image_pixels, load_image
 from ..samples import sample_images
-from ..scenes import TRAIN_STREAM, make_scenes, render
+from ..testmodels.scenes import TRAIN_STREAM, make_scenes, render
 from .linear import SitePlan, plan_site, sample_outputs
 from .quantize import CPU_ACCURACY_LEVEL, Kernel
 
@@ -316,7 +316,7 @@ def _vision_weights(model: Any, base: str) -> dict[str, np.ndarray]:
 def spiky_channels(folder: Path, count: int) -> dict[int, list[int]]:
     """Per decoder layer of the checkpoint in `folder`, the `count` MLP intermediate channels (down_proj's
     input) that are the most token-specific on the default calibration images: the largest peak over mean
-    magnitude among the channels whose peak is at least the median one (export/stress.py makes spikes of
+    magnitude among the channels whose peak is at least the median one (testmodels/stress.py makes spikes of
     them). Loads the model with transformers (export side only)."""
     import torch
 

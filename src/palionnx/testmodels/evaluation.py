@@ -1,4 +1,4 @@
-"""How well a model folder captions held-out scenes (`palionnx.scenes`): `palionnx eval` and the benchmarks.
+"""How well a model folder captions held-out scenes (`testmodels/scenes.py`): `palionnx eval` and the benchmarks.
 
 Captions go through the normal runtime (`Captioner.caption`), greedy unless a sampler is given. Scores:
 
@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 from tokenizers import Tokenizer
 
-from .runtime.captioner import Captioner
-from .runtime.generate import Sampler
+from ..runtime.captioner import Captioner
+from ..runtime.generate import Sampler
 from .scenes import CAPTION_PROMPT, TAGS_PROMPT, Scene, make_scenes, read_caption, render
 
 SHAPE_ATTRIBUTES = ("kind", "colour", "size", "position")

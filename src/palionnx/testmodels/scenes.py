@@ -31,7 +31,7 @@ POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom 
 BACKGROUNDS = ("plain", "striped", "checkered", "dotted", "grid")
 NUMBERS = ("one", "two", "three", "four")
 OUTLINE, OUTLINE_WIDTH = (20, 20, 20), 3  # every shape has a dark outline (drawn at twice the size)
-MAX_SHAPES = 2  # per scene: with 3, a 4-layer decoder needed more than twice the training (see export/trained.py)
+MAX_SHAPES = 2  # per scene: with 3, a 4-layer decoder needed more than twice the training (see testmodels/trained.py)
 
 TAGS_PROMPT = "tags en"
 CAPTION_PROMPT = "caption en"

@@ -1,4 +1,4 @@
-"""Train small PaliGemma checkpoints on the procedural scenes (`palionnx.scenes`), on CPU.
+"""Train small PaliGemma checkpoints on the procedural scenes (`palionnx.testmodels.scenes`), on CPU.
 
     model = train(recipe, tokenizer, progress=print)
 
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..scenes import (
+from .scenes import (
     BACKGROUNDS,
     COLOURS,
     KINDS,

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export import graph_quantize, quantize
-from ..export.decoder import DecoderConfig, Precision, build_decoder
-from ..export.rotary import rotary_tables
-from ..export.synth import END_OF_TURN_ID, GEOMETRIES, Geometry, build_tokenizer
-from ..export.vision_graph import VisionConfig, build_vision
 from ..runtime.contract import MANIFEST_NAME, TOKENIZER_NAME, VISION_ENCODER
 from ..runtime.integrity import record_files
 from ..runtime.manifest import GraphInfo, Manifest, QuantInfo
+from ..testmodels.synth import END_OF_TURN_ID, GEOMETRIES, Geometry, build_tokenizer
 from ..version import __version__
+from . import graph_quantize, quantize
+from .decoder import DecoderConfig, Precision, build_decoder
+from .rotary import rotary_tables
+from .vision_graph import VisionConfig, build_vision
 
 MAX_POSITIONS = 8192  # Gemma's context
 ROPE_THETA = 10000.0

@@ -18,8 +18,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from .. import scenes
-from . import synth, train
+from . import scenes, synth, train
 from .synth import Geometry
 from .train import Progress, Recipe
 
