@@ -57,7 +57,8 @@ def exported(tmp_path_factory, checkpoints):
 @pytest.fixture(scope="session")
 def numpy_folder(tmp_path_factory):
     """numpy_folder(family, level) -> a CPU folder of tiny-pg1 / tiny-pg2 at fp32, int8 or int4 (MatMulNBits)
-    written from numpy weights without torch (palionnx.export.numpy_folder), built on first use: the unit tier's model."""
+    written from numpy weights without torch (palionnx.export.numpy_folder), built on first use: the unit tier's
+    model."""
     from palionnx.export.numpy_folder import write_folder
 
     root = tmp_path_factory.mktemp("numpy-folders")

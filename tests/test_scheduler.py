@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from palionnx import Captioner
 from palionnx.runtime.generate import make_logits_processors, make_sampler
@@ -131,3 +132,48 @@ def test_engine_frees_the_slot_of_a_request_its_caller_gave_up(numpy_folder):
         assert engine.scheduler.occupancy.steps < 1500  # the long caption's 3000 steps were not run
     finally:
         engine.stop()
+
+
+class _CaptureFails:
+    """A decoder session whose captured runs (a CUDA graph id of 0 or more) fail, as a capture that is not
+    possible on some device does; everything else goes to the real session."""
+
+    def __init__(self, session):
+        self.session, self.failures = session, 0
+
+    def run_with_iobinding(self, binding, options=None):
+        if options is not None and int(options.get_run_config_entry("gpu_graph_id")) >= 0:
+            self.failures += 1
+            raise RuntimeError("CUDA graph capture failed")
+        return self.session.run_with_iobinding(binding, options)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def test_a_failed_capture_falls_back_inside_the_state(numpy_folder, monkeypatch):
+    """A state whose CUDA-graph capture fails runs its steps on an uncaptured decoder from then on, with the
+    same tokens; the model and other states keep capturing (played on the CPU with a decoder that fails
+    captured runs: the CPU ignores graph ids)."""
+    plain = Captioner.load(numpy_folder("tiny-pg1"), device="cpu")
+    images = [Image.new("RGB", (40, 40), colour) for colour in ("red", "blue")]
+    expected = [r.tokens for r in plain.caption(images, max_new_tokens=6)]
+
+    captioner = Captioner.load(numpy_folder("tiny-pg1"), device="cpu")
+    model = captioner.model
+    failing = _CaptureFails(model.decoder)
+    monkeypatch.setattr(model, "cuda_graph", True)
+    monkeypatch.setattr(model, "decoder", failing)
+    monkeypatch.setattr(model, "prefill_decoder", failing)
+    opened = []
+    real_open = model._open
+    monkeypatch.setattr(model, "_open", lambda role, capture: opened.append((role, capture)) or real_open(role, False))
+    first, second = model.new_state(2, 32), model.new_state(2, 32)
+    assert first.captured and second.captured
+    assert [r.tokens for r in captioner.caption(images, max_new_tokens=6)] == expected
+    state = model.new_state(2, 32)
+    prompt = captioner.prompt_batch(np.stack([captioner.load_pixels(image) for image in images]), ["caption en"] * 2)
+    state.prefill(prompt)  # prefill is never captured: the failing decoder runs it
+    state.step(np.array([5, 6]))
+    assert not state.captured and first.captured and model.cuda_graph and failing.failures >= 2
+    assert opened == [("decoder", False)]  # one uncaptured decoder, opened once and shared

@@ -72,6 +72,7 @@ class OnnxPaliGemma:
         kernels = manifest.quant.cpu_kernels
         self.batch_decode_from = kernels.batch_decode_from if kernels and DECODER_PREFILL in sessions else 0
         self.windowed: ort.InferenceSession | None = None  # Gemma 2, opened when first needed
+        self._uncaptured: dict[str, ort.InferenceSession] = {}  # decoders opened without CUDA graphs, by role
         self.providers = self.decoder.get_providers()
         self.io = DecoderIO(manifest.layers)
         # the cache's storage type and the element type it is bound as (they differ for bfloat16)
@@ -105,21 +106,30 @@ class OnnxPaliGemma:
         return lay_out(sequences, self.encode_images(pixels), pad_id=m.pad_token_id, image_token_id=m.image_token_id,
                        image_tokens=m.image_seq_length)
 
-    def decode_session(self, batch: int, max_len: int) -> ort.InferenceSession:
+    def decode_session(self, batch: int, max_len: int, captured: bool = True) -> ort.InferenceSession:
         """The decoder for decode steps of `batch` rows: Gemma 2's windowed graph once a row can outgrow the
         sliding window, else the prefill graph for batches of `batch_decode_from` rows or more, else the
-        decoder."""
+        decoder. `captured=False` on a CUDA-graph model: the same graph opened without capture, for a state
+        whose capture failed (opened on first use; the model itself is unchanged)."""
         window = self.manifest.sliding_window
-        if not window or max_len <= window or DECODER_WINDOWED not in self.manifest.graphs:
-            if self.batch_decode_from and batch >= self.batch_decode_from:
-                return self.prefill_decoder
+        windowed = bool(window and max_len > window and DECODER_WINDOWED in self.manifest.graphs)
+        if not windowed and self.batch_decode_from and batch >= self.batch_decode_from:
+            return self.prefill_decoder
+        role = DECODER_WINDOWED if windowed else DECODER
+        if self.cuda_graph and not captured:
+            if role not in self._uncaptured:
+                self._uncaptured[role] = self._open(role, capture=False)
+            return self._uncaptured[role]
+        if not windowed:
             return self.decoder
         if self.windowed is None:
-            path = self.folder / self.manifest.graphs[DECODER_WINDOWED].file
-            sessions, _ = open_sessions({DECODER_WINDOWED: path}, self.device, self.threads, self.manifest,
-                                        self._graph_roles())
-            self.windowed = sessions[DECODER_WINDOWED]
+            self.windowed = self._open(DECODER_WINDOWED, capture=self.cuda_graph)
         return self.windowed
+
+    def _open(self, role: str, capture: bool) -> ort.InferenceSession:
+        """A session of the graph `role`, on this model's device, with CUDA graphs when `capture`."""
+        paths = {role: self.folder / self.manifest.graphs[role].file}
+        return open_sessions(paths, self.device, self.threads, self.manifest, {role} if capture else set())[0][role]
 
     def new_state(self, batch: int, max_len: int) -> DecoderState:
         """A new KV cache of its own for `batch` rows of up to `max_len` tokens (on CUDA, with its own captured
@@ -141,14 +151,6 @@ class OnnxPaliGemma:
         self._graph_ids += 1
         return self._graph_ids
 
-    def drop_cuda_graph(self) -> None:
-        """Reopen the decoders without CUDA graph capture (when capture fails)."""
-        self.cuda_graph = False
-        paths = {DECODER: self.folder / self.manifest.graphs[DECODER].file}
-        uses_decoder = self.prefill_decoder is self.decoder
-        self.decoder = open_sessions(paths, self.device, self.threads, self.manifest)[0][DECODER]
-        self.prefill_decoder = self.decoder if uses_decoder else self.prefill_decoder
-        self.windowed = None
 
 
 class StepOutput:
@@ -211,6 +213,7 @@ class DecoderState:
         # on the CPU the longest row's length (the CPU kernel's work follows it).
         self.total = np.array(max_len, dtype=np.int32)
         self.lengths = np.zeros(batch, dtype=np.int32)  # tokens of each row in the cache
+        self.captured = model.cuda_graph  # decode steps as a captured CUDA graph, until a capture fails
         self._bindings: dict[int, ort.IOBinding] = {}
         self._options = {capture: self._make_run_options(capture) for capture in (False, True)}
 
@@ -293,16 +296,15 @@ class DecoderState:
         try:
             self._run_step()
         except Exception:
-            if not self.model.cuda_graph:
+            if not self.captured:
                 raise
-            self.model.drop_cuda_graph()  # capture is not possible here: run the step plainly from now on
-            self._bindings.clear()
+            self.captured = False  # capture is not possible here: this state runs its steps plainly from now on
             self._run_step()
         self.lengths += 1 if active is None else active
         return StepOutput(self.logits, self.next_token)
 
     def _run_step(self) -> None:
-        session = self.model.decode_session(self.batch, self.max_len)
+        session = self.model.decode_session(self.batch, self.max_len, self.captured)
         binding = self._bindings.get(id(session))
         if binding is None:
             binding = session.io_binding()
@@ -325,7 +327,9 @@ class DecoderState:
         binding.bind_ortvalue_output(io.next_token, self.next_token)
 
     def _run_options(self, capture: bool) -> ort.RunOptions | None:
-        return self._options[capture] if self.model.cuda_graph else None
+        """A decode step's (`capture`): its graph id while this state captures; prefill's: never captured, on
+        the model's capture-enabled decoder."""
+        return self._options[capture] if self.captured or not capture else None
 
     def _make_run_options(self, capture: bool) -> ort.RunOptions | None:
         """CUDA graphs: prefill is never captured (-1); each state's decode step has its own graph id."""
