@@ -68,13 +68,13 @@ def free_port() -> int:
 class Server:
     """`palionnx serve MODEL` in a subprocess, ready when /healthz answers."""
 
-    def __init__(self, model, *args, port=None):
+    def __init__(self, model, *args, port=None, env=None):
         self.port = port or free_port()
         import httpx  # the serve tests skip themselves where it is missing
 
         self.process = subprocess.Popen(
             [sys.executable, "-m", "palionnx", "serve", str(model), "--port", str(self.port), *map(str, args)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -98,10 +98,11 @@ class Server:
 
 
 class Served:
-    """A client of a server running in this process (see `served`), with `Server`'s `caption`."""
+    """A client of a server running in this process (see `served`), with `Server`'s `caption`; `engine` is the
+    server's own."""
 
-    def __init__(self, client, port: int):
-        self.client, self.port = client, port
+    def __init__(self, client, port: int, engine):
+        self.client, self.port, self.engine = client, port, engine
 
     def caption(self, png: bytes, **fields):
         return self.client.post("/v1/caption", files={"image": ("x.png", png, "image/png")},
@@ -126,7 +127,7 @@ def served(model: Path, **options) -> Iterator[Served]:
         while not service.server.started and thread.is_alive() and time.time() < deadline:
             time.sleep(0.02)
         try:
-            yield Served(client, port)
+            yield Served(client, port, service.engine)
         finally:
             service.server.should_exit = True
             thread.join(60)

@@ -61,7 +61,7 @@ def test_concurrent_requests_get_the_cli_captions(server, model, tmp_path):
     assert body["usage"]["completion_tokens"] > 0
 
     metrics = server.client.get("/metrics").text
-    assert 'palionnx_requests_total{route="/v1/caption",outcome="ok"} 9' in metrics
+    assert 'palionnx_requests_total{outcome="ok",route="/v1/caption"} 9.0' in metrics  # prometheus_client's format
     assert "palionnx_request_seconds_count 10" in metrics and "palionnx_slot_occupancy" in metrics
 
 
@@ -115,8 +115,8 @@ def test_an_int4_folder_answers_the_api_captions(numpy_folder):
 
 
 def test_a_taken_address_is_named_before_the_model_loads(numpy_folder, tmp_path):
-    from palionnx.server.options import ServeOptions
-    from palionnx.server.serve import ServeError, prepare
+    from palionnx.server.options import ServeError, ServeOptions
+    from palionnx.server.serve import prepare
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -151,3 +151,29 @@ def test_sigterm_drains_and_sigkill_restarts(model):
         assert again.caption(png, max_new_tokens=5).status_code == 200
     finally:
         again.stop()
+
+
+def test_keys_on_the_command_line(model, tmp_path):
+    """--api-key and PALIONNX_API_KEY guard the routes; a bad key file is one line and exit 2; listening beyond
+    the loopback without a key warns in one line."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# none yet\n")
+    run = palionnx("serve", model, "--api-key-file", keys, timeout=60)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        f"error: the key file {keys} holds no key (one per line)"]
+    guarded = Server(model, "--api-key", "cli-key", env={"PALIONNX_API_KEY": "ignored-when-given"})
+    try:
+        assert guarded.client.get("/v1/models").status_code == 401
+        assert guarded.client.get("/v1/models", headers={"authorization": "Bearer cli-key"}).status_code == 200
+    finally:
+        guarded.stop()
+    from_env = Server(model, "--host", "0.0.0.0", env={"PALIONNX_API_KEY": "env-key"})
+    try:
+        assert from_env.client.get("/v1/models", headers={"authorization": "Bearer env-key"}).status_code == 200
+    finally:
+        from_env.stop()
+    assert "warning" not in from_env.process.stderr.read()
+    open_server = Server(model, "--host", "0.0.0.0")
+    open_server.stop()
+    warnings = [line for line in open_server.process.stderr.read().splitlines() if line.startswith("warning")]
+    assert warnings == ["warning: listening on 0.0.0.0 without --api-key: anyone who can reach the port can use it"]

@@ -672,24 +672,40 @@ def serve(
     max_body_mb: Annotated[float, typer.Option(min=0.001, metavar="MB", help=(
         "Largest request body; bigger gets 413."))] = SERVE.max_body_mb,
     cuda_graph: CudaGraphOpt = SERVE.cuda_graph,
+    api_key: Annotated[list[str] | None, typer.Option(
+        "--api-key", metavar="KEY", envvar="PALIONNX_API_KEY", show_envvar=False, help=(
+            "Require Authorization: Bearer KEY on every route but /healthz; repeat for several keys (or set "
+            "PALIONNX_API_KEY)."), rich_help_panel="Access")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(metavar="FILE", help=(
+        "Keys, one per line (# comments), added to --api-key."), rich_help_panel="Access")] = None,
+    metrics_public: Annotated[bool, typer.Option(help=(
+        "Serve /metrics without a key (for a scraper on a trusted network)."),
+        rich_help_panel="Access")] = SERVE.metrics_public,
 ) -> None:
-    """Serve captions over HTTP: POST /v1/caption, POST /v1/chat/completions (OpenAI-compatible),
-    GET /healthz, GET /metrics. Concurrent requests share decode steps. SIGTERM or Ctrl-C finish the
-    requests in flight, then exit. Needs the serve extra: pip install 'palionnx[serve]'.
+    """Serve captions over HTTP: POST /v1/caption, POST /v1/chat/completions (OpenAI-compatible; both
+    stream with stream=true), GET /v1/models, GET /healthz, GET /metrics. Concurrent requests share decode
+    steps. SIGTERM or Ctrl-C finish the requests in flight, then exit. Needs the serve extra: pip install
+    'palionnx[serve]'.
 
-    Example: palionnx serve models/pg-int4 --port 8000 --slots 8
+    Example: palionnx serve models/pg-int4 --port 8000 --slots 8 --api-key "$(cat key.txt)"
     """
     from ..runtime.manifest import ModelFolderError
     from ..runtime.sessions import DeviceError
-    from ..server.serve import ServeError, ServeExtraMissing, require_serve_extra
-    from ..server.serve import serve as run_server
+    from ..server.auth import KeyFileError, read_key_file
+    from ..server.options import ServeError, ServeExtraMissing, require_serve_extra
 
-    options = ServeOptions(host=host, port=port, slots=slots, device=device, max_queue=max_queue, timeout_s=timeout,
-                           max_new_tokens=max_new_tokens, max_body_mb=max_body_mb, cuda_graph=cuda_graph)
     try:
         require_serve_extra()
+        from ..server.serve import serve as run_server
+
+        keys = [*(api_key or []), *(read_key_file(api_key_file) if api_key_file else [])]
+        if any(not key.strip() for key in keys):
+            raise KeyFileError("--api-key cannot be empty")
+        options = ServeOptions(host=host, port=port, slots=slots, device=device, max_queue=max_queue,
+                               timeout_s=timeout, max_new_tokens=max_new_tokens, max_body_mb=max_body_mb,
+                               cuda_graph=cuda_graph, api_keys=tuple(keys), metrics_public=metrics_public)
         run_server(model_dir, options, say=_err)
-    except (ServeExtraMissing, ServeError, ModelFolderError, DeviceError) as exc:
+    except (ServeExtraMissing, ServeError, ModelFolderError, DeviceError, KeyFileError) as exc:
         _usage(str(exc))
 
 

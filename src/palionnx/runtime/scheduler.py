@@ -36,6 +36,7 @@ class Request:
     logits_processors: Sequence[LogitsProcessor] = ()
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
     tag: Any = None  # the caller's handle, given back with the completion
+    on_token: Callable[[int], None] | None = None  # called on the scheduler's thread with each caption token
 
 
 @dataclass
@@ -219,6 +220,8 @@ class Scheduler:
             finished = token in self.eos and not request.ignore_eos
             if not finished:
                 slot.tokens.append(token)
+                if request.on_token is not None:
+                    request.on_token(token)
             if finished or len(slot.tokens) >= request.max_new_tokens:
                 done.append(self._retire(row, slot))
             else:

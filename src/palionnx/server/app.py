@@ -1,9 +1,16 @@
 """The HTTP API of `palionnx serve` (Starlette; run by uvicorn).
 
-    POST /v1/caption            an image (multipart field `image`, or JSON `{"image": base64}`) + settings
-    POST /v1/chat/completions   OpenAI-compatible: a user message with text and an `image_url` data URI
-    GET  /healthz               200 while the engine runs
-    GET  /metrics               Prometheus text format
+    POST /v1/caption            an image (multipart field `image`, or JSON `{"image": base64}`) + settings;
+                                streamed (server-sent events, see events.py) with `stream=true` or
+                                `Accept: text/event-stream`
+    POST /v1/chat/completions   OpenAI-compatible: a user message with text and an `image_url` data URI;
+                                `stream: true` streams chat.completion.chunk events
+    GET  /v1/models             OpenAI's model list: the served folder (GET /v1/models/ID: that one)
+    GET  /healthz               200 while the engine runs (never needs a key)
+    GET  /metrics               Prometheus text format (prometheus_client)
+
+With --api-key every route but /healthz (and /metrics with --metrics-public) needs `Authorization: Bearer
+KEY` (auth.py): 401 otherwise.
 
 Errors are JSON `{"error": {"message", "type"}}`: 400 bad input (an undecodable image among them, a setting
 out of range), 404 / 405 an unknown route or method, 408 a body that did not arrive within --timeout, 413 a
@@ -23,7 +30,8 @@ import io
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,17 +39,23 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..runtime.captioner import Captioner
+from ..runtime.contract import MANIFEST_NAME
 from ..runtime.defaults import DEFAULT_PROMPT
 from ..runtime.generate import SettingError, check_settings, make_logits_processors, make_sampler
 from ..runtime.preprocess import ImageLoadError, image_pixels
 from ..runtime.scheduler import Completion, Request
+from ..runtime.text import TextDeltas
+from .auth import KeyCheck
 from .engine import Engine, QueueFull, Rejected
+from .events import DONE, CaptionEvents, ChatEvents, TokenFeed, event
+from .metrics import CONTENT_TYPE
 
 MAX_PARTS = 100  # fields and files a multipart body may have
 MAX_FIELD_BYTES = 2**20  # the largest multipart text field (the image itself is bounded by --max-body-mb)
@@ -60,39 +74,115 @@ class Limits:
     max_body_bytes: int
 
 
-def create_app(captioner: Captioner, engine: Engine, limits: Limits, model_name: str) -> Starlette:
-    """The ASGI app over a started engine (stopped when the app shuts down)."""
+@dataclass
+class Parsed:
+    """A request's image bytes and settings, and whether (and how) to stream the answer."""
+
+    image: bytes
+    settings: dict[str, Any]
+    stream: bool = False
+    include_usage: bool = False  # chat: stream_options.include_usage
+
+
+Parse = Callable[[HttpRequest, Limits], Awaitable[Parsed]]
+PUBLIC_PATHS = ("/healthz",)  # reachable without a key
+
+
+def create_app(captioner: Captioner, engine: Engine, limits: Limits, model_name: str, keys: Sequence[str] = (),
+               metrics_public: bool = False) -> Starlette:
+    """The ASGI app over a started engine (stopped when the app shuts down); with `keys`, every route but
+    /healthz (and /metrics when `metrics_public`) needs one of them as a bearer key."""
     metrics = engine.metrics
 
+    def prompt_tokens(completion: Completion) -> int:
+        return len(captioner.text.prompt_ids(completion.request.prompt))
+
     async def caption(http: HttpRequest) -> Response:
-        return await answered(http, "/v1/caption", caption_body, lambda c, t: caption_json(c, t))
+        def render(completion: Completion, arrived: float) -> dict[str, Any]:
+            return caption_json(completion, arrived)
+
+        return await answered(http, "/v1/caption", caption_body, render,
+                              lambda parsed, arrived: CaptionEvents(lambda c: caption_json(c, arrived)))
 
     async def chat(http: HttpRequest) -> Response:
-        return await answered(http, "/v1/chat/completions", chat_body,
-                              lambda c, t: chat_json(c, model_name, len(captioner.text.prompt_ids(c.request.prompt))))
+        def render(completion: Completion, arrived: float) -> dict[str, Any]:
+            return chat_json(completion, model_name, prompt_tokens(completion))
 
-    async def answered(http: HttpRequest, route: str, parse: Callable[[HttpRequest, Limits], Awaitable[tuple]],
-                       render: Callable[[Completion, float], dict[str, Any]]) -> Response:
+        def events(parsed: Parsed, arrived: float) -> ChatEvents:
+            tokens = len(captioner.text.prompt_ids(parsed.settings["prompt"]))
+            return ChatEvents(model_name, tokens, parsed.include_usage)
+
+        return await answered(http, "/v1/chat/completions", chat_body, render, events)
+
+    async def answered(http: HttpRequest, route: str, parse: Parse, render: Callable[[Completion, float], dict],
+                       events: Callable[[Parsed, float], CaptionEvents | ChatEvents]) -> Response:
         arrived = time.perf_counter()
         outcome = "error"
         response: Response = _error(500, "internal error", "server_error")
         try:
             try:  # --timeout covers the whole request: a body that trickles in is cut off too
-                data, settings = await asyncio.wait_for(parse(http, limits), limits.timeout_s)
+                parsed = await asyncio.wait_for(parse(http, limits), limits.timeout_s)
             except asyncio.TimeoutError:
                 outcome, response = "timeout", _error(408, f"the request body did not arrive within "
                                                            f"{limits.timeout_s:g} s", "timeout")
                 return response
-            pixels = await run_in_threadpool(image_pixels, io.BytesIO(data), captioner.image_spec)
-            future = engine.submit(Request(pixels, **settings))
-            left = max(limits.timeout_s - (time.perf_counter() - arrived), 0.001)
-            completion = await asyncio.wait_for(asyncio.wrap_future(future), left)
+            pixels = await run_in_threadpool(image_pixels, io.BytesIO(parsed.image), captioner.image_spec)
+            if parsed.stream:
+                feed = TokenFeed(asyncio.get_running_loop())
+                future = engine.submit(Request(pixels, **parsed.settings, on_token=feed.put))
+                future.add_done_callback(feed.close)
+                outcome = "streaming"  # the stream records its own outcome
+                return StreamingResponse(streamed(route, future, feed, events(parsed, arrived), arrived),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            future = engine.submit(Request(pixels, **parsed.settings))
+            completion = await asyncio.wait_for(asyncio.wrap_future(future), _left(arrived, limits))
             outcome, response = "ok", JSONResponse(render(completion, arrived))
         except _ANSWERED as exc:
             outcome, response = _failure(exc, limits)
         finally:
-            metrics.record_request(route, outcome, time.perf_counter() - arrived)
+            if outcome != "streaming":
+                metrics.record_request(route, outcome, time.perf_counter() - arrived)
         return response
+
+    async def streamed(route: str, future: Future[Completion], feed: TokenFeed, events: CaptionEvents | ChatEvents,
+                       arrived: float) -> AsyncIterator[str]:
+        """The events of one streamed caption; a client that goes away cancels it (its slot frees at the next
+        step)."""
+        outcome, deltas = "disconnected", TextDeltas(captioner.text)
+        try:
+            for chunk in events.start():
+                yield chunk
+            while (token := await asyncio.wait_for(feed.get(), _left(arrived, limits))) is not TokenFeed.END:
+                if delta := deltas.add(token):
+                    yield events.delta(delta)
+            completion = future.result()  # done: its tokens are all in
+            if rest := deltas.finish(completion.text):
+                yield events.delta(rest)
+            for chunk in events.end(completion):
+                yield chunk
+            outcome = "ok"
+        except (asyncio.TimeoutError, RuntimeError) as exc:
+            outcome, failed = _failure(exc, limits)
+            yield event(json.loads(bytes(failed.body)))
+        finally:
+            future.cancel()
+            metrics.record_request(route, outcome, time.perf_counter() - arrived)
+        yield DONE
+
+    def model_card() -> dict[str, Any]:
+        m = captioner.manifest
+        return {"id": model_name, "object": "model", "created": int(manifest_time(captioner)), "owned_by": "palionnx",
+                "palionnx": {"level": m.quant.level, "device": captioner.device, "family": m.family,
+                             "built_for": m.device, "slots": engine.scheduler.slots}}
+
+    async def models(http: HttpRequest) -> Response:
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def model(http: HttpRequest) -> Response:
+        wanted = http.path_params["model_id"]
+        if wanted != model_name:
+            return _error(404, f"no model {wanted!r}: this server serves {model_name!r}", "invalid_request_error")
+        return JSONResponse(model_card())
 
     async def healthz(http: HttpRequest) -> Response:
         alive = engine.thread.is_alive() and not engine.stopping
@@ -101,7 +191,7 @@ def create_app(captioner: Captioner, engine: Engine, limits: Limits, model_name:
                             status_code=200 if alive else 503)
 
     async def metrics_text(http: HttpRequest) -> Response:
-        return PlainTextResponse(metrics.text(engine.queue_depth), media_type="text/plain; version=0.0.4")
+        return Response(metrics.text(), media_type=CONTENT_TYPE)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -109,8 +199,21 @@ def create_app(captioner: Captioner, engine: Engine, limits: Limits, model_name:
         await run_in_threadpool(engine.stop)  # after uvicorn has drained the requests in flight
 
     routes = [Route("/v1/caption", caption, methods=["POST"]), Route("/v1/chat/completions", chat, methods=["POST"]),
-              Route("/healthz", healthz), Route("/metrics", metrics_text)]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
+              Route("/v1/models", models), Route("/v1/models/{model_id}", model), Route("/healthz", healthz),
+              Route("/metrics", metrics_text)]
+    public = PUBLIC_PATHS + (("/metrics",) if metrics_public else ())
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error},
+                     middleware=[Middleware(KeyCheck, keys=keys, public=public)])
+
+
+def _left(arrived: float, limits: Limits) -> float:
+    """Seconds left of the request's --timeout."""
+    return max(limits.timeout_s - (time.perf_counter() - arrived), 0.001)
+
+
+def manifest_time(captioner: Captioner) -> float:
+    """When the served folder was exported (its manifest's modification time)."""
+    return (captioner.folder / MANIFEST_NAME).stat().st_mtime
 
 
 class _TooLarge(Exception):
@@ -143,7 +246,7 @@ async def _http_error(http: HttpRequest, exc: Exception) -> Response:
     """404, 405 and Starlette's other HTTP errors in the API's JSON error shape."""
     status = getattr(exc, "status_code", 500)
     detail = {404: f"no route {http.url.path}: the API has POST /v1/caption, POST /v1/chat/completions, "
-                   "GET /healthz and GET /metrics",
+                   "GET /v1/models, GET /healthz and GET /metrics",
               405: f"{http.method} is not allowed on {http.url.path}"}.get(status, str(getattr(exc, "detail", "")))
     return _error(status, detail, "invalid_request_error", getattr(exc, "headers", None))
 
@@ -162,9 +265,11 @@ async def _body(http: HttpRequest, limits: Limits) -> bytes:
     return b"".join(chunks)
 
 
-async def caption_body(http: HttpRequest, limits: Limits) -> tuple[bytes, dict[str, Any]]:
-    """/v1/caption: multipart (field `image` + settings as fields) or JSON (`image` as base64 or a data URI)."""
+async def caption_body(http: HttpRequest, limits: Limits) -> Parsed:
+    """/v1/caption: multipart (field `image` + settings as fields) or JSON (`image` as base64 or a data URI);
+    streamed with a true `stream` field or `Accept: text/event-stream`."""
     body = await _body(http, limits)
+    wants_events = "text/event-stream" in http.headers.get("accept", "")
     if http.headers.get("content-type", "").startswith("multipart/form-data"):
         from starlette.datastructures import UploadFile
         from starlette.formparsers import MultiPartParser
@@ -189,18 +294,19 @@ async def caption_body(http: HttpRequest, limits: Limits) -> tuple[bytes, dict[s
                 if key in fields:
                     raise BadRequest(f"the field {key!r} is given twice")
                 fields[key] = value
-        return await uploads[0].read(), settings(fields, limits)
+        return Parsed(await uploads[0].read(), settings(fields, limits), _flag(fields, "stream") or wants_events)
     payload = _json(body)
     if not isinstance(payload.get("image"), str):
         raise BadRequest("JSON body needs 'image': a base64 string or a data: URI")
-    return _base64_image(payload["image"]), settings(payload, limits)
+    return Parsed(_base64_image(payload["image"]), settings(payload, limits), _flag(payload, "stream") or wants_events)
 
 
-async def chat_body(http: HttpRequest, limits: Limits) -> tuple[bytes, dict[str, Any]]:
+async def chat_body(http: HttpRequest, limits: Limits) -> Parsed:
     """/v1/chat/completions: the last user message's text parts are the prompt, its image_url the image."""
     payload = _json(await _body(http, limits))
-    if payload.get("stream"):
-        raise BadRequest("stream=true is not supported: ask without streaming")
+    options = payload.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("stream_options must be an object")
     users = [m for m in payload.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
     if not users:
         raise BadRequest("messages needs a user message with an image_url part")
@@ -221,7 +327,18 @@ async def chat_body(http: HttpRequest, limits: Limits) -> tuple[bytes, dict[str,
     fields = {"prompt": " ".join(t for t in texts if t).strip() or DEFAULT_PROMPT,
               "max_new_tokens": payload.get("max_completion_tokens", payload.get("max_tokens")),
               **{k: payload.get(k) for k in ("temperature", "top_p", "top_k", "seed", "repetition_penalty")}}
-    return _base64_image(url), settings(fields, limits)
+    return Parsed(_base64_image(url), settings(fields, limits), _flag(payload, "stream"),
+                  _flag(options, "include_usage"))
+
+
+def _flag(fields: dict[str, Any], name: str) -> bool:
+    """A yes/no field: JSON true/false, or a form's true/false/1/0 (absent: false)."""
+    value = fields.get(name)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", ""):
+        return value.lower() in ("true", "1")
+    raise BadRequest(f"{name} must be true or false, not {value!r}")
 
 
 def settings(fields: dict[str, Any], limits: Limits) -> dict[str, Any]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
@@ -56,14 +58,30 @@ class Engine:
         future: Future[Completion] = Future()
         future.add_done_callback(self._note_cancelled)
         request.tag = Submitted(future)
+        request.on_token = self._timed(request.on_token)
         with self.lock:
             if self.stopping:
                 raise QueueFull("the server is shutting down")
             if len(self.inbox) + self.scheduler.queued >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
             self.inbox.append(request)
+            self.metrics.queue.set(self.queue_depth)
         self.wake.set()
         return future
+
+    def _timed(self, on_token: Callable[[int], None] | None) -> Callable[[int], None]:
+        """`on_token` (if any) with the time between this caption's tokens recorded (inter-token latency)."""
+        last: list[float] = []
+
+        def token(value: int) -> None:
+            now = time.perf_counter()
+            if last:
+                self.metrics.record_gap(now - last[0])
+            last[:] = [now]
+            if on_token is not None:
+                on_token(value)
+
+        return token
 
     @property
     def queue_depth(self) -> int:
@@ -105,3 +123,4 @@ class Engine:
                         completion.request.tag.future.set_result(completion)
             self.metrics.record_slots(scheduler.busy, scheduler.slots, scheduler.occupancy.steps,
                                       scheduler.occupancy.busy)
+            self.metrics.queue.set(self.queue_depth)

@@ -20,3 +20,23 @@ class ServeOptions:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # the longest caption a request may ask for, and the default
     max_body_mb: float = 20.0
     cuda_graph: bool = True
+    api_keys: tuple[str, ...] = ()  # bearer keys every route but /healthz needs (none: open to whoever reaches it)
+    metrics_public: bool = False  # /metrics without a key
+
+
+class ServeError(OSError):
+    """The server cannot start (the address is in use, say); the message names what."""
+
+
+class ServeExtraMissing(ImportError):
+    """Starlette, uvicorn or prometheus_client is not installed."""
+
+
+def require_serve_extra() -> None:
+    """ServeExtraMissing, naming the install command, unless the serve extra's packages import."""
+    try:
+        import prometheus_client  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise ServeExtraMissing("`palionnx serve` needs the serve extra: pip install 'palionnx[serve]'") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from ..runtime.defaults import DEFAULT_SERVE_CPU_SLOTS
 from .app import Limits, create_app
 from .engine import Engine
 from .metrics import Metrics
-from .options import ServeOptions
+from .options import ServeError, ServeOptions
 
 if TYPE_CHECKING:
     import uvicorn
@@ -23,22 +24,6 @@ MAX_PROMPT_TOKENS = 128  # text tokens a request's prompt may have (image tokens
 # that a request sent on a connection is not met by the server closing it (uvicorn's 5 s dropped a few).
 KEEP_ALIVE_S = 75
 SHUTDOWN_GRACE_S = 5  # after SIGTERM: requests in flight get --timeout (they end by then) and this long more
-
-
-class ServeExtraMissing(ImportError):
-    """Starlette or uvicorn is not installed."""
-
-
-class ServeError(OSError):
-    """The server cannot start (the address is in use, say); the message names what."""
-
-
-def require_serve_extra() -> None:
-    try:
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        raise ServeExtraMissing("`palionnx serve` needs the serve extra: pip install 'palionnx[serve]'") from None
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -59,12 +44,23 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` only listens on this machine (localhost, 127.x, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass
 class Service:
-    """A model ready to serve: `server` answers on `sock` once run (its engine, started, stops with it)."""
+    """A model ready to serve: `server` answers on `sock` once run (`engine`, started, stops with it)."""
 
     server: uvicorn.Server
     sock: socket.socket
+    engine: Engine
     banner: str  # "serving FOLDER (level, device, N slots) on http://HOST:PORT"
 
 
@@ -80,16 +76,19 @@ def prepare(folder: Path, options: ServeOptions) -> Service:
     engine = Engine(captioner, slots, max_len, options.max_queue, Metrics())
     engine.start()
     limits = Limits(options.max_new_tokens, options.timeout_s, int(options.max_body_mb * 2**20))
-    app = create_app(captioner, engine, limits, model_name=folder.name)
+    app = create_app(captioner, engine, limits, model_name=folder.name, keys=options.api_keys,
+                     metrics_public=options.metrics_public)
     config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S,
                             timeout_graceful_shutdown=int(options.timeout_s) + SHUTDOWN_GRACE_S)
     banner = (f"serving {folder} ({captioner.manifest.quant.level}, {captioner.device}, {slots} slots) on "
               f"http://{options.host}:{options.port}")
-    return Service(uvicorn.Server(config), sock, banner)
+    return Service(uvicorn.Server(config), sock, engine, banner)
 
 
 def serve(folder: Path, options: ServeOptions, say: Callable[[str], object] = print) -> None:
     """Load `folder` and serve it until stopped (SIGTERM or Ctrl-C finish the requests in flight first)."""
     service = prepare(folder, options)
     say(service.banner)
+    if not options.api_keys and not is_loopback(options.host):
+        say(f"warning: listening on {options.host} without --api-key: anyone who can reach the port can use it")
     service.server.run(sockets=[service.sock])
