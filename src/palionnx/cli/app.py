@@ -681,11 +681,18 @@ def serve(
     metrics_public: Annotated[bool, typer.Option(help=(
         "Serve /metrics without a key (for a scraper on a trusted network)."),
         rich_help_panel="Access")] = SERVE.metrics_public,
+    folder: Annotated[Path | None, typer.Option(metavar="DIR", rich_help_panel="Review page", help=(
+        "Serve the review page of this dataset at /: its images and caption files, edit and save, recaption."
+        ))] = SERVE.folder,
+    ext: Annotated[str, typer.Option(metavar="EXT", rich_help_panel="Review page", help=(
+        "The dataset's caption file extension, as caption --ext: .txt or .caption."))] = SERVE.ext,
+    output_dir: Annotated[Path | None, typer.Option(metavar="FOLDER", rich_help_panel="Review page", help=(
+        "The dataset's captions are here, mirroring DIR, as caption --output-dir."))] = SERVE.output_dir,
 ) -> None:
-    """Serve captions over HTTP: POST /v1/caption, POST /v1/chat/completions (OpenAI-compatible; both
-    stream with stream=true), GET /v1/models, GET /healthz, GET /metrics. Concurrent requests share decode
-    steps. SIGTERM or Ctrl-C finish the requests in flight, then exit. Needs the serve extra: pip install
-    'palionnx[serve]'.
+    """Serve captions over HTTP: a caption page at / (with --folder, a dataset's review page), POST
+    /v1/caption, POST /v1/chat/completions (OpenAI-compatible; both stream with stream=true), GET /v1/models,
+    GET /healthz, GET /metrics. Concurrent requests share decode steps. SIGTERM or Ctrl-C finish the requests
+    in flight, then exit. Needs the serve extra: pip install 'palionnx[serve]'.
 
     Example: palionnx serve models/pg-int4 --port 8000 --slots 8 --api-key "$(cat key.txt)"
     """
@@ -703,7 +710,8 @@ def serve(
             raise KeyFileError("--api-key cannot be empty")
         options = ServeOptions(host=host, port=port, slots=slots, device=device, max_queue=max_queue,
                                timeout_s=timeout, max_new_tokens=max_new_tokens, max_body_mb=max_body_mb,
-                               cuda_graph=cuda_graph, api_keys=tuple(keys), metrics_public=metrics_public)
+                               cuda_graph=cuda_graph, api_keys=tuple(keys), metrics_public=metrics_public,
+                               folder=folder, ext=ext, output_dir=output_dir)
         run_server(model_dir, options, say=_err)
     except (ServeExtraMissing, ServeError, ModelFolderError, DeviceError, KeyFileError) as exc:
         _usage(str(exc))

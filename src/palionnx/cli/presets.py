@@ -1,4 +1,5 @@
-"""`palionnx caption --preset NAME`: a named set of caption settings, applied as the options' defaults.
+"""`palionnx caption --preset NAME`: a named set of caption settings (`jobs/presets.py`), applied as the
+options' defaults.
 
 `origin` reproduces the project's origin script (`inference.py` of mnemic/paligemma-longprompt-v1): sampling at
 temperature 0.7, top-k 50, top-p 0.9, repetition penalty 1.15, no repeated 2-grams, 256 new tokens, caption
@@ -8,16 +9,9 @@ Options given on the command line still win over a preset's values.
 
 from __future__ import annotations
 
-from typing import Any
-
 import typer
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "origin": {
-        "temperature": 0.7, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.15, "no_repeat_ngram_size": 2,
-        "max_new_tokens": 256, "min_words": 20, "retries": 10, "clean": True,
-    },
-}
+from ..jobs.presets import PRESETS
 
 
 def apply_preset(ctx: typer.Context, name: str | None) -> str | None:

@@ -53,9 +53,12 @@ from ..runtime.preprocess import ImageLoadError, image_pixels
 from ..runtime.scheduler import Completion, Request
 from ..runtime.text import TextDeltas
 from .auth import KeyCheck
+from .dataset import Dataset, DatasetError
 from .engine import Engine, QueueFull, Rejected
 from .events import DONE, CaptionEvents, ChatEvents, TokenFeed, event
 from .metrics import CONTENT_TYPE
+from .pages import PUBLIC_PATHS as PAGE_PATHS
+from .pages import page_routes
 
 MAX_PARTS = 100  # fields and files a multipart body may have
 MAX_FIELD_BYTES = 2**20  # the largest multipart text field (the image itself is bounded by --max-body-mb)
@@ -89,9 +92,10 @@ PUBLIC_PATHS = ("/healthz",)  # reachable without a key
 
 
 def create_app(captioner: Captioner, engine: Engine, limits: Limits, model_name: str, keys: Sequence[str] = (),
-               metrics_public: bool = False) -> Starlette:
-    """The ASGI app over a started engine (stopped when the app shuts down); with `keys`, every route but
-    /healthz (and /metrics when `metrics_public`) needs one of them as a bearer key."""
+               metrics_public: bool = False, dataset: Dataset | None = None) -> Starlette:
+    """The ASGI app over a started engine (stopped when the app shuts down), with the caption page at / (or,
+    given a `dataset`, its review page); with `keys`, every route but /healthz, the pages' files (and /metrics
+    when `metrics_public`) needs one of them as a bearer key."""
     metrics = engine.metrics
 
     def prompt_tokens(completion: Completion) -> int:
@@ -201,8 +205,11 @@ def create_app(captioner: Captioner, engine: Engine, limits: Limits, model_name:
     routes = [Route("/v1/caption", caption, methods=["POST"]), Route("/v1/chat/completions", chat, methods=["POST"]),
               Route("/v1/models", models), Route("/v1/models/{model_id}", model), Route("/healthz", healthz),
               Route("/metrics", metrics_text)]
-    public = PUBLIC_PATHS + (("/metrics",) if metrics_public else ())
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error},
+    routes += page_routes(captioner, engine, model_name, limits.max_new_tokens, dataset,
+                          lambda fields: settings(fields, limits))
+    public = PUBLIC_PATHS + PAGE_PATHS + (("/metrics",) if metrics_public else ())
+    handlers = {HTTPException: _http_error, DatasetError: _dataset_error, BadRequest: _bad_request}
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,  # type: ignore[arg-type]
                      middleware=[Middleware(KeyCheck, keys=keys, public=public)])
 
 
@@ -242,11 +249,19 @@ def _failure(exc: BaseException, limits: Limits) -> tuple[str, Response]:
     return "error", _error(500, str(exc), "server_error")  # the model failed on the step this caption was in
 
 
+async def _dataset_error(http: HttpRequest, exc: DatasetError) -> Response:
+    return _error(exc.status, str(exc), "invalid_request_error")
+
+
+async def _bad_request(http: HttpRequest, exc: BadRequest) -> Response:
+    return _error(400, str(exc), "invalid_request_error")
+
+
 async def _http_error(http: HttpRequest, exc: Exception) -> Response:
     """404, 405 and Starlette's other HTTP errors in the API's JSON error shape."""
     status = getattr(exc, "status_code", 500)
     detail = {404: f"no route {http.url.path}: the API has POST /v1/caption, POST /v1/chat/completions, "
-                   "GET /v1/models, GET /healthz and GET /metrics",
+                   "GET /v1/models, GET /healthz, GET /metrics and the page at /",
               405: f"{http.method} is not allowed on {http.url.path}"}.get(status, str(getattr(exc, "detail", "")))
     return _error(status, detail, "invalid_request_error", getattr(exc, "headers", None))
 

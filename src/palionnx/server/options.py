@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..runtime.defaults import DEFAULT_MAX_NEW_TOKENS
 
@@ -22,6 +23,9 @@ class ServeOptions:
     cuda_graph: bool = True
     api_keys: tuple[str, ...] = ()  # bearer keys every route but /healthz needs (none: open to whoever reaches it)
     metrics_public: bool = False  # /metrics without a key
+    folder: Path | None = None  # serve the review page of this dataset at /
+    ext: str = ".txt"  # the dataset's caption files, named as `palionnx caption` names them
+    output_dir: Path | None = None
 
 
 class ServeError(OSError):

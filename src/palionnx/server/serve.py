@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from ..runtime.captioner import Captioner
 from ..runtime.defaults import DEFAULT_SERVE_CPU_SLOTS
 from .app import Limits, create_app
+from .dataset import Dataset
 from .engine import Engine
 from .metrics import Metrics
 from .options import ServeError, ServeOptions
@@ -70,6 +71,7 @@ def prepare(folder: Path, options: ServeOptions) -> Service:
     import uvicorn
 
     sock = listen(options.host, options.port)
+    dataset = Dataset(options.folder, options.ext, options.output_dir) if options.folder else None
     captioner = Captioner.load(folder, device=options.device, cuda_graph=options.cuda_graph)
     slots = options.slots or (DEFAULT_SERVE_CPU_SLOTS if captioner.device == "cpu" else captioner.default_batch_size)
     max_len = len(captioner.text.prompt_ids("")) + MAX_PROMPT_TOKENS + options.max_new_tokens
@@ -77,11 +79,11 @@ def prepare(folder: Path, options: ServeOptions) -> Service:
     engine.start()
     limits = Limits(options.max_new_tokens, options.timeout_s, int(options.max_body_mb * 2**20))
     app = create_app(captioner, engine, limits, model_name=folder.name, keys=options.api_keys,
-                     metrics_public=options.metrics_public)
+                     metrics_public=options.metrics_public, dataset=dataset)
     config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S,
                             timeout_graceful_shutdown=int(options.timeout_s) + SHUTDOWN_GRACE_S)
     banner = (f"serving {folder} ({captioner.manifest.quant.level}, {captioner.device}, {slots} slots) on "
-              f"http://{options.host}:{options.port}")
+              f"http://{options.host}:{options.port}" + (f", reviewing {dataset.root}" if dataset else ""))
     return Service(uvicorn.Server(config), sock, engine, banner)
 
 
