@@ -1,10 +1,14 @@
 """Load on `palionnx serve`: throughput and latency at 1, 8 and 32 concurrent clients.
 
     python benchmarks/serve_load.py MODEL_DIR [--clients 1 8 32] [--requests 64] [--tokens 32] [--slots N]
+                                    [--stream] [--name NAME]
 
 Starts the server in a subprocess on a loopback port, then for each client count sends `--requests`
 caption requests (each client one at a time, all clients at once) and reports requests/s, p50/p99 latency
-and the server's slot occupancy. Writes benchmarks/results/serve-load-MODEL.{json,md}.
+and the server's slot occupancy. With `--stream` the clients stream (`stream=true`) and the table adds the
+inter-token latency they see: the gaps between consecutive text events of one caption (its first event,
+which waits for the prefill, left out), p50 and p99 over all of a row's captions. Writes
+benchmarks/results/serve-load-NAME.{json,md} (NAME: the model folder's name unless given).
 """
 
 from __future__ import annotations
@@ -53,16 +57,22 @@ def slot_counters(url: str) -> dict[str, float]:
     return {name.strip(): float(line.split()[1]) for line in lines for name in wanted if line.startswith(name)}
 
 
-def load(url: str, clients: int, requests: int, tokens: int, pngs: list[bytes]) -> dict:
+def load(url: str, clients: int, requests: int, tokens: int, pngs: list[bytes], stream: bool = False) -> dict:
+    gaps: list[float] = []
+
     def one(i: int) -> float:
         started = time.perf_counter()
-        answer = httpx.post(url + "/v1/caption", files={"image": ("x.png", pngs[i % len(pngs)], "image/png")},
-                            data={"max_new_tokens": str(tokens)}, timeout=600)
-        answer.raise_for_status()
+        files = {"image": ("x.png", pngs[i % len(pngs)], "image/png")}
+        data = {"max_new_tokens": str(tokens), **({"stream": "true"} if stream else {})}
+        with httpx.stream("POST", url + "/v1/caption", files=files, data=data, timeout=600) as answer:
+            answer.raise_for_status()
+            arrivals = [time.perf_counter() for line in answer.iter_lines() if line.startswith('data: {"delta"')]
+        gaps.extend(np.diff(arrivals).tolist())
         return time.perf_counter() - started
 
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(one, range(clients)))  # warm-up round, excluded
+        gaps.clear()
         before = slot_counters(url)
         started = time.perf_counter()
         latencies = list(pool.map(one, range(requests)))
@@ -72,7 +82,23 @@ def load(url: str, clients: int, requests: int, tokens: int, pngs: list[bytes]) 
     busy = after["palionnx_busy_slot_steps_total"] - before["palionnx_busy_slot_steps_total"]
     return {"clients": clients, "requests": requests, "requests_per_s": requests / wall,
             "p50_s": float(np.percentile(latencies, 50)), "p99_s": float(np.percentile(latencies, 99)),
-            "occupancy": busy / (steps * after["palionnx_slots"]) if steps else 0.0}
+            "occupancy": busy / (steps * after["palionnx_slots"]) if steps else 0.0,
+            **({"token_gap_p50_ms": 1000 * float(np.percentile(gaps, 50)),
+                "token_gap_p99_ms": 1000 * float(np.percentile(gaps, 99))} if gaps else {})}
+
+
+def markdown(args: argparse.Namespace, rows: list[dict], machine: str) -> list[str]:
+    """The results as a markdown table (with the inter-token columns when the clients streamed)."""
+    streamed = args.stream
+    lines = [f"`palionnx serve {args.model.name}`, {args.tokens} new tokens per request, {args.requests} requests "
+             f"per row, slots {args.slots or 'default'}{', streaming' if streamed else ''}. Machine: {machine}.", "",
+             "| clients | requests/s | p50 s | p99 s | slot occupancy |" + (" token gap p50 ms | p99 ms |" * streamed),
+             "| ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" * streamed)]
+    for r in rows:
+        gaps = f" {r['token_gap_p50_ms']:.0f} | {r['token_gap_p99_ms']:.0f} |" if "token_gap_p50_ms" in r else ""
+        lines.append(f"| {r['clients']} | {r['requests_per_s']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
+                     f"{r['occupancy']:.0%} |" + gaps)
+    return lines
 
 
 def main() -> None:
@@ -82,6 +108,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--slots", type=int)
+    parser.add_argument("--stream", action="store_true", help="streaming clients; adds inter-token latency")
+    parser.add_argument("--name", help="the results' name (default: the model folder's)")
     args = parser.parse_args()
     pngs = []
     for image in sample_images(8, size=224):
@@ -92,19 +120,15 @@ def main() -> None:
     try:
         rows = []
         for clients in args.clients:
-            rows.append(load(url, clients, args.requests, args.tokens, pngs))
+            rows.append(load(url, clients, args.requests, args.tokens, pngs, args.stream))
             print(rows[-1], flush=True)
     finally:
         process.terminate()
         process.wait(60)
     machine = f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores"
-    table = [f"`palionnx serve {args.model.name}`, {args.tokens} new tokens per request, {args.requests} requests "
-             f"per row, slots {args.slots or 'default'}. Machine: {machine}.", "",
-             "| clients | requests/s | p50 s | p99 s | slot occupancy |", "| ---: | ---: | ---: | ---: | ---: |"]
-    table += [f"| {r['clients']} | {r['requests_per_s']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
-              f"{r['occupancy']:.0%} |" for r in rows]
+    table = markdown(args, rows, machine)
     RESULTS.mkdir(exist_ok=True)
-    stem = f"serve-load-{args.model.name}"
+    stem = f"serve-load-{args.name or args.model.name}"
     (RESULTS / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str) + "\n")
     (RESULTS / f"{stem}.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))

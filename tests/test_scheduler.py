@@ -177,3 +177,32 @@ def test_a_failed_capture_falls_back_inside_the_state(numpy_folder, monkeypatch)
     state.step(np.array([5, 6]))
     assert not state.captured and first.captured and model.cuda_graph and failing.failures >= 2
     assert opened == [("decoder", False)]  # one uncaptured decoder, opened once and shared
+
+
+@pytest.mark.parametrize("family", ["tiny-pg1", "tiny-pg2"])
+def test_overlapped_admission_gives_each_image_its_caption_alone(family, numpy_folder):
+    """Newcomers prefilled on a thread beside the decode steps, their cache rows copied in: the same greedy
+    tokens as captioning each image alone, with processors and captions ending at different lengths."""
+    captioner = Captioner.load(numpy_folder(family), device="cpu")
+    images, requests = _requests(captioner, 7, [30, 5, 18, 2, 24], processors=True)
+    free = [_alone(captioner, image, r) for image, r in zip(images, requests)]
+    captioner.manifest.eos_token_ids = [free[0][3], free[2][11]]
+    expected = [_alone(captioner, image, r) for image, r in zip(images, requests)]
+    scheduler = Scheduler(captioner.model, captioner.text, slots=3, max_len=96, overlap=True)
+    got = {c.request.tag: c.tokens for c in scheduler.run(iter(requests))}
+    assert [got[i] for i in range(len(requests))] == expected
+    assert scheduler.busy == 0 and scheduler.queued == 0 and scheduler.prefiller.idle
+
+
+def test_a_request_dropped_while_prefilled_beside_the_steps_never_runs(numpy_folder):
+    captioner = Captioner.load(numpy_folder("tiny-pg1"), device="cpu")
+    images, requests = _requests(captioner, 2, [40])
+    scheduler = Scheduler(captioner.model, captioner.text, slots=2, max_len=96, overlap=True)
+    for request in requests:
+        scheduler.submit(request)
+    scheduler.step()  # the first one goes to the prefiller
+    assert scheduler.queued == 2 and scheduler.drop(lambda r: r.tag == 0) == 1
+    completions = []
+    while scheduler.busy or scheduler.queued:
+        completions += scheduler.step()
+    assert [c.request.tag for c in completions] == [1]

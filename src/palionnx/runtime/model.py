@@ -201,8 +201,12 @@ class DecoderState:
         def on_device(array: np.ndarray) -> ort.OrtValue:
             return ort.OrtValue.ortvalue_from_numpy(array, device, 0)
 
-        # Zero-filled once; GroupQueryAttention only reads the slots a row has filled.
-        self.cache = [on_device(np.zeros(shape, dtype=model.kv_storage)) for _ in model.io.caches]
+        # Zero-filled once; GroupQueryAttention only reads the slots a row has filled. On the CPU the OrtValues are
+        # views of these arrays (`host`), through which `copy_row` moves a row between states.
+        self.host = [np.zeros(shape, dtype=model.kv_storage) for _ in model.io.caches]
+        self.cache = [on_device(array) for array in self.host]
+        if device != "cpu":
+            self.host = []  # on the device: copied there, not shared
         self.token_ids = on_device(np.zeros((batch, 1), dtype=np.int64))
         self.no_features = on_device(np.zeros((1, 1, m.hidden), dtype=np.float32))  # decode steps add no image
         self.seqlens = on_device(np.zeros(batch, dtype=np.int32))
@@ -220,6 +224,16 @@ class DecoderState:
     def reset(self) -> None:
         """Empty every row, to run a new batch on the same buffers."""
         self.lengths[:] = 0
+
+    def copy_row(self, source: DecoderState, row: int, into: int) -> None:
+        """Put row `row` of `source`'s cache (its filled slots) into row `into` of this one: a prompt prefilled
+        elsewhere joins this state's decode steps. Host caches only (CPU states)."""
+        if not self.host or not source.host:
+            raise ValueError("copy_row needs CPU states (their caches in host memory)")
+        filled = int(source.lengths[row])
+        for mine, theirs in zip(self.host, source.host):
+            mine[into, :, :filled] = theirs[row, :, :filled]
+        self.lengths[into] = filled
 
     def prefill(self, prompt: PromptBatch) -> StepOutput:
         """Run each row's whole prompt (right-padded [b, s]) into its empty cache slots 0 .. len - 1."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .admission import Prefiller
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from .generate import LogitsProcessor, Sampler, greedy, next_tokens
 from .limits import RequestError, check_request
@@ -80,11 +81,20 @@ _END: Any = object()  # the end of a source (None means "nothing ready yet")
 
 class Scheduler:
     """Captions a stream of requests over `slots` KV-cache rows of `max_len` tokens each, with `model`'s
-    graphs and `text`'s tokenizer."""
+    graphs and `text`'s tokenizer.
 
-    def __init__(self, model: OnnxPaliGemma, text: TextCodec, slots: int, max_len: int):
+    With `overlap` (CPU models), newcomers are prefilled one at a time on a thread beside the decode steps
+    (`admission.Prefiller`) and join between two steps, instead of all decoding slots waiting for their vision
+    encoding and prefill: steadier tokens for the captions in flight (the server streams them), where the
+    default admits newcomers in batches, for throughput (`palionnx caption`)."""
+
+    def __init__(self, model: OnnxPaliGemma, text: TextCodec, slots: int, max_len: int, overlap: bool = False):
         self.model, self.text, self.slots, self.max_len = model, text, slots, max_len
         self.state: DecoderState = model.new_state(slots, max_len)
+        if overlap and model.device != "cpu":
+            raise ValueError("overlapped admission needs a CPU model (caches in host memory)")
+        self.prefiller = Prefiller(model, text, max_len) if overlap else None
+        self._unwanted: Request | None = None  # dropped while the prefiller had it: not admitted
         self.rows: list[_Slot | None] = [None] * slots
         self.waiting: deque[Request] = deque()
         self.occupancy = Occupancy()
@@ -99,8 +109,8 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        """Requests waiting for a slot."""
-        return len(self.waiting)
+        """Requests waiting for a slot (the one being prefilled beside the steps among them)."""
+        return len(self.waiting) + int(self.prefiller is not None and not self.prefiller.idle)
 
     def check(self, request: Request) -> None:
         """RequestError (a ValueError) if the request cannot be captioned here: its prompt (special-token
@@ -129,6 +139,9 @@ class Scheduler:
             if slot is not None and unwanted(slot.request):
                 self.rows[row] = None
                 dropped += 1
+        if self.prefiller is not None and self.prefiller.request is not None and unwanted(self.prefiller.request):
+            self._unwanted = self.prefiller.request
+            dropped += 1
         return dropped
 
     def run(self, requests: Iterable[Request | None]) -> Iterator[Completion]:
@@ -160,9 +173,11 @@ class Scheduler:
         model fails (an onnxruntime error, out of memory), the captions in flight end with that error and
         the scheduler goes on with the next ones."""
         try:
-            done = self._admit()
+            done = self._admit() if self.prefiller is None else self._admit_one(self.prefiller)
             active = np.array([slot is not None for slot in self.rows])
             if not active.any():
+                if self.prefiller is not None and not self.prefiller.idle:
+                    self.prefiller.wait(IDLE_S)  # nothing decodes: wait for the prefill rather than spin
                 return done
             output = self.state.step(self._tokens, active)
         except Exception as exc:  # noqa: BLE001 - reported per caption; the others go on
@@ -208,14 +223,36 @@ class Scheduler:
         assert output is not None
         return self._advance(output, np.array(rows))
 
-    def _advance(self, output: StepOutput, rows: np.ndarray) -> list[Completion]:
-        """Pick each row's next token (with its own sampler and processors), retire the rows that finished."""
+    def _admit_one(self, prefiller: Prefiller) -> list[Completion]:
+        """Overlapped admission: a newcomer whose prefill has ended takes a free slot (its cache row copied in,
+        its first token chosen), and the next waiting request starts its prefill."""
+        done: list[Completion] = []
+        free = [row for row, slot in enumerate(self.rows) if slot is None]
+        staged = prefiller.take() if free else None
+        if staged is not None and staged.request is self._unwanted:
+            self._unwanted = None
+        elif staged is not None and staged.error is not None:
+            done.append(Completion(staged.request, [], "", 0.0, 0.0, 0.0, 0, staged.error))
+        elif staged is not None:
+            assert staged.output is not None and staged.history is not None
+            row = free[0]
+            self.state.copy_row(prefiller.state, 0, row)
+            self.rows[row] = _Slot(staged.request, staged.history, time.perf_counter(), staged.vision_s,
+                                   staged.prefill_s)
+            done += self._advance(staged.output, np.array([row]), output_rows=np.array([0]))
+        if prefiller.idle and self.waiting:
+            prefiller.start(self.waiting.popleft())
+        return done
+
+    def _advance(self, output: StepOutput, rows: np.ndarray, output_rows: np.ndarray | None = None) -> list[Completion]:
+        """Pick each row's next token (with its own sampler and processors) from the outputs' row of the same
+        index (or `output_rows`'), and retire the rows that finished."""
         done = []
-        for row in rows.tolist():
+        for row, out in zip(rows.tolist(), (rows if output_rows is None else output_rows).tolist()):
             slot = self.rows[row]
             assert slot is not None
             request = slot.request
-            token = int(next_tokens(output.rows(slice(row, row + 1)), slot.history[None], request.sampler,
+            token = int(next_tokens(output.rows(slice(out, out + 1)), slot.history[None], request.sampler,
                                     request.logits_processors)[0])
             finished = token in self.eos and not request.ignore_eos
             if not finished:

@@ -37,7 +37,8 @@ class Engine:
 
     def __init__(self, captioner: Captioner, slots: int, max_len: int, max_queue: int, metrics: Metrics):
         self.captioner, self.max_queue, self.metrics = captioner, max_queue, metrics
-        self.scheduler = Scheduler(captioner.model, captioner.text, slots, max_len)
+        # on the CPU newcomers are prefilled beside the decode steps, so that streams flow while others join
+        self.scheduler = Scheduler(captioner.model, captioner.text, slots, max_len, overlap=captioner.device == "cpu")
         self.inbox: deque[Request] = deque()
         self.lock = threading.Lock()
         self.wake = threading.Event()
