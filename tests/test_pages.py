@@ -112,6 +112,11 @@ def test_the_review_page_shows_edits_saves_and_recaptions(browser, numpy_folder,
         b_card = browser.find_element(By.CSS_SELECTOR, "li.item[data-path='b.png'] textarea")
         _wait(lambda: b_card.get_attribute("value") == (root / "b.txt").read_text() != "")
 
+        card.find_element(By.CLASS_NAME, "select").click()  # tick a.png only
+        browser.find_element(By.ID, "recaption-selected").click()
+        _wait(lambda: (root / "a.txt").read_text() != "a caption edited in the browser")
+        _wait(lambda: editor.get_attribute("value") == (root / "a.txt").read_text())
+
 
 def test_only_the_folders_images_and_captions_are_reachable(numpy_folder, tmp_path):
     root = _dataset(tmp_path / "data")
@@ -165,3 +170,26 @@ def test_a_read_only_folder_browses_and_refuses_saving_in_one_message(numpy_fold
     finally:
         for folder in (root, root / "sub"):
             folder.chmod(0o755)
+
+
+@pytest.mark.integration  # a browser process
+def test_a_folder_that_refuses_writes_browses_with_saving_off(browser, numpy_folder, tmp_path, monkeypatch):
+    """As a read-only folder looks (here to every user, root too: the write check is made to say no)."""
+    from selenium.webdriver.common.by import By
+
+    from palionnx.server import dataset
+
+    root = _dataset(tmp_path / "data")
+    monkeypatch.setattr(dataset.os, "access", lambda path, mode: False)
+    with served(numpy_folder("tiny-pg1"), slots=1, folder=root) as server:
+        answer = server.client.put("/v1/dataset/caption", params={"path": "b.png"}, json={"caption": "x"})
+        assert answer.status_code == 403 and answer.json()["error"]["message"] == (
+            f"{root} is read-only: captions cannot be saved")
+        assert server.client.post("/v1/dataset/recaption", json={"paths": ["b.png"]}).status_code == 403
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        notice = _wait(lambda: browser.find_element(By.ID, "readonly").is_displayed() and
+                       browser.find_element(By.ID, "readonly"))
+        assert notice.text == f"{root} is read-only: browsing only, saving is off"
+        assert len(browser.find_elements(By.CSS_SELECTOR, "li.item")) == 3
+        assert all(not b.is_enabled() for b in browser.find_elements(By.CLASS_NAME, "save"))
+        assert not (root / "b.txt").exists()
