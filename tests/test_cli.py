@@ -13,7 +13,8 @@ import pytest
 from helpers import BAD, GOOD, captions, make_dataset, palionnx  # noqa: F401
 
 from palionnx.jobs.claims import CLAIM_SUFFIX
-from palionnx.jobs.files import TEMP_SUFFIX, clean_caption
+from palionnx.jobs.cleanup import clean_caption
+from palionnx.jobs.files import TEMP_SUFFIX
 from palionnx.samples import sample_images
 
 

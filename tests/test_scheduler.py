@@ -97,7 +97,7 @@ def test_short_captions_are_captioned_again_and_the_longest_kept(numpy_folder):
             return super().better(best, latest)
 
     stream = CaptionStream(captioner, [(i, image) for i, image in enumerate(images)], slots=2, max_new_tokens=12,
-                           sampler=make_sampler(0.9, seed=0), retry=Counting(min_words=1000, retries=3, words=words))
+                           sampler=make_sampler(0.9, seed=0), retry=Counting(min_words=1000, retries=3))
     results = dict(stream)
     assert sorted(results) == list(range(5))
     for result in results.values():

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from helpers import palionnx
 
-from palionnx.jobs.files import clean_caption
 from palionnx.testmodels.scenes import TAGS_PROMPT, make_scenes, render
 from palionnx.testmodels.trained import RECIPES
 
@@ -120,22 +119,27 @@ def test_min_words_retries_and_the_origin_preset(tmp_path, shapes_exported):
     def attempts(*args) -> list[int]:
         return [record["attempts"] for record in records(*args)]
 
-    # 8 tokens make at most 8 words: never the preset's 20, so each image is captioned 1 + 10 times; options
-    # given explicitly win over the preset's (--max-new-tokens here, --retries below).
+    # 8 tokens make at most 8 words: never the preset's 20, so each image is captioned 10 times, as the origin
+    # script does (1 + 9 retries); options given explicitly win over the preset's (--max-new-tokens here,
+    # --retries below).
     short = records("--prompt", TAGS_PROMPT, "--preset", "origin", "--max-new-tokens", 8, "--seed", 0)
-    assert [r["attempts"] for r in short] == [11, 11, 11] and all(r["tokens"] <= 8 for r in short)
+    assert [r["attempts"] for r in short] == [10, 10, 10] and all(r["tokens"] <= 8 for r in short)
     assert attempts("--prompt", TAGS_PROMPT, "--preset", "origin", "--max-new-tokens", 8, "--retries", 2,
                     "--seed", 0) == [3, 3, 3]
     assert attempts("--min-words", 1, "--retries", 4, "--temperature", 0.7, "--seed", 0) == [1, 1, 1]
     assert attempts() == [1, 1, 1]
+    # retry words, read in the caption: every scene's caption names its background, none a zebra
+    assert attempts("--retry-words", "zebra,background", "--retries", 2, "--temperature", 0.7, "--seed", 0) == [3] * 3
+    assert attempts("--retry-words", "zebra", "--retries", 2, "--temperature", 0.7, "--seed", 0) == [1, 1, 1]
 
-    # The full preset: a caption is kept at once when it has 20 words (after --clean), else captioned again
-    # until it does or 10 more have been made.
+    # The full preset: a caption is kept at once when its pruned text has 20 words, else captioned again until
+    # it does or 10 have been made; the last one is written, in the origin's clean-up.
     for record in records("--preset", "origin", "--seed", 1):
         words = len(record["caption"].split())
-        assert record["caption"] == clean_caption(record["caption"])
-        assert 1 <= record["attempts"] <= 11
-        assert words >= 20 or record["attempts"] == 11, record
+        assert record["caption"].isascii() and "_" not in record["caption"]
+        assert not record["caption"].endswith((".", ",")), record  # pruned
+        assert 1 <= record["attempts"] <= 10
+        assert words >= 20 or record["attempts"] == 10, record
 
 
 def test_min_words_and_preset_usage_errors(tmp_path, shapes_exported):

@@ -308,6 +308,9 @@ def test_decompression_bomb_sized_image_is_one_line_in_our_words(tmp_path, model
     (["--prompt", "word " * 500, "--max-memory", "0.01"], ["needs about", "--max-memory"]),
     (["--ext", ".md"], ["--ext"]),
     (["--batch-size", "0"], ["--batch-size"]),
+    (["--clean", "--clean-style", "fancy"], ["--clean-style must be basic or origin, got 'fancy'"]),
+    (["--keep", "first"], ["--keep must be longest or last"]),
+    (["--retry-words", "no_parallel", "--retries", "3"], ["need sampling"]),
 ])
 def test_bad_options_are_one_line_and_exit_2(tmp_path, model, args, words):
     data = images(tmp_path / "data", 1)

@@ -26,6 +26,7 @@ except ImportError as exc:
     raise ImportError(NO_ONNXRUNTIME + ("" if missing else f" (importing it failed: {first_line})"),
                       name="onnxruntime") from None
 
+from .jobs.cleanup import clean_caption  # noqa: E402
 from .runtime.captioner import Captioner, CaptionResult  # noqa: E402
 
-__all__ = ["NO_ONNXRUNTIME", "Captioner", "CaptionResult", "__version__"]
+__all__ = ["NO_ONNXRUNTIME", "Captioner", "CaptionResult", "__version__", "clean_caption"]

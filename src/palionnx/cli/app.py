@@ -98,7 +98,10 @@ PrefixOpt = Annotated[str, typer.Option(metavar="TEXT", rich_help_panel=IO_PANEL
                                         help='Text put before every caption, e.g. "sks, ".')]
 SuffixOpt = Annotated[str, typer.Option(metavar="TEXT", rich_help_panel=IO_PANEL, help="Text put after every caption.")]
 CleanOpt = Annotated[bool, typer.Option("--clean/--no-clean", rich_help_panel=IO_PANEL, help=(
-    "Post-process raw captions: drop bracketed text, cut back to the last '.' or ',', collapse whitespace."))]
+    "Post-process raw captions in --clean-style."))]
+CleanStyleOpt = Annotated[str, typer.Option(metavar="STYLE", rich_help_panel=IO_PANEL, help=(
+    "basic: drop bracketed text, cut back to the last '.' or ',', collapse whitespace; origin: exactly the "
+    "origin script's clean-up (palionnx.clean_caption)."))]
 RecursiveOpt = Annotated[bool, typer.Option("--recursive/--no-recursive", rich_help_panel=IO_PANEL,
                                             help="Search folders recursively.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=IO_PANEL,
@@ -130,14 +133,19 @@ NgramOpt = Annotated[int, typer.Option(min=0, metavar="N", rich_help_panel=GENER
                                        help="Never repeat an n-gram of this size (0 = off).")]
 MinWordsOpt = Annotated[int, typer.Option(min=0, metavar="N", rich_help_panel=GENERATION_PANEL, help=(
     "With --retries and sampling: caption an image again while its caption has fewer words (counted after "
-    "--clean); the longest caption is kept."))]
+    "--clean; with --clean-style origin in the pruned raw caption, as the origin script counts)."))]
+RetryWordsOpt = Annotated[str, typer.Option(metavar="WORD,...", rich_help_panel=GENERATION_PANEL, help=(
+    "With --retries and sampling: caption an image again while its caption holds one of these (read as "
+    "--min-words reads it)."))]
+KeepOpt = Annotated[str, typer.Option(metavar="WHICH", rich_help_panel=GENERATION_PANEL, help=(
+    "Of an image's attempts keep the longest (most words) or the last (as the origin script)."))]
 RetriesOpt = Annotated[int, typer.Option(min=0, metavar="N", rich_help_panel=GENERATION_PANEL, help=(
     "With --min-words: at most this many more captions per image (--jsonl records the attempts)."))]
 PresetOpt = Annotated[str | None, typer.Option(
     metavar="NAME", is_eager=True, callback=apply_preset, rich_help_panel=GENERATION_PANEL, show_default=False,
     help=("origin: the origin script's settings (--temperature 0.7 --top-k 50 --top-p 0.9 --repetition-penalty "
-          "1.15 --no-repeat-ngram-size 2 --max-new-tokens 256 --min-words 20 --retries 10 --clean); options "
-          "given explicitly win."))]
+          "1.15 --no-repeat-ngram-size 2 --max-new-tokens 256 --min-words 20 --retry-words no_parallel --retries 9 "
+          "--keep last --clean --clean-style origin); options given explicitly win."))]
 BatchOpt = Annotated[int | None, typer.Option(min=1, metavar="N", rich_help_panel=PERFORMANCE_PANEL, help=(
     f"Captions decoded together (default {DEFAULT_CUDA_BATCH_SIZE} on CUDA, {DEFAULT_BATCH_SIZE} on the CPU); each "
     "slot takes the next image as soon as its caption ends."), show_default=False)]
@@ -171,6 +179,8 @@ def caption(
     workers: WorkersOpt = RAY.workers, gpus_per_worker: GpusOpt = RAY.gpus_per_worker,
     cpus_per_worker: CpusOpt = RAY.cpus_per_worker, cuda_graph: CudaGraphOpt = CAPTION.cuda_graph,
     min_words: MinWordsOpt = CAPTION.min_words, retries: RetriesOpt = CAPTION.retries, preset: PresetOpt = None,
+    clean_style: CleanStyleOpt = CAPTION.clean_style, retry_words: RetryWordsOpt = "",
+    keep: KeepOpt = CAPTION.keep,
 ) -> None:
     """Caption images, writing a caption file beside each one (images that have one are skipped).
 
@@ -193,7 +203,8 @@ def caption(
         suffix=suffix, clean=clean, recursive=recursive, prompt=prompt, max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, min_words=min_words, retries=retries, batch_size=batch_size,
-        max_memory_gb=max_memory, cuda_graph=cuda_graph)
+        max_memory_gb=max_memory, cuda_graph=cuda_graph, clean_style=clean_style, keep=keep,
+        retry_words=tuple(word.strip() for word in retry_words.split(",") if word.strip()))
     ray_options = RayOptions(ray, workers, gpus_per_worker, cpus_per_worker) if ray else None
     plan = _plan_caption(inputs, options, device, quiet)
     folder, captioner = _open_model(model, quant, device, ray, quiet, cuda_graph)

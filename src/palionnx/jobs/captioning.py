@@ -17,7 +17,8 @@ from ..runtime.preprocess import ImageInput
 from ..runtime.stream import CaptionStream, Retry
 from .checks import memory_limit
 from .claims import Claims
-from .files import ImageJob, clean_caption, write_atomic
+from .cleanup import clean_caption, retry_text
+from .files import ImageJob, write_atomic
 from .options import CaptionOptions
 from .plan import Plan, recording
 from .records import Record, Recorder, Summary
@@ -54,7 +55,7 @@ def fit_batch(captioner: Captioner, options: CaptionOptions, images: int,
 
 def caption_body(text: str, options: CaptionOptions) -> str:
     """A raw caption as the caption file holds it, before the prefix and suffix (--clean applied)."""
-    return clean_caption(text) if options.clean else text
+    return clean_caption(text, options.clean_style) if options.clean else text
 
 
 def caption_text(result: CaptionResult, options: CaptionOptions) -> str:
@@ -63,11 +64,14 @@ def caption_text(result: CaptionResult, options: CaptionOptions) -> str:
 
 
 def retry_policy(options: CaptionOptions) -> Retry | None:
-    """--min-words / --retries as a `Retry`: words are counted in the caption as written (--clean applied,
-    without the prefix and suffix)."""
-    if not (options.min_words and options.retries):
+    """--min-words / --retry-words / --retries / --keep as a `Retry`, reading the caption as written (--clean
+    applied, without the prefix and suffix) or, with the origin clean-up, the pruned raw caption as the origin
+    script does (`cleanup.retry_text`)."""
+    if not ((options.min_words or options.retry_words) and options.retries):
         return None
-    return Retry(options.min_words, options.retries, words=lambda text: len(caption_body(text, options).split()))
+    style = options.clean_style if options.clean else None
+    return Retry(options.min_words, options.retries, reads=lambda text: retry_text(text, style),
+                 retry_words=options.retry_words, keep_last=options.keep == "last")
 
 
 def caption_stream(captioner: Captioner, items: Iterable[tuple[Any, ImageInput] | None], options: CaptionOptions

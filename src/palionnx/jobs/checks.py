@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..runtime.generate import SettingError, check_settings
 from ..system import memory, nvidia_gpus
+from .cleanup import STYLES
 from .options import CaptionOptions
 from .plan import Plan
 
@@ -25,7 +26,11 @@ def check_options(options: CaptionOptions) -> None:
         raise CheckError(f"--ext must be .txt or .caption, got {options.ext!r}")
     check_sampling(options.temperature, options.top_k, options.top_p, options.seed, options.repetition_penalty,
                    options.no_repeat_ngram_size)
-    check_retries(options.min_words, options.retries, options.temperature)
+    if options.clean_style not in STYLES:
+        raise CheckError(f"--clean-style must be {' or '.join(STYLES)}, got {options.clean_style!r}")
+    if options.keep not in ("longest", "last"):
+        raise CheckError(f"--keep must be longest or last, got {options.keep!r}")
+    check_retries(options.min_words or bool(options.retry_words), options.retries, options.temperature)
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, seed: int | None, repetition_penalty: float,
@@ -40,10 +45,12 @@ def check_sampling(temperature: float, top_k: int, top_p: float, seed: int | Non
 
 
 def check_retries(min_words: int, retries: int, temperature: float) -> None:
-    """--min-words and --retries act together, and only when sampling (greedy gives the same caption again)."""
+    """--min-words (or --retry-words) and --retries act together, and only when sampling (greedy gives the same
+    caption again)."""
     if bool(min_words) != bool(retries):
         given, missing = ("--min-words", "--retries") if min_words else ("--retries", "--min-words")
-        raise CheckError(f"{given} only acts with {missing} (e.g. --min-words 20 --retries 10)")
+        raise CheckError(f"{given} only acts with {missing} (e.g. --min-words 20 --retries 10; --retry-words "
+                         "counts as --min-words)")
     if min_words and temperature <= 0:
         raise CheckError("--min-words and --retries need sampling (--temperature above 0, e.g. 0.7): greedy "
                          "decoding gives the same caption every time")

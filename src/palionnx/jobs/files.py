@@ -1,4 +1,4 @@
-"""Finding images, naming caption files, writing them atomically, and cleaning raw captions."""
+"""Finding images, naming caption files and writing them atomically (clean-up of raw captions: cleanup.py)."""
 
 from __future__ import annotations
 
@@ -145,23 +145,3 @@ def remove_stale_temp_files(folders: set[Path]) -> int:
                 temp.unlink(missing_ok=True)
                 removed += 1
     return removed
-
-
-_BRACKETED = re.compile(r"\([^()]*\)|\[[^\[\]]*\]|\{[^{}]*\}")
-
-
-def clean_caption(text: str) -> str:
-    """The origin script's post-processing of raw captions, in this order:
-
-    1. drop bracketed text: `(...)`, `[...]`, `{...}`;
-    2. cut back to the last `.` or `,` so a caption stopped by the token limit ends on a whole clause
-       (a final `.` is kept, a final `,` is dropped); text with neither is kept whole;
-    3. collapse runs of whitespace to one space and strip the ends.
-    """
-    previous = None
-    while previous != text:  # nested brackets: remove innermost first
-        previous, text = text, _BRACKETED.sub("", text)
-    cut = max(text.rfind("."), text.rfind(","))
-    if cut >= 0:
-        text = text[: cut + 1] if text[cut] == "." else text[:cut]
-    return re.sub(r"\s+", " ", text).strip()

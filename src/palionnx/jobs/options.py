@@ -32,6 +32,7 @@ class CaptionOptions:
     prefix: str = ""
     suffix: str = ""
     clean: bool = False
+    clean_style: str = "basic"  # with clean: "basic" or "origin" (cleanup.py)
     recursive: bool = True
     # generation
     prompt: str = DEFAULT_PROMPT
@@ -43,7 +44,9 @@ class CaptionOptions:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     min_words: int = 0  # caption again (sampling) while the caption has fewer words than this ...
+    retry_words: tuple[str, ...] = ()  # ... or while it holds one of these (the origin's "no_parallel") ...
     retries: int = 0  # ... at most this many more times
+    keep: str = "longest"  # of an image's attempts: "longest" (most words) or "last" (as the origin script)
     # performance
     batch_size: int | None = None  # None: the device's default (Captioner.default_batch_size), halved to fit
     max_memory_gb: float | None = None  # None: what is free on the device once the model has loaded

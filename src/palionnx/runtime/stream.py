@@ -27,20 +27,29 @@ def word_count(text: str) -> int:
 
 @dataclass(frozen=True)
 class Retry:
-    """Caption an image again while its caption is short: fewer than `min_words` words (as `words` counts
-    them), at most `retries` more times. The caption with the most words is kept (the first among equals)."""
+    """Caption an image again while its caption, as `reads` gives it (default: as it is), has fewer than
+    `min_words` words or holds one of `retry_words`, at most `retries` more times. Kept: the caption with the
+    most words (the first among equals), or with `keep_last` the last one made."""
 
     min_words: int
     retries: int
-    words: Callable[[str], int] = word_count
+    reads: Callable[[str], str] = str
+    retry_words: tuple[str, ...] = ()
+    keep_last: bool = False
+
+    def unfit(self, text: str) -> bool:
+        """Whether a caption calls for another attempt."""
+        read = self.reads(text)
+        return word_count(read) < self.min_words or any(word in read for word in self.retry_words)
 
     def again(self, result: CaptionResult) -> bool:
-        """Whether `result` (after `result.attempts` captions) is short and may be captioned again."""
-        return result.ok and result.attempts <= self.retries and self.words(result.text) < self.min_words
+        """Whether `result` (after `result.attempts` captions) is unfit and may be captioned again."""
+        return result.ok and result.attempts <= self.retries and self.unfit(result.text)
 
     def better(self, best: CaptionResult, latest: CaptionResult) -> CaptionResult:
         """The caption to keep of the best so far and the latest one, counting both attempts."""
-        keep = latest if latest.ok and self.words(latest.text) > self.words(best.text) else best
+        longer = latest.ok and word_count(self.reads(latest.text)) > word_count(self.reads(best.text))
+        keep = latest if latest.ok and (self.keep_last or longer) else best
         return dataclasses.replace(keep, attempts=latest.attempts)
 
 
