@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--stress", help="outlier variant of the checkpoint, e.g. a512c8 (testmodels/stress.py)")
     args = parser.parse_args()
 
+    from palionnx.export.calibrate import spiky_channels
     from palionnx.export.convert import export
     from palionnx.runtime.contract import MANIFEST_NAME
     from palionnx.testmodels.stress import Stress, stress_checkpoint
@@ -58,7 +59,7 @@ def main() -> None:
     if args.stress:
         checkpoint = args.work / f"{args.geometry}-{args.stress}"
         if not (checkpoint / "config.json").exists():
-            stress_checkpoint(base, checkpoint, Stress.parse(args.stress))
+            stress_checkpoint(base, checkpoint, Stress.parse(args.stress), spiky_channels)
 
     def folder(level: str) -> Path:
         """LEVEL[:KERNELS[:BLOCK]] as in compare.py: int4:nbits:32, int4:qgemm:64, int4 (kernels measured)."""

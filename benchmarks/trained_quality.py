@@ -139,6 +139,7 @@ def export_level(checkpoint: Path, level: str, folder: Path) -> None:
 def checkpoint_of(family: str, args: argparse.Namespace, stress: str = "none", work: Path | None = None) -> Path:
     """The trained checkpoint of `family`, or its `stress` variant (written under `work` on first use)."""
     from palionnx.cli.models import cache_root
+    from palionnx.export.calibrate import spiky_channels
     from palionnx.testmodels.stress import Stress, stress_checkpoint
     from palionnx.testmodels.trained import trained_checkpoint
 
@@ -151,7 +152,7 @@ def checkpoint_of(family: str, args: argparse.Namespace, stress: str = "none", w
     assert work is not None
     folder = work / f"checkpoint-shapes-{family}-{stress}"
     if not (folder / "config.json").is_file():
-        stress_checkpoint(base, folder, Stress.parse(stress))
+        stress_checkpoint(base, folder, Stress.parse(stress), spiky_channels)
     return folder
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from palionnx import Captioner
 from palionnx.export import linear
+from palionnx.export.calibrate import spiky_channels
 from palionnx.export.quantize import QGEMM, Kernel
 from palionnx.runtime.manifest import Manifest
 from palionnx.samples import sample_images
@@ -35,7 +36,7 @@ def stressed(shapes_pg1, tmp_path_factory):
 
     def get(spec: str = STRESS.name) -> Path:
         if spec not in cache:
-            cache[spec] = stress_checkpoint(shapes_pg1, root / spec, Stress.parse(spec))
+            cache[spec] = stress_checkpoint(shapes_pg1, root / spec, Stress.parse(spec), spiky_channels)
         return cache[spec]
 
     return get
@@ -64,7 +65,7 @@ def test_stress_preserves_the_logits_of_both_families(family, checkpoints, expor
     exports of the stressed checkpoint give the base model's prefill logits."""
     from palionnx.export.convert import export
 
-    stressed = stress_checkpoint(checkpoints[family], tmp_path / "ckpt", Stress.parse("a512c8s1"))
+    stressed = stress_checkpoint(checkpoints[family], tmp_path / "ckpt", Stress.parse("a512c8s1"), spiky_channels)
     export(stressed, tmp_path / "fp32", quant="fp32")
     images, prompts = sample_images(4, 28), ["caption en"] * 4
     base = Captioner.load(exported(family, "fp32"), device="cpu").prefill_logits(images, prompts)

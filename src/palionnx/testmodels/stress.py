@@ -67,8 +67,8 @@ def stress_checkpoint(source: Path, output: Path, stress: Stress,
                       spiky_channels: Callable[[Path, int], dict[int, list[int]]] | None = None) -> Path:
     """Write `source` with `stress`'s outliers to `output` (every other file copied as it is).
 
-    `spiky_channels(source, count)` gives per decoder layer the most token-specific MLP channels (default:
-    measured by `export.calibrate.spiky_channels`); only called when `stress.spikes`."""
+    `spiky_channels(source, count)` gives per decoder layer the most token-specific MLP channels (as
+    `export.calibrate.spiky_channels` measures them); needed, and only called, when `stress.spikes`."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -83,10 +83,8 @@ def stress_checkpoint(source: Path, output: Path, stress: Stress,
         owner.update(dict.fromkeys(loaded, path))
     spikes: dict[int, list[int]] = {}
     if stress.spikes:
-        if spiky_channels is None:
-            from .calibrate import spiky_channels as measured
-
-            spiky_channels = measured
+        if spiky_channels is None:  # measuring them takes the exporter, which stands above the test models
+            raise ValueError("a stress with spikes needs spiky_channels: palionnx.export.calibrate.spiky_channels")
         spikes = spiky_channels(source, stress.spikes)
     with torch.no_grad():
         _stress_decoder(tensors, config["text_config"], stress, spikes)
