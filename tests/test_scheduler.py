@@ -7,7 +7,8 @@ from PIL import Image
 from palionnx import Captioner
 from palionnx.runtime.generate import make_logits_processors, make_sampler
 from palionnx.runtime.preprocess import Pixels, image_pixels
-from palionnx.runtime.scheduler import Request, Scheduler
+from palionnx.runtime.request import Request
+from palionnx.runtime.scheduler import Scheduler
 from palionnx.runtime.stream import CaptionStream, Retry
 from palionnx.samples import sample_images
 

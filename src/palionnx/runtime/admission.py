@@ -9,15 +9,12 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .model import DecoderState, OnnxPaliGemma, StepOutput
+from .request import Request
 from .text import TextCodec
-
-if TYPE_CHECKING:
-    from .scheduler import Request
 
 
 @dataclass

@@ -110,7 +110,8 @@ def prefill_on_decoder_ms(captioner: Captioner, images: list[Any]) -> float | No
 def continuous(captioner: Captioner, images: list[Any], max_new_tokens: int, slots: int) -> tuple[float, float]:
     """Continuous batching over `slots`: (images/s, slot occupancy) for captions whose lengths spread over
     25-100 % of `max_new_tokens` (fixed lengths, eos ignored), as real captions end at different tokens."""
-    from .scheduler import Request, Scheduler
+    from .request import Request
+    from .scheduler import Scheduler
 
     spread = [1.0, 0.5, 0.25, 0.75]
     requests = [Request(image_pixels(image, captioner.image_spec), max_new_tokens=max(1, int(max_new_tokens * f)),

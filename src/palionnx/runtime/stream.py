@@ -16,7 +16,8 @@ from .captioner import Captioner, CaptionResult, Timings, source_name
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from .generate import LogitsProcessor, Sampler, greedy
 from .preprocess import ImageInput, ImageLoadError
-from .scheduler import Request, Scheduler
+from .request import Request
+from .scheduler import Scheduler
 
 _END: Any = object()  # the end of a source (None means "nothing ready yet")
 

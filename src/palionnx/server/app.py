@@ -50,7 +50,7 @@ from ..runtime.contract import MANIFEST_NAME
 from ..runtime.defaults import DEFAULT_PROMPT
 from ..runtime.generate import SettingError, check_settings, make_logits_processors, make_sampler
 from ..runtime.preprocess import ImageLoadError, image_pixels
-from ..runtime.scheduler import Completion, Request
+from ..runtime.request import Completion, Request
 from ..runtime.text import TextDeltas
 from .auth import KeyCheck
 from .dataset import Dataset, DatasetError

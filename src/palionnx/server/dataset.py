@@ -20,7 +20,7 @@ from ..jobs.claims import Claims
 from ..jobs.files import ImageJob, caption_path, find_images, write_atomic
 from ..runtime.captioner import Captioner
 from ..runtime.preprocess import ImageLoadError
-from ..runtime.scheduler import Completion, Request
+from ..runtime.request import Completion, Request
 from .engine import Engine
 from .options import ServeError
 

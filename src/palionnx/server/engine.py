@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from ..runtime.captioner import Captioner
 from ..runtime.limits import RequestError
-from ..runtime.scheduler import Completion, Request, Scheduler
+from ..runtime.request import Completion, Request
+from ..runtime.scheduler import Scheduler
 from .metrics import Metrics
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from ..runtime.scheduler import Completion
+from ..runtime.request import Completion
 
 DONE = "data: [DONE]\n\n"
 
