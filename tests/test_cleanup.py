@@ -79,3 +79,30 @@ def test_keep_the_longest_or_the_last_attempt():
 def test_the_readme_examples():
     assert clean_caption("no_humans, a waterfall #nature (photo). cut off", "origin") == "a waterfall nature"
     assert clean_caption("(photo) a waterfall. cut off") == "a waterfall."
+
+
+def test_tag_filters_act_on_the_leading_tags_only():
+    from palionnx.jobs.cleanup import filter_tags
+
+    caption = "1girl, solo, long_hair, Solo, no_humans, the image shows a girl. more, text"
+    assert filter_tags(caption) == "1girl, solo, long_hair, no_humans, the image shows a girl. more, text"
+    assert filter_tags(caption, exclude=("No Humans", "solo")) == "1girl, long_hair, the image shows a girl. more, text"
+    spaced = filter_tags(caption, underscores="spaces")
+    assert spaced == "1girl, solo, long hair, no humans, the image shows a girl. more, text"
+    assert filter_tags(caption, underscores="drop", max_tags=1) == "1girl, the image shows a girl. more, text"
+    # an item of more than four words, or with a sentence mark, starts the description
+    assert filter_tags("a, a, five words make a sentence, a") == "a, five words make a sentence, a"
+    assert filter_tags("red, Red. blue, blue") == "red, Red. blue, blue"
+    assert filter_tags("") == "" and filter_tags("no tags at all in this caption") == "no tags at all in this caption"
+    with pytest.raises(ValueError, match="unknown underscore rule"):
+        filter_tags("a", underscores="camel")
+
+
+def test_tag_lists_from_the_command_line_or_a_file(tmp_path):
+    from palionnx.jobs.checks import CheckError, tag_list
+
+    (tmp_path / "tags.txt").write_text("watermark\nsignature, text\n\n")
+    assert tag_list(" watermark, signature ,") == ("watermark", "signature")
+    assert tag_list(f"@{tmp_path / 'tags.txt'}") == ("watermark", "signature", "text")
+    with pytest.raises(CheckError, match="cannot read the tag file"):
+        tag_list(f"@{tmp_path / 'missing.txt'}")

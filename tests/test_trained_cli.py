@@ -156,3 +156,30 @@ def test_min_words_and_preset_usage_errors(tmp_path, shapes_exported):
 def test_help_reads_well(command):
     run = palionnx(command, "--help")
     assert run.returncode == 0 and "Example" in run.stdout and "Traceback" not in run.stderr
+
+
+def test_tag_filters_on_the_trained_models_tags(tmp_path, shapes_exported):
+    """`tags en` gives "two shapes, red circle, blue square, striped background": the filters act on those tags,
+    after the clean-up and before the prefix, and --jsonl records the caption as written."""
+    from palionnx.jobs.cleanup import filter_tags
+
+    model = shapes_exported("fp32")
+    data = scene_folder(tmp_path / "data", 4, seed=11)
+    plain = palionnx("caption", data, "--model", model, "--prompt", TAGS_PROMPT, "-q")
+    assert plain.returncode == 0, plain.stderr
+    raw = {p.name: p.read_text() for p in sorted(data.glob("*.txt"))}
+    assert all(", " in text for text in raw.values()), raw
+    tags = tmp_path / "unwanted.txt"
+    tags.write_text("striped background\ntwo shapes\n")
+    jsonl = tmp_path / "run.jsonl"
+    run = palionnx("caption", data, "--model", model, "--prompt", TAGS_PROMPT, "--overwrite", "--jsonl", jsonl,
+                   "--exclude-tags", f"@{tags}", "--max-tags", 2, "--tag-underscores", "spaces", "--prefix", "sks, ",
+                   "-q")
+    assert run.returncode == 0, run.stderr
+    for name, text in raw.items():
+        expected = "sks, " + filter_tags(text, ("striped background", "two shapes"), "spaces", 2)
+        assert (data / name).read_text() == expected
+        assert "striped background" not in expected and len(expected.split(", ")) <= 3
+    recorded = {Path(r["path"]).with_suffix(".txt").name: r["caption"]
+                for r in map(json.loads, jsonl.read_text().splitlines())}
+    assert recorded == {name: (data / name).read_text() for name in raw}

@@ -311,6 +311,8 @@ def test_decompression_bomb_sized_image_is_one_line_in_our_words(tmp_path, model
     (["--clean", "--clean-style", "fancy"], ["--clean-style must be basic or origin, got 'fancy'"]),
     (["--keep", "first"], ["--keep must be longest or last"]),
     (["--retry-words", "no_parallel", "--retries", "3"], ["need sampling"]),
+    (["--exclude-tags", "@/no/such/tags.txt"], ["--exclude-tags /no/such/tags.txt: cannot read the tag file"]),
+    (["--tag-underscores", "camel"], ["--tag-underscores must be keep, spaces, drop"]),
 ])
 def test_bad_options_are_one_line_and_exit_2(tmp_path, model, args, words):
     data = images(tmp_path / "data", 1)

@@ -102,6 +102,13 @@ CleanOpt = Annotated[bool, typer.Option("--clean/--no-clean", rich_help_panel=IO
 CleanStyleOpt = Annotated[str, typer.Option(metavar="STYLE", rich_help_panel=IO_PANEL, help=(
     "basic: drop bracketed text, cut back to the last '.' or ',', collapse whitespace; origin: exactly the "
     "origin script's clean-up (palionnx.clean_caption)."))]
+ExcludeTagsOpt = Annotated[str, typer.Option(metavar="TAGS", rich_help_panel=IO_PANEL, help=(
+    "Drop these tags (a,b,c, or @FILE: one per line) from the caption's leading tags, wherever they stand."))]
+TagUnderscoresOpt = Annotated[str, typer.Option(metavar="RULE", rich_help_panel=IO_PANEL, help=(
+    "In the leading tags: keep underscores, make them spaces (as kohya's taggers), or drop the tags holding one "
+    "(as the origin script)."))]
+MaxTagsOpt = Annotated[int, typer.Option(min=0, metavar="N", rich_help_panel=IO_PANEL, help=(
+    "Keep at most N leading tags (0: all). Any tag option also drops duplicate tags."))]
 RecursiveOpt = Annotated[bool, typer.Option("--recursive/--no-recursive", rich_help_panel=IO_PANEL,
                                             help="Search folders recursively.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=IO_PANEL,
@@ -180,7 +187,8 @@ def caption(
     cpus_per_worker: CpusOpt = RAY.cpus_per_worker, cuda_graph: CudaGraphOpt = CAPTION.cuda_graph,
     min_words: MinWordsOpt = CAPTION.min_words, retries: RetriesOpt = CAPTION.retries, preset: PresetOpt = None,
     clean_style: CleanStyleOpt = CAPTION.clean_style, retry_words: RetryWordsOpt = "",
-    keep: KeepOpt = CAPTION.keep,
+    keep: KeepOpt = CAPTION.keep, exclude_tags: ExcludeTagsOpt = "",
+    tag_underscores: TagUnderscoresOpt = CAPTION.tag_underscores, max_tags: MaxTagsOpt = CAPTION.max_tags,
 ) -> None:
     """Caption images, writing a caption file beside each one (images that have one are skipped).
 
@@ -204,7 +212,8 @@ def caption(
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, min_words=min_words, retries=retries, batch_size=batch_size,
         max_memory_gb=max_memory, cuda_graph=cuda_graph, clean_style=clean_style, keep=keep,
-        retry_words=tuple(word.strip() for word in retry_words.split(",") if word.strip()))
+        retry_words=tuple(word.strip() for word in retry_words.split(",") if word.strip()),
+        exclude_tags=_tag_list(exclude_tags), tag_underscores=tag_underscores, max_tags=max_tags)
     ray_options = RayOptions(ray, workers, gpus_per_worker, cpus_per_worker) if ray else None
     plan = _plan_caption(inputs, options, device, quiet)
     folder, captioner = _open_model(model, quant, device, ray, quiet, cuda_graph)
@@ -662,6 +671,15 @@ def _bench_agreement(rows: list[dict[str, Any]], reference: Path, device: str) -
         summary = agreement(_load_folder(Path(row["model"]), device), run).summary()
         row.update(same_caption=summary["exact_match"], forced_agreement=summary["forced_agreement"],
                    forced_cosine=summary["forced_cosine"], reference=str(reference))
+
+
+def _tag_list(value: str) -> tuple[str, ...]:
+    from ..jobs.checks import CheckError, tag_list
+
+    try:
+        return tag_list(value)
+    except CheckError as exc:
+        _usage(str(exc))
 
 
 @app.command()

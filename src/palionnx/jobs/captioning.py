@@ -17,7 +17,7 @@ from ..runtime.preprocess import ImageInput
 from ..runtime.stream import CaptionStream, Retry
 from .checks import memory_limit
 from .claims import Claims
-from .cleanup import clean_caption, retry_text
+from .cleanup import clean_caption, filter_tags, retry_text
 from .files import ImageJob, write_atomic
 from .options import CaptionOptions
 from .plan import Plan, recording
@@ -54,8 +54,11 @@ def fit_batch(captioner: Captioner, options: CaptionOptions, images: int,
 
 
 def caption_body(text: str, options: CaptionOptions) -> str:
-    """A raw caption as the caption file holds it, before the prefix and suffix (--clean applied)."""
-    return clean_caption(text, options.clean_style) if options.clean else text
+    """A raw caption as the caption file holds it, before the prefix and suffix: --clean, then the tag filters."""
+    text = clean_caption(text, options.clean_style) if options.clean else text
+    if options.filters_tags:
+        text = filter_tags(text, options.exclude_tags, options.tag_underscores, options.max_tags)
+    return text
 
 
 def caption_text(result: CaptionResult, options: CaptionOptions) -> str:

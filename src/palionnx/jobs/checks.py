@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..runtime.generate import SettingError, check_settings
 from ..system import memory, nvidia_gpus
-from .cleanup import STYLES
+from .cleanup import STYLES, UNDERSCORES
 from .options import CaptionOptions
 from .plan import Plan
 
@@ -28,6 +28,8 @@ def check_options(options: CaptionOptions) -> None:
                    options.no_repeat_ngram_size)
     if options.clean_style not in STYLES:
         raise CheckError(f"--clean-style must be {' or '.join(STYLES)}, got {options.clean_style!r}")
+    if options.tag_underscores not in UNDERSCORES:
+        raise CheckError(f"--tag-underscores must be {', '.join(UNDERSCORES)}, got {options.tag_underscores!r}")
     if options.keep not in ("longest", "last"):
         raise CheckError(f"--keep must be longest or last, got {options.keep!r}")
     check_retries(options.min_words or bool(options.retry_words), options.retries, options.temperature)
@@ -111,3 +113,15 @@ def memory_limit(device: str, max_memory_gb: float | None) -> float | None:
         return gpus[index].memory_free_mb * 2**20 if index < len(gpus) else None
     ram = memory()
     return float(ram.available) if ram and ram.available is not None else None
+
+
+def tag_list(value: str) -> tuple[str, ...]:
+    """--exclude-tags: tags separated by commas, or @FILE for a file of them (commas or one per line)."""
+    if value.startswith("@"):
+        path = Path(value[1:]).expanduser()
+        try:
+            value = path.read_text(encoding="utf-8").replace("\n", ",")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckError(f"--exclude-tags {path}: cannot read the tag file "
+                             f"({getattr(exc, 'strerror', None) or exc})") from None
+    return tuple(tag.strip() for tag in value.split(",") if tag.strip())

@@ -87,3 +87,42 @@ def _cut_at_long_word(text: str) -> str:
             cut = max(text.rfind(".", 0, at), text.rfind(",", 0, at))
             return (text[:cut] if cut >= 0 else text[:at]).strip()
     return text
+
+
+MAX_TAG_WORDS = 4  # a leading comma-separated item with more words than this starts the description
+UNDERSCORES = ("keep", "spaces", "drop")
+
+
+def filter_tags(text: str, exclude: tuple[str, ...] = (), underscores: str = "keep", max_tags: int = 0) -> str:
+    """The caption with its tag prefix filtered: tags in `exclude` dropped, underscores kept, made spaces or the
+    tags holding one dropped, duplicates dropped, at most `max_tags` kept (0: all); the description after the
+    tags is kept as it is.
+
+    The tag prefix is the caption's leading comma-separated items, up to the first one with more than
+    MAX_TAG_WORDS words or a sentence mark (. ! ?): that item and the rest are the description. Tags compare
+    without case, an underscore the same as a space."""
+    if underscores not in UNDERSCORES:
+        raise ValueError(f"unknown underscore rule {underscores!r}: {', '.join(UNDERSCORES)}")
+    items = text.split(",")
+    count = 0
+    while count < len(items) and _is_tag(items[count]):
+        count += 1
+    tags, rest = [item.strip() for item in items[:count]], ",".join(items[count:]).strip()
+    unwanted = {_tag_key(tag) for tag in exclude}
+    kept: list[str] = []
+    for tag in tags:
+        if underscores == "drop" and "_" in tag:
+            continue
+        tag = tag.replace("_", " ") if underscores == "spaces" else tag
+        if tag and _tag_key(tag) not in unwanted and _tag_key(tag) not in {_tag_key(k) for k in kept}:
+            kept.append(tag)
+    kept = kept[:max_tags] if max_tags else kept
+    return ", ".join(kept + ([rest] if rest else []))
+
+
+def _is_tag(item: str) -> bool:
+    return len(item.split()) <= MAX_TAG_WORDS and not any(mark in item for mark in ".!?")
+
+
+def _tag_key(tag: str) -> str:
+    return " ".join(tag.replace("_", " ").lower().split())

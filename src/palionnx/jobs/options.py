@@ -33,6 +33,9 @@ class CaptionOptions:
     suffix: str = ""
     clean: bool = False
     clean_style: str = "basic"  # with clean: "basic" or "origin" (cleanup.py)
+    exclude_tags: tuple[str, ...] = ()  # tag filters of the caption's leading tags (cleanup.filter_tags) ...
+    tag_underscores: str = "keep"  # ... "keep", "spaces" or "drop" ...
+    max_tags: int = 0  # ... at most this many (0: all); any of them also drops duplicate tags
     recursive: bool = True
     # generation
     prompt: str = DEFAULT_PROMPT
@@ -51,6 +54,11 @@ class CaptionOptions:
     batch_size: int | None = None  # None: the device's default (Captioner.default_batch_size), halved to fit
     max_memory_gb: float | None = None  # None: what is free on the device once the model has loaded
     cuda_graph: bool = True
+
+    @property
+    def filters_tags(self) -> bool:
+        """Whether a tag filter is asked for (then duplicate tags go too)."""
+        return bool(self.exclude_tags or self.tag_underscores != "keep" or self.max_tags)
 
     def sampler(self) -> Sampler:
         """A fresh sampler for these settings (greedy at temperature 0; seeded where --seed is given)."""
