@@ -7,7 +7,9 @@ Starts the server in a subprocess on a loopback port, then for each client count
 caption requests (each client one at a time, all clients at once) and reports requests/s, p50/p99 latency
 and the server's slot occupancy. With `--stream` the clients stream (`stream=true`) and the table adds the
 inter-token latency they see: the gaps between consecutive text events of one caption (its first event,
-which waits for the prefill, left out), p50 and p99 over all of a row's captions. Writes
+which waits for the prefill, left out), p50 and p99 over all of a row's captions. With `--spread` request i
+asks for between TOKENS/2 and 3 TOKENS/2 new tokens (random weights never stop early): captions end at
+different steps and newcomers join while the others decode, as captions of varied lengths make them. Writes
 benchmarks/results/serve-load-NAME.{json,md} (NAME: the model folder's name unless given).
 """
 
@@ -57,13 +59,15 @@ def slot_counters(url: str) -> dict[str, float]:
     return {name.strip(): float(line.split()[1]) for line in lines for name in wanted if line.startswith(name)}
 
 
-def load(url: str, clients: int, requests: int, tokens: int, pngs: list[bytes], stream: bool = False) -> dict:
+def load(url: str, clients: int, requests: int, tokens: int, pngs: list[bytes], stream: bool = False,
+         spread: bool = False) -> dict:
     gaps: list[float] = []
 
     def one(i: int) -> float:
         started = time.perf_counter()
         files = {"image": ("x.png", pngs[i % len(pngs)], "image/png")}
-        data = {"max_new_tokens": str(tokens), **({"stream": "true"} if stream else {})}
+        wanted = tokens // 2 + (i * 7919) % (tokens + 1) if spread else tokens
+        data = {"max_new_tokens": str(wanted), **({"stream": "true"} if stream else {})}
         with httpx.stream("POST", url + "/v1/caption", files=files, data=data, timeout=600) as answer:
             answer.raise_for_status()
             arrivals = [time.perf_counter() for line in answer.iter_lines() if line.startswith('data: {"delta"')]
@@ -91,7 +95,8 @@ def markdown(args: argparse.Namespace, rows: list[dict], machine: str) -> list[s
     """The results as a markdown table (with the inter-token columns when the clients streamed)."""
     streamed = args.stream
     lines = [f"`palionnx serve {args.model.name}`, {args.tokens} new tokens per request, {args.requests} requests "
-             f"per row, slots {args.slots or 'default'}{', streaming' if streamed else ''}. Machine: {machine}.", "",
+             f"per row{' (TOKENS/2 to 3 TOKENS/2: --spread)' if args.spread else ''}, slots {args.slots or 'default'}"
+             f"{', streaming' if streamed else ''}. Machine: {machine}.", "",
              "| clients | requests/s | p50 s | p99 s | slot occupancy |" + (" token gap p50 ms | p99 ms |" * streamed),
              "| ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" * streamed)]
     for r in rows:
@@ -109,6 +114,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--slots", type=int)
     parser.add_argument("--stream", action="store_true", help="streaming clients; adds inter-token latency")
+    parser.add_argument("--spread", action="store_true", help="vary the new tokens per request (see above)")
     parser.add_argument("--name", help="the results' name (default: the model folder's)")
     args = parser.parse_args()
     pngs = []
@@ -120,7 +126,7 @@ def main() -> None:
     try:
         rows = []
         for clients in args.clients:
-            rows.append(load(url, clients, args.requests, args.tokens, pngs, args.stream))
+            rows.append(load(url, clients, args.requests, args.tokens, pngs, args.stream, args.spread))
             print(rows[-1], flush=True)
     finally:
         process.terminate()

@@ -55,18 +55,18 @@ class Scheduler:
     """Captions a stream of requests over `slots` KV-cache rows of `max_len` tokens each, with `model`'s
     graphs and `text`'s tokenizer.
 
-    With `overlap` (CPU models), newcomers are prefilled one at a time on a thread beside the decode steps
+    With `overlap` (CPU models), newcomers are prefilled in batches on a thread beside the decode steps
     (`admission.Prefiller`) and join between two steps, instead of all decoding slots waiting for their vision
-    encoding and prefill: steadier tokens for the captions in flight (the server streams them), where the
-    default admits newcomers in batches, for throughput (`palionnx caption`)."""
+    encoding and prefill: steadier tokens for the captions in flight (the server streams them); the default
+    admits newcomers inside the step (`palionnx caption`)."""
 
     def __init__(self, model: OnnxPaliGemma, text: TextCodec, slots: int, max_len: int, overlap: bool = False):
         self.model, self.text, self.slots, self.max_len = model, text, slots, max_len
         self.state: DecoderState = model.new_state(slots, max_len)
         if overlap and model.device != "cpu":
             raise ValueError("overlapped admission needs a CPU model (caches in host memory)")
-        self.prefiller = Prefiller(model, text, max_len) if overlap else None
-        self._unwanted: Request | None = None  # dropped while the prefiller had it: not admitted
+        self.prefiller = Prefiller(model, text, slots, max_len) if overlap else None
+        self._unwanted: set[int] = set()  # ids of requests dropped while the prefiller had them: not admitted
         self.rows: list[_Slot | None] = [None] * slots
         self.waiting: deque[Request] = deque()
         self.occupancy = Occupancy()
@@ -82,7 +82,7 @@ class Scheduler:
     @property
     def queued(self) -> int:
         """Requests waiting for a slot (the one being prefilled beside the steps among them)."""
-        return len(self.waiting) + int(self.prefiller is not None and not self.prefiller.idle)
+        return len(self.waiting) + (len(self.prefiller.requests) if self.prefiller is not None else 0)
 
     def check(self, request: Request) -> None:
         """RequestError (a ValueError) if the request cannot be captioned here: its prompt (special-token
@@ -111,9 +111,10 @@ class Scheduler:
             if slot is not None and unwanted(slot.request):
                 self.rows[row] = None
                 dropped += 1
-        if self.prefiller is not None and self.prefiller.request is not None and unwanted(self.prefiller.request):
-            self._unwanted = self.prefiller.request
-            dropped += 1
+        for request in self.prefiller.requests if self.prefiller is not None else []:
+            if unwanted(request) and id(request) not in self._unwanted:
+                self._unwanted.add(id(request))
+                dropped += 1
         return dropped
 
     def run(self, requests: Iterable[Request | None]) -> Iterator[Completion]:
@@ -196,24 +197,31 @@ class Scheduler:
         return self._advance(output, np.array(rows))
 
     def _admit_one(self, prefiller: Prefiller) -> list[Completion]:
-        """Overlapped admission: a newcomer whose prefill has ended takes a free slot (its cache row copied in,
-        its first token chosen), and the next waiting request starts its prefill."""
+        """Overlapped admission: newcomers whose prefill has ended take free slots (their cache rows copied in,
+        their first tokens chosen), and, when the prefiller is free, the waiting requests start theirs."""
         done: list[Completion] = []
         free = [row for row, slot in enumerate(self.rows) if slot is None]
-        staged = prefiller.take() if free else None
-        if staged is not None and staged.request is self._unwanted:
-            self._unwanted = None
-        elif staged is not None and staged.error is not None:
-            done.append(Completion(staged.request, [], "", 0.0, 0.0, 0.0, 0, staged.error))
-        elif staged is not None:
-            assert staged.output is not None and staged.history is not None
-            row = free[0]
-            self.state.copy_row(prefiller.state, 0, row)
-            self.rows[row] = _Slot(staged.request, staged.history, time.perf_counter(), staged.vision_s,
-                                   staged.prefill_s)
-            done += self._advance(staged.output, np.array([row]), output_rows=np.array([0]))
+        rows: list[int] = []
+        out_rows: list[int] = []
+        output: StepOutput | None = None
+        for staged in prefiller.take(len(free)):
+            if id(staged.request) in self._unwanted:
+                self._unwanted.discard(id(staged.request))
+            elif staged.error is not None:
+                done.append(Completion(staged.request, [], "", 0.0, 0.0, 0.0, 0, staged.error))
+            else:
+                assert staged.output is not None and staged.history is not None
+                row = free[len(rows)]
+                self.state.copy_row(prefiller.state, staged.row, row)
+                self.rows[row] = _Slot(staged.request, staged.history, time.perf_counter(), staged.vision_s,
+                                       staged.prefill_s)
+                rows.append(row)
+                out_rows.append(staged.row)
+                output = staged.output
+        if output is not None:
+            done += self._advance(output, np.array(rows), output_rows=np.array(out_rows))
         if prefiller.idle and self.waiting:
-            prefiller.start(self.waiting.popleft())
+            prefiller.start([self.waiting.popleft() for _ in range(min(len(self.waiting), self.slots))])
         return done
 
     def _advance(self, output: StepOutput, rows: np.ndarray, output_rows: np.ndarray | None = None) -> list[Completion]:

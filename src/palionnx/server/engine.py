@@ -36,10 +36,11 @@ class Submitted:
 class Engine:
     """Runs `Scheduler.step` on a thread of its own while requests are queued or running."""
 
-    def __init__(self, captioner: Captioner, slots: int, max_len: int, max_queue: int, metrics: Metrics):
+    def __init__(self, captioner: Captioner, slots: int, max_len: int, max_queue: int, metrics: Metrics,
+                 overlap: bool = False):
         self.captioner, self.max_queue, self.metrics = captioner, max_queue, metrics
-        # on the CPU newcomers are prefilled beside the decode steps, so that streams flow while others join
-        self.scheduler = Scheduler(captioner.model, captioner.text, slots, max_len, overlap=captioner.device == "cpu")
+        # overlap (CPU): newcomers are prefilled beside the decode steps, so that streams flow while others join
+        self.scheduler = Scheduler(captioner.model, captioner.text, slots, max_len, overlap=overlap)
         self.inbox: deque[Request] = deque()
         self.lock = threading.Lock()
         self.wake = threading.Event()

@@ -21,6 +21,7 @@ class ServeOptions:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # the longest caption a request may ask for, and the default
     max_body_mb: float = 20.0
     cuda_graph: bool = True
+    overlap: bool = True  # CPU: newcomers prefilled beside the decode steps (steady streams; ~20 % less throughput)
     api_keys: tuple[str, ...] = ()  # bearer keys every route but /healthz needs (none: open to whoever reaches it)
     metrics_public: bool = False  # /metrics without a key
     folder: Path | None = None  # serve the review page of this dataset at /

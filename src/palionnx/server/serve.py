@@ -75,7 +75,8 @@ def prepare(folder: Path, options: ServeOptions) -> Service:
     captioner = Captioner.load(folder, device=options.device, cuda_graph=options.cuda_graph)
     slots = options.slots or (DEFAULT_SERVE_CPU_SLOTS if captioner.device == "cpu" else captioner.default_batch_size)
     max_len = len(captioner.text.prompt_ids("")) + MAX_PROMPT_TOKENS + options.max_new_tokens
-    engine = Engine(captioner, slots, max_len, options.max_queue, Metrics())
+    engine = Engine(captioner, slots, max_len, options.max_queue, Metrics(),
+                    overlap=options.overlap and captioner.device == "cpu")
     engine.start()
     limits = Limits(options.max_new_tokens, options.timeout_s, int(options.max_body_mb * 2**20))
     app = create_app(captioner, engine, limits, model_name=folder.name, keys=options.api_keys,
