@@ -82,11 +82,16 @@ def main() -> None:
                      "next_token_agreement": summary["forced_agreement"], "mean_cosine": summary["forced_cosine"],
                      "worst_image_cosine": report.worst(1)[0].forced_cosine})
         print(rows[-1], flush=True)
+    write_results(args, checkpoint.name, rows)
+
+
+def write_results(args: argparse.Namespace, name: str, rows: list[dict]) -> None:
+    """benchmarks/results/quality-NAME[-STEM].{json,md}."""
     RESULTS.mkdir(exist_ok=True)
-    stem = f"quality-{checkpoint.name}" + (f"-{args.stem}" if args.stem else "")
+    stem = f"quality-{name}" + (f"-{args.stem}" if args.stem else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows},
                                                                       indent=2, default=str) + "\n")
-    table = [f"`{checkpoint.name}`, {args.images} images, up to {args.tokens} teacher-forced positions against fp32.",
+    table = [f"`{name}`, {args.images} images, up to {args.tokens} teacher-forced positions against fp32.",
              "", "| level | kernels (vision / prefill / decode) | same caption | next-token agreement | "
              "mean logit cosine | worst image's cosine |", "| --- | --- | ---: | ---: | ---: | ---: |"]
     table += [f"| {r['level']} | {r['kernels']} | {r['same_caption']:.0%} | {r['next_token_agreement']:.1%} | "

@@ -673,6 +673,15 @@ def _bench_agreement(rows: list[dict[str, Any]], reference: Path, device: str) -
                    forced_cosine=summary["forced_cosine"], reference=str(reference))
 
 
+OverlapOpt = Annotated[bool, typer.Option("--overlap/--no-overlap", help=(
+    "On the CPU, prefill newcomers beside the decode steps: tokens keep flowing while others join (about a fifth "
+    "less throughput on 2 cores); --no-overlap prefills them inside the step."))]
+ApiKeyOpt = Annotated[list[str] | None, typer.Option(
+    "--api-key", metavar="KEY", envvar="PALIONNX_API_KEY", show_envvar=False, help=(
+        "Require Authorization: Bearer KEY on every route but /healthz; repeat for several keys (or set "
+        "PALIONNX_API_KEY)."), rich_help_panel="Access")]
+
+
 def _tag_list(value: str) -> tuple[str, ...]:
     from ..jobs.checks import CheckError, tag_list
 
@@ -701,13 +710,8 @@ def serve(
     max_body_mb: Annotated[float, typer.Option(min=0.001, metavar="MB", help=(
         "Largest request body; bigger gets 413."))] = SERVE.max_body_mb,
     cuda_graph: CudaGraphOpt = SERVE.cuda_graph,
-    overlap: Annotated[bool, typer.Option("--overlap/--no-overlap", help=(
-        "On the CPU, prefill newcomers beside the decode steps: tokens keep flowing while others join (about a "
-        "fifth less throughput on 2 cores); --no-overlap prefills them inside the step."))] = SERVE.overlap,
-    api_key: Annotated[list[str] | None, typer.Option(
-        "--api-key", metavar="KEY", envvar="PALIONNX_API_KEY", show_envvar=False, help=(
-            "Require Authorization: Bearer KEY on every route but /healthz; repeat for several keys (or set "
-            "PALIONNX_API_KEY)."), rich_help_panel="Access")] = None,
+    overlap: OverlapOpt = SERVE.overlap,
+    api_key: ApiKeyOpt = None,
     api_key_file: Annotated[Path | None, typer.Option(metavar="FILE", help=(
         "Keys, one per line (# comments), added to --api-key."), rich_help_panel="Access")] = None,
     metrics_public: Annotated[bool, typer.Option(help=(

@@ -96,30 +96,53 @@ def create_app(captioner: Captioner, engine: Engine, limits: Limits, model_name:
     """The ASGI app over a started engine (stopped when the app shuts down), with the caption page at / (or,
     given a `dataset`, its review page); with `keys`, every route but /healthz, the pages' files (and /metrics
     when `metrics_public`) needs one of them as a bearer key."""
-    metrics = engine.metrics
 
-    def prompt_tokens(completion: Completion) -> int:
-        return len(captioner.text.prompt_ids(completion.request.prompt))
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(engine.stop)  # after uvicorn has drained the requests in flight
 
-    async def caption(http: HttpRequest) -> Response:
+    api = CaptionRoutes(captioner, engine, limits, model_name)
+    routes = [Route("/v1/caption", api.caption, methods=["POST"]),
+              Route("/v1/chat/completions", api.chat, methods=["POST"]), *info_routes(captioner, engine, model_name)]
+    routes += page_routes(captioner, engine, model_name, limits.max_new_tokens, dataset,
+                          lambda fields: settings(fields, limits))
+    public = PUBLIC_PATHS + PAGE_PATHS + (("/metrics",) if metrics_public else ())
+    handlers = {HTTPException: _http_error, DatasetError: _dataset_error, BadRequest: _bad_request}
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,  # type: ignore[arg-type]
+                     middleware=[Middleware(KeyCheck, keys=keys, public=public)])
+
+
+class CaptionRoutes:
+    """POST /v1/caption and /v1/chat/completions: parse, check, caption on the engine, answer or stream."""
+
+    def __init__(self, captioner: Captioner, engine: Engine, limits: Limits, model_name: str):
+        self.captioner, self.engine, self.limits, self.model_name = captioner, engine, limits, model_name
+        self.metrics = engine.metrics
+
+    async def caption(self, http: HttpRequest) -> Response:
         def render(completion: Completion, arrived: float) -> dict[str, Any]:
             return caption_json(completion, arrived)
 
-        return await answered(http, "/v1/caption", caption_body, render,
-                              lambda parsed, arrived: CaptionEvents(lambda c: caption_json(c, arrived)))
+        return await self.answered(http, "/v1/caption", caption_body, render,
+                                   lambda parsed, arrived: CaptionEvents(lambda c: caption_json(c, arrived)))
 
-    async def chat(http: HttpRequest) -> Response:
+    async def chat(self, http: HttpRequest) -> Response:
+        text = self.captioner.text
+
         def render(completion: Completion, arrived: float) -> dict[str, Any]:
-            return chat_json(completion, model_name, prompt_tokens(completion))
+            return chat_json(completion, self.model_name, len(text.prompt_ids(completion.request.prompt)))
 
         def events(parsed: Parsed, arrived: float) -> ChatEvents:
-            tokens = len(captioner.text.prompt_ids(parsed.settings["prompt"]))
-            return ChatEvents(model_name, tokens, parsed.include_usage)
+            tokens = len(text.prompt_ids(parsed.settings["prompt"]))
+            return ChatEvents(self.model_name, tokens, parsed.include_usage)
 
-        return await answered(http, "/v1/chat/completions", chat_body, render, events)
+        return await self.answered(http, "/v1/chat/completions", chat_body, render, events)
 
-    async def answered(http: HttpRequest, route: str, parse: Parse, render: Callable[[Completion, float], dict],
+    async def answered(self, http: HttpRequest, route: str, parse: Parse, render: Callable[[Completion, float], dict],
                        events: Callable[[Parsed, float], CaptionEvents | ChatEvents]) -> Response:
+        """One request from its body to its answer (or its stream), its outcome recorded in the metrics."""
+        limits, engine = self.limits, self.engine
         arrived = time.perf_counter()
         outcome = "error"
         response: Response = _error(500, "internal error", "server_error")
@@ -130,13 +153,13 @@ def create_app(captioner: Captioner, engine: Engine, limits: Limits, model_name:
                 outcome, response = "timeout", _error(408, f"the request body did not arrive within "
                                                            f"{limits.timeout_s:g} s", "timeout")
                 return response
-            pixels = await run_in_threadpool(image_pixels, io.BytesIO(parsed.image), captioner.image_spec)
+            pixels = await run_in_threadpool(image_pixels, io.BytesIO(parsed.image), self.captioner.image_spec)
             if parsed.stream:
                 feed = TokenFeed(asyncio.get_running_loop())
                 future = engine.submit(Request(pixels, **parsed.settings, on_token=feed.put))
                 future.add_done_callback(feed.close)
                 outcome = "streaming"  # the stream records its own outcome
-                return StreamingResponse(streamed(route, future, feed, events(parsed, arrived), arrived),
+                return StreamingResponse(self.streamed(route, future, feed, events(parsed, arrived), arrived),
                                          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             future = engine.submit(Request(pixels, **parsed.settings))
             completion = await asyncio.wait_for(asyncio.wrap_future(future), _left(arrived, limits))
@@ -145,18 +168,18 @@ def create_app(captioner: Captioner, engine: Engine, limits: Limits, model_name:
             outcome, response = _failure(exc, limits)
         finally:
             if outcome != "streaming":
-                metrics.record_request(route, outcome, time.perf_counter() - arrived)
+                self.metrics.record_request(route, outcome, time.perf_counter() - arrived)
         return response
 
-    async def streamed(route: str, future: Future[Completion], feed: TokenFeed, events: CaptionEvents | ChatEvents,
-                       arrived: float) -> AsyncIterator[str]:
+    async def streamed(self, route: str, future: Future[Completion], feed: TokenFeed,
+                       events: CaptionEvents | ChatEvents, arrived: float) -> AsyncIterator[str]:
         """The events of one streamed caption; a client that goes away cancels it (its slot frees at the next
         step)."""
-        outcome, deltas = "disconnected", TextDeltas(captioner.text)
+        outcome, deltas = "disconnected", TextDeltas(self.captioner.text)
         try:
             for chunk in events.start():
                 yield chunk
-            while (token := await asyncio.wait_for(feed.get(), _left(arrived, limits))) is not TokenFeed.END:
+            while (token := await asyncio.wait_for(feed.get(), _left(arrived, self.limits))) is not TokenFeed.END:
                 if delta := deltas.add(token):
                     yield events.delta(delta)
             completion = future.result()  # done: its tokens are all in
@@ -166,12 +189,16 @@ def create_app(captioner: Captioner, engine: Engine, limits: Limits, model_name:
                 yield chunk
             outcome = "ok"
         except (asyncio.TimeoutError, RuntimeError) as exc:
-            outcome, failed = _failure(exc, limits)
+            outcome, failed = _failure(exc, self.limits)
             yield event(json.loads(bytes(failed.body)))
         finally:
             future.cancel()
-            metrics.record_request(route, outcome, time.perf_counter() - arrived)
+            self.metrics.record_request(route, outcome, time.perf_counter() - arrived)
         yield DONE
+
+
+def info_routes(captioner: Captioner, engine: Engine, model_name: str) -> list[Route]:
+    """GET /v1/models, /v1/models/{id}, /healthz and /metrics."""
 
     def model_card() -> dict[str, Any]:
         m = captioner.manifest
@@ -195,22 +222,10 @@ def create_app(captioner: Captioner, engine: Engine, limits: Limits, model_name:
                             status_code=200 if alive else 503)
 
     async def metrics_text(http: HttpRequest) -> Response:
-        return Response(metrics.text(), media_type=CONTENT_TYPE)
+        return Response(engine.metrics.text(), media_type=CONTENT_TYPE)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-        await run_in_threadpool(engine.stop)  # after uvicorn has drained the requests in flight
-
-    routes = [Route("/v1/caption", caption, methods=["POST"]), Route("/v1/chat/completions", chat, methods=["POST"]),
-              Route("/v1/models", models), Route("/v1/models/{model_id}", model), Route("/healthz", healthz),
-              Route("/metrics", metrics_text)]
-    routes += page_routes(captioner, engine, model_name, limits.max_new_tokens, dataset,
-                          lambda fields: settings(fields, limits))
-    public = PUBLIC_PATHS + PAGE_PATHS + (("/metrics",) if metrics_public else ())
-    handlers = {HTTPException: _http_error, DatasetError: _dataset_error, BadRequest: _bad_request}
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,  # type: ignore[arg-type]
-                     middleware=[Middleware(KeyCheck, keys=keys, public=public)])
+    return [Route("/v1/models", models), Route("/v1/models/{model_id}", model), Route("/healthz", healthz),
+            Route("/metrics", metrics_text)]
 
 
 def _left(arrived: float, limits: Limits) -> float:
