@@ -121,6 +121,7 @@ def test_doctor_reports_this_machine(tmp_path):
     assert "--quant" in rows["recommended"] and "--batch-size" in rows["recommended"]
 
 
+@pytest.mark.integration  # starts every provider's probe session: too slow for the unit tier
 def test_doctor_exit_status_follows_the_requested_device():
     import onnxruntime
 

@@ -205,6 +205,7 @@ def test_a_kernel_needing_float_somewhere_is_chosen_only_when_every_one_does():
     assert plan.site_counts("decoder_prefill") == {"sites": 2, "split": 0, "float": 1}
 
 
+@pytest.mark.integration  # times real kernels for seconds: too slow for the unit tier
 def test_measure_times_every_candidate_on_real_sessions():
     decoder = tune.decoder_probe(64, 128, 4, 1, 16, prompt_tokens=8)
     vision = tune.vision_probe(32, 64, image_tokens=4)

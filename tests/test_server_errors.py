@@ -123,7 +123,8 @@ def test_disconnects_are_counted_quietly(exported):
             time.sleep(0.05)
         time.sleep(0.5)
         metrics = running.client.get("/metrics").text
-        assert 'outcome="disconnected"} 5' in metrics and 'outcome="error"' not in metrics
+        assert 'palionnx_requests_total{outcome="disconnected",route="/v1/caption"} 5.0' in metrics  # prometheus_client
+        assert 'outcome="error"' not in metrics
     finally:
         running.stop()
     errors = running.process.stderr.read()
