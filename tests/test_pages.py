@@ -193,3 +193,18 @@ def test_a_folder_that_refuses_writes_browses_with_saving_off(browser, numpy_fol
         assert len(browser.find_elements(By.CSS_SELECTOR, "li.item")) == 3
         assert all(not b.is_enabled() for b in browser.find_elements(By.CLASS_NAME, "save"))
         assert not (root / "b.txt").exists()
+
+
+def test_an_image_that_fails_to_recaption_is_listed_as_failed_with_its_reason(numpy_folder, tmp_path):
+    root = _dataset(tmp_path / "data")
+    (root / "broken.png").write_bytes(b"not a picture")
+    with served(numpy_folder("tiny-pg1"), slots=1, folder=root) as server:
+        started = server.client.post("/v1/dataset/recaption", json={"paths": ["broken.png", "b.png"],
+                                                                    "max_new_tokens": "3"})
+        assert started.status_code == 202
+        _wait(lambda: not server.client.get("/v1/dataset").json()["progress"]["running"])
+        listing = server.client.get("/v1/dataset").json()
+        status = {item["path"]: (item["status"], item["error"]) for item in listing["items"]}
+        assert status["broken.png"][0] == "failed" and "broken.png" in status["broken.png"][1]
+        assert status["b.png"] == ("captioned", None) and listing["progress"]["failed"] == 1
+        assert not (root / "broken.txt").exists()
