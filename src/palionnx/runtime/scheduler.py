@@ -146,7 +146,7 @@ class Scheduler:
         model fails (an onnxruntime error, out of memory), the captions in flight end with that error and
         the scheduler goes on with the next ones."""
         try:
-            done = self._admit() if self.prefiller is None else self._admit_one(self.prefiller)
+            done = self._admit() if self.prefiller is None else self._admit_overlapped(self.prefiller)
             active = np.array([slot is not None for slot in self.rows])
             if not active.any():
                 if self.prefiller is not None and not self.prefiller.idle:
@@ -196,7 +196,7 @@ class Scheduler:
         assert output is not None
         return self._advance(output, np.array(rows))
 
-    def _admit_one(self, prefiller: Prefiller) -> list[Completion]:
+    def _admit_overlapped(self, prefiller: Prefiller) -> list[Completion]:
         """Overlapped admission: newcomers whose prefill has ended take free slots (their cache rows copied in,
         their first tokens chosen), and, when the prefiller is free, the waiting requests start theirs."""
         done: list[Completion] = []

@@ -53,6 +53,7 @@ from ..runtime.preprocess import ImageLoadError, image_pixels
 from ..runtime.request import Completion, Request
 from ..runtime.text import TextDeltas
 from .auth import KeyCheck
+from .bodies import BadRequest, json_object
 from .dataset import Dataset, DatasetError
 from .engine import Engine, QueueFull, Rejected
 from .events import DONE, CaptionEvents, ChatEvents, TokenFeed, event
@@ -62,10 +63,6 @@ from .pages import page_routes
 
 MAX_PARTS = 100  # fields and files a multipart body may have
 MAX_FIELD_BYTES = 2**20  # the largest multipart text field (the image itself is bounded by --max-body-mb)
-
-
-class BadRequest(ValueError):
-    """The request is malformed; the message says what to fix."""
 
 
 @dataclass
@@ -325,7 +322,7 @@ async def caption_body(http: HttpRequest, limits: Limits) -> Parsed:
                     raise BadRequest(f"the field {key!r} is given twice")
                 fields[key] = value
         return Parsed(await uploads[0].read(), settings(fields, limits), _flag(fields, "stream") or wants_events)
-    payload = _json(body)
+    payload = json_object(body)
     if not isinstance(payload.get("image"), str):
         raise BadRequest("JSON body needs 'image': a base64 string or a data: URI")
     return Parsed(_base64_image(payload["image"]), settings(payload, limits), _flag(payload, "stream") or wants_events)
@@ -333,7 +330,7 @@ async def caption_body(http: HttpRequest, limits: Limits) -> Parsed:
 
 async def chat_body(http: HttpRequest, limits: Limits) -> Parsed:
     """/v1/chat/completions: the last user message's text parts are the prompt, its image_url the image."""
-    payload = _json(await _body(http, limits))
+    payload = json_object(await _body(http, limits))
     options = payload.get("stream_options") or {}
     if not isinstance(options, dict):
         raise BadRequest("stream_options must be an object")
@@ -429,18 +426,6 @@ def chat_json(completion: Completion, model_name: str, prompt_tokens: int) -> di
                          "finish_reason": finish}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(completion.tokens),
                       "total_tokens": prompt_tokens + len(completion.tokens)}}
-
-
-def _json(body: bytes) -> dict[str, Any]:
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"the body is not valid JSON ({exc})") from None
-    except RecursionError:
-        raise BadRequest("the JSON body is nested too deeply") from None
-    if not isinstance(payload, dict):
-        raise BadRequest("the JSON body must be an object")
-    return payload
 
 
 def _base64_image(text: str) -> bytes:

@@ -61,25 +61,31 @@ class Dataset:
         self.root, self.ext, self.output_dir = root.resolve(), ext, output_dir.resolve() if output_dir else None
         self.progress = Progress()
         self.lock = threading.Lock()
+        self._found: dict[str, ImageJob] = {}  # the images last found, by relative path
 
     def images(self) -> dict[str, ImageJob]:
-        """DIR's images by their path relative to DIR, links that lead out of DIR left out."""
-        found = {}
-        for job in find_images([str(self.root)]):
-            try:
-                inside = job.image.resolve().is_relative_to(self.root)
-            except OSError:
-                inside = False
-            if inside:
-                found[job.image.relative_to(self.root).as_posix()] = job
-        return found
+        """DIR's images by their path relative to DIR, links that lead out of DIR left out (found afresh, and
+        kept for `job`)."""
+        self._found = {job.image.relative_to(self.root).as_posix(): job for job in find_images([str(self.root)])
+                       if self._inside(job)}
+        return self._found
 
     def job(self, relative: str) -> ImageJob:
-        """The image at `relative` (as `images()` names it); 404 for anything else."""
-        job = self.images().get(relative)
+        """The image at `relative` (as `images()` names it); 404 for anything else. Looked up among the images
+        last found (the folder is searched again only for a path not among them, or one gone since)."""
+        job = self._found.get(relative)
+        if job is None or not (job.image.is_file() or job.image.is_symlink()) or not self._inside(job):
+            job = self.images().get(relative)
         if job is None:
             raise DatasetError(404, f"{relative!r} is not an image of the folder")
         return job
+
+    def _inside(self, job: ImageJob) -> bool:
+        """Whether the image, links followed, is inside DIR."""
+        try:
+            return job.image.resolve().is_relative_to(self.root)
+        except OSError:
+            return False
 
     def caption_file(self, job: ImageJob) -> Path:
         return caption_path(job, self.ext, self.output_dir)

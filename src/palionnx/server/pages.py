@@ -13,7 +13,6 @@ The pages and their static files need no key (they hold nothing); every JSON rou
 
 from __future__ import annotations
 
-import json
 import mimetypes
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from starlette.routing import Route
 from ..jobs.presets import sampling_presets
 from ..runtime.captioner import Captioner
 from ..runtime.defaults import DEFAULT_PROMPT
+from .bodies import json_object
 from .dataset import Dataset, DatasetError
 from .engine import Engine
 
@@ -76,7 +76,7 @@ def dataset_routes(dataset: Dataset, captioner: Captioner, engine: Engine, setti
         return FileResponse(job.image, media_type=media)
 
     async def caption(http: HttpRequest) -> Response:
-        body = await _json_object(http)
+        body = json_object(await http.body())
         text = body.get("caption")
         if not isinstance(text, str):
             raise DatasetError(400, "the body needs 'caption': the caption's text")
@@ -84,7 +84,7 @@ def dataset_routes(dataset: Dataset, captioner: Captioner, engine: Engine, setti
         return JSONResponse({"saved": True})
 
     async def recaption(http: HttpRequest) -> Response:
-        body = await _json_object(http)
+        body = json_object(await http.body())
         paths = body.pop("paths", None)
         if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
             raise DatasetError(400, "the body needs 'paths': a list of the folder's image paths")
@@ -94,13 +94,3 @@ def dataset_routes(dataset: Dataset, captioner: Captioner, engine: Engine, setti
     return [Route("/v1/dataset", listing), Route("/v1/dataset/image", image),
             Route("/v1/dataset/caption", caption, methods=["PUT"]),
             Route("/v1/dataset/recaption", recaption, methods=["POST"])]
-
-
-async def _json_object(http: HttpRequest) -> dict[str, Any]:
-    try:
-        body = json.loads(await http.body())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise DatasetError(400, "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise DatasetError(400, "the JSON body must be an object")
-    return body

@@ -49,7 +49,45 @@ function settingsFields() {
   return fields;
 }
 
+// The key form and the settings form, the same on both pages: [label, field name, input attributes].
+const FIELDS = [
+  ["prompt", "prompt", {}],
+  ["max tokens", "max_new_tokens", { type: "number", min: "1" }],
+  ["temperature", "temperature", { type: "number", min: "0", step: "0.05" }],
+  ["top-k", "top_k", { type: "number", min: "0" }],
+  ["top-p", "top_p", { type: "number", min: "0", max: "1", step: "0.05" }],
+  ["repetition penalty", "repetition_penalty", { type: "number", min: "0", step: "0.05" }],
+  ["no repeat n-gram", "no_repeat_ngram_size", { type: "number", min: "0" }],
+];
+
+function labelled(text, input) {
+  const label = document.createElement("label");
+  label.append(text + " ", input);
+  return label;
+}
+
+function buildForms() {
+  const key = document.createElement("input");
+  Object.assign(key, { id: "key", type: "password", autocomplete: "off" });
+  const message = document.createElement("span");
+  message.id = "keymessage";
+  const use = document.createElement("button");
+  use.textContent = "Use key";
+  document.getElementById("keyform").append(message, " ", key, " ", use);
+  const preset = document.createElement("select");
+  preset.name = "preset";
+  preset.add(new Option("none (greedy)", ""));
+  const settings = document.getElementById("settings");
+  settings.append(labelled("preset", preset));
+  for (const [text, name, attributes] of FIELDS) {
+    const input = document.createElement("input");
+    Object.assign(input, { name, ...attributes });
+    settings.append(labelled(text, input));
+  }
+}
+
 async function loadSettings() {
+  buildForms();
   const response = await api("/v1/page");
   const page = await response.json();
   document.getElementById("model").textContent = `${page.model} (${page.level}, ${page.device})`;
