@@ -2,7 +2,9 @@
 palionnx is first on the path, and print one line per folder: each file's SHA-256 (graphs hashed without
 torch.onnx's per-node provenance, which names source files and lines), and the kernels chosen.
 
-    PYTHONPATH=/tmp/old/src python benchmarks/export_identity.py /tmp/ids/old CKPT... > old.txt
+    cp benchmarks/export_identity.py /tmp/ids.py   # for the other tree, run a copy outside benchmarks/ (its
+                                                   # kernels.py stands where transformers looks for `kernels`)
+    PYTHONPATH=/tmp/old/src python /tmp/ids.py /tmp/ids/old CKPT... > old.txt
     python benchmarks/export_identity.py /tmp/ids/new CKPT... > new.txt
     diff old.txt new.txt      # nothing: the two trees write the same folders
 
