@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
@@ -227,8 +228,8 @@ def test_the_tokens_window_forgets_old_completions_unscraped(monkeypatch):
     every completion ever (the soak's slow RSS growth). Now recording trims it too."""
     from palionnx.server import metrics as module
 
-    clock = [0.0]
-    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    clock = [0.0]  # the metrics module's clock only: patching time.monotonic itself stalls other threads' timers
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     metrics = module.Metrics()
     for _ in range(10_000):
         clock[0] += 1.0
