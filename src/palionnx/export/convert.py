@@ -31,7 +31,7 @@ from ..system import rss_bytes
 from ..version import __version__
 from . import calibrate, graph_quantize, quantize, tune
 from .checkpoint import Checkpoint, open_checkpoint
-from .decoder import DecoderConfig, Precision, build_decoder
+from .decoder import GQA_CUDA_MAX_HEAD, GQA_HEAD_MULTIPLE, DecoderConfig, Precision, build_decoder
 from .linear import SitePlan
 from .options import ExportError, ExportOptions
 from .output import staged_output
@@ -63,6 +63,16 @@ def export(source: str | Path, outdir: str | Path, options: ExportOptions | None
     return manifest
 
 
+def _check_attention(head_dim: int, target: str) -> None:
+    """ExportError when onnxruntime's GroupQueryAttention, which the decoder runs on, cannot run this head size."""
+    if head_dim % GQA_HEAD_MULTIPLE:
+        raise ExportError(f"text_config.head_dim is {head_dim}: onnxruntime's GroupQueryAttention, which the decoder "
+                          f"runs on, needs a multiple of {GQA_HEAD_MULTIPLE}, so this checkpoint cannot run")
+    if target == "cuda" and head_dim > GQA_CUDA_MAX_HEAD:
+        raise ExportError(f"text_config.head_dim is {head_dim}: onnxruntime's CUDA GroupQueryAttention takes at most "
+                          f"{GQA_CUDA_MAX_HEAD}; export for the CPU (--device cpu) instead")
+
+
 def _write_folder(source: str | Path, outdir: Path, o: ExportOptions, progress: Progress | None,
                   started: float) -> Manifest:
     """Write the whole model folder into `outdir`, the manifest (with every file's size and hash) last."""
@@ -70,6 +80,7 @@ def _write_folder(source: str | Path, outdir: Path, o: ExportOptions, progress: 
     say(f"reading checkpoint {source}")
     checkpoint = open_checkpoint(source, load_model=False)
     config = DecoderConfig.from_text_config(checkpoint.config.text_config)
+    _check_attention(config.head_dim, o.target)
     if o.quantized and o.block_size and config.hidden % o.block_size:
         raise ExportError(f"--block-size {o.block_size} does not divide the hidden size {config.hidden}")
     checkpoint.tokenizer.backend_tokenizer.save(str(outdir / TOKENIZER_NAME))

@@ -57,6 +57,8 @@ from .linear import PLAIN, LinearInput, SitePlan
 from .onnx_builder import GraphBuilder, Weights
 
 F32, F16, BF16 = np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)
+GQA_HEAD_MULTIPLE = 8  # onnxruntime's GroupQueryAttention refuses other head sizes ("must be a multiple of 8")
+GQA_CUDA_MAX_HEAD = 256  # ... and on CUDA larger ones (its MAX_HEAD_SIZE: onnxruntime issue 28196)
 
 
 @dataclass(frozen=True)
