@@ -15,12 +15,13 @@ import pytest
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-FAMILIES = ("tiny-pg1", "tiny-pg2")
+FAMILIES = ("tiny-pg1", "tiny-pg2", "tiny-pg2-28b")  # the last: the 28B's attention scale, a 4 x 4 image grid
 
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """tiny-pg1 (Gemma, MQA) and tiny-pg2 (Gemma 2, GQA, sliding window 6) checkpoints on disk."""
+    """tiny-pg1 (Gemma, MQA), tiny-pg2 (Gemma 2, GQA, sliding window 6) and tiny-pg2-28b (Gemma 2 27B's
+    query_pre_attn_scalar, a prompt beyond its window as at 896 px) checkpoints on disk."""
     from palionnx.testmodels.synth import write_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")

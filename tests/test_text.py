@@ -41,3 +41,31 @@ def test_text_comes_out_as_soon_as_it_cannot_change(codec):
     assert deltas.add(accent[0]) == "" and deltas.add(accent[1]) == ""  # held: the run may go on
     assert deltas.add(word[0]) == codec.decode(word + accent + word[:1])[len(codec.decode(word)):]
     assert deltas.finish(codec.decode(word + accent + word[:1])) == ""
+
+
+def test_detection_and_segmentation_tokens_come_back_in_the_caption(numpy_folder):
+    """A mix checkpoint answers `detect cat` with <locNNNN> and `segment cat` with <segNNN> tokens: they are not
+    special tokens, so the caption keeps them as transformers' decode(skip_special_tokens=True) does (the
+    tokenizer.json's decode is checked against transformers' in test_export.py); streamed deltas too."""
+    import numpy as np
+
+    from palionnx import Captioner
+    from palionnx.samples import sample_images
+
+    folder = numpy_folder("tiny-pg1")
+    captioner = Captioner.load(folder, device="cpu")
+    vocab = captioner.text.tokenizer.get_vocab()
+    forced = [vocab["<loc0012>"], vocab["<loc1023>"], vocab["a"], vocab["<seg007>"], vocab["<eos>"], vocab["<bos>"]]
+    steps = iter(forced)
+
+    def force(history: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        out = np.full_like(logits, -np.inf)
+        out[:, next(steps)] = 0.0
+        return out
+
+    result = captioner.caption(sample_images(1), prompt="detect cat", max_new_tokens=8, logits_processors=[force])[0]
+    assert result.tokens == forced[:4]  # stopped at <eos>
+    assert result.text == "<loc0012><loc1023>a<seg007>"
+    deltas = TextDeltas(captioner.text)
+    streamed = "".join(deltas.add(token) for token in result.tokens)
+    assert streamed + deltas.finish(result.text) == result.text and streamed == result.text

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ class Geometry:
     head_dim: int
     text_vocab: int  # pieces before the <loc>/<seg>/<image> tokens
     sliding_window: int = 4096
-    extra: dict = field(default_factory=dict)
+    query_pre_attn_scalar: int | None = None  # Gemma 2's attention scale is this ** -0.5 (None: head_dim)
 
     @property
     def image_seq_length(self) -> int:
@@ -63,17 +63,27 @@ _GEMMA_2B: Shapes = dict(hidden=2048, intermediate=16384, layers=18, heads=8, kv
                          text_vocab=256000)
 _GEMMA2_2B: Shapes = dict(hidden=2304, intermediate=9216, layers=26, heads=8, kv_heads=4, head_dim=256,
                           text_vocab=256000)
+_GEMMA2_9B: Shapes = dict(hidden=3584, intermediate=14336, layers=42, heads=16, kv_heads=8, head_dim=256,
+                          text_vocab=256000)
+_GEMMA2_27B: Shapes = dict(hidden=4608, intermediate=36864, layers=46, heads=32, kv_heads=16, head_dim=128,
+                           text_vocab=256000, query_pre_attn_scalar=144)  # hidden / heads, not head_dim
+_DECODERS: dict[str, tuple[str, Shapes]] = {"pg1-3b": ("pg1", _GEMMA_2B), "pg2-3b": ("pg2", _GEMMA2_2B),
+                                            "pg2-10b": ("pg2", _GEMMA2_9B), "pg2-28b": ("pg2", _GEMMA2_27B)}
+_SIZES = (224, 448, 896)
 _TINY_VISION: Shapes = dict(vision_hidden=32, vision_intermediate=64, vision_layers=2, vision_heads=2, patch_size=14)
 
+# The released checkpoints: SigLIP-So400m at 224, 448 or 896 px (256, 1024, 4096 image tokens) before Gemma
+# 2B (PaliGemma 1) or Gemma 2 2B / 9B / 27B (PaliGemma 2 3B / 10B / 28B).
 GEOMETRIES: dict[str, Geometry] = {
-    "pg1-3b-224": Geometry("pg1", image_size=224, **_SIGLIP_SO400M, **_GEMMA_2B),
-    "pg1-3b-448": Geometry("pg1", image_size=448, **_SIGLIP_SO400M, **_GEMMA_2B),
-    "pg2-3b-224": Geometry("pg2", image_size=224, **_SIGLIP_SO400M, **_GEMMA2_2B),
-    "pg2-3b-448": Geometry("pg2", image_size=448, **_SIGLIP_SO400M, **_GEMMA2_2B),
-    # Real widths and vocabulary, 4 decoder layers: quick iteration on speed with realistic matmuls.
-    "pg1-3b-224-l4": Geometry(
-        "pg1", image_size=224, **{**_SIGLIP_SO400M, "vision_layers": 4}, **{**_GEMMA_2B, "layers": 4}
-    ),
+    f"{name}-{size}": Geometry(family, image_size=size, **_SIGLIP_SO400M, **decoder)
+    for name, (family, decoder) in _DECODERS.items() for size in _SIZES
+}
+# Real widths and vocabulary, 4 decoder (and vision) layers: speed at realistic matmuls, and the large models
+# measured in part where the whole does not fit (`truncated`).
+TRUNCATED_LAYERS = 4
+GEOMETRIES.update({f"{name}-l{TRUNCATED_LAYERS}": replace(g, vision_layers=TRUNCATED_LAYERS, layers=TRUNCATED_LAYERS)
+                   for name, g in list(GEOMETRIES.items()) if name.endswith("-224") or name.startswith("pg2-28b")})
+GEOMETRIES.update({
     # Tiny: 28 px images (4 image tokens), for tests. MQA for pg1, GQA + a short window for pg2.
     "tiny-pg1": Geometry(
         "pg1", image_size=28, **_TINY_VISION,
@@ -84,7 +94,14 @@ GEOMETRIES: dict[str, Geometry] = {
         hidden=64, intermediate=128, layers=3, heads=4, kv_heads=2, head_dim=16, text_vocab=1024,
         sliding_window=6,
     ),
-}
+    # Tiny with the 28B's distinguishing settings: a query scale that is not head_dim, 2 query heads per KV
+    # head; and a larger image grid (56 px: 4 x 4 patches) whose prompt outgrows the window, as 896 px does.
+    "tiny-pg2-28b": Geometry(
+        "pg2", image_size=56, **_TINY_VISION,
+        hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, text_vocab=1024,
+        sliding_window=12, query_pre_attn_scalar=24,
+    ),
+})
 
 
 def _pseudo_words(count: int) -> list[str]:
@@ -165,7 +182,8 @@ def make_config(geometry: Geometry) -> Any:  # PaliGemmaConfig
     )
     if g.family == "pg2":
         text.update(
-            model_type="gemma2", query_pre_attn_scalar=g.head_dim, sliding_window=g.sliding_window,
+            model_type="gemma2", query_pre_attn_scalar=g.query_pre_attn_scalar or g.head_dim,
+            sliding_window=g.sliding_window,
             attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
             eos_token_id=[1, END_OF_TURN_ID],
         )
