@@ -36,9 +36,9 @@ def make_images(folder: Path) -> Path:
     return folder
 
 
-def start(folder: Path, model: Path, jsonl: Path) -> subprocess.Popen:
+def start(folder: Path, model: Path, jsonl: Path, *args: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "palionnx", "caption", str(folder), "--model", str(model), *map(str, ARGS),
-               "--jsonl", str(jsonl)]
+               "--jsonl", str(jsonl), *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -102,6 +102,42 @@ def test_kills_and_reruns_keep_one_jsonl_record_per_image(tmp_path, model, refer
     assert captions(data) == reference
     assert sorted(records([jsonl])) == sorted(f"{i:03d}.png" for i in range(COUNT))
     assert len(jsonl.read_text().splitlines()) == COUNT
+
+
+def test_kills_and_reruns_of_an_append_add_to_each_image_once(tmp_path, model, reference):
+    """--existing append killed three times, then run to the end: each caption file holds its old text and
+    one new caption, and --jsonl one record per image."""
+    data = make_images(tmp_path / "data")
+    old = {f"{i:03d}.txt": f"old {i}" for i in range(COUNT)}
+    for name, text in old.items():
+        (data / name).write_text(text)
+    jsonl = tmp_path / "run.jsonl"
+    for target in (8, 20, 32):
+        process = start(data, model, jsonl, "--existing", "append")
+        deadline = time.time() + 120
+        while sum(captions(data)[name] != text for name, text in old.items()) < target and time.time() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    final = palionnx("caption", data, "--model", model, *ARGS, "--jsonl", jsonl, "--existing", "append")
+    assert final.returncode == 0, final.stderr
+    assert captions(data) == {name: f"{old[name]}, {reference[name]}" for name in old}
+    assert sorted(records([jsonl])) == sorted(f"{i:03d}.png" for i in range(COUNT))
+    assert len(jsonl.read_text().splitlines()) == COUNT
+    assert not [p for p in data.iterdir() if p.name.startswith(".")]
+
+
+def test_concurrent_appending_runs_add_once_between_them(tmp_path, model, reference):
+    data = make_images(tmp_path / "data")
+    for i in range(COUNT):
+        (data / f"{i:03d}.txt").write_text(f"old {i}")
+    jsonls = [tmp_path / f"run{i}.jsonl" for i in range(2)]
+    processes = [start(data, model, jsonl, "--existing", "append") for jsonl in jsonls]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    assert [p.returncode for p in processes] == [0, 0], [err for _, err in outputs]
+    assert captions(data) == {name: f"old {int(name[:3])}, {text}" for name, text in reference.items()}
+    assert sorted(records(jsonls)) == sorted(f"{i:03d}.png" for i in range(COUNT))
+    assert not [p for p in data.iterdir() if p.name.startswith(".")]
 
 
 def dead_process() -> ProcessId:

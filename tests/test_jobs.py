@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import captions, make_dataset
 
-from palionnx.jobs.captioning import caption_files, fit_batch, publish
+from palionnx.jobs.captioning import caption_files, fit_batch, joined, per_image, publish
 from palionnx.jobs.checks import CheckError, check_options, check_outputs, memory_limit
 from palionnx.jobs.claims import CLAIM_SUFFIX, Claims, claim_path, read_claim
 from palionnx.jobs.files import (
@@ -79,8 +79,9 @@ def test_plan_skips_captioned_images_unless_overwriting(tmp_path, capsys):
     plan = plan_run(jobs, CaptionOptions())
     assert _names(plan.todo, root) == ["b.png", "c.png"] and plan.summary.skipped == 1
     assert "skipping 1 images that already have a .txt caption" in capsys.readouterr().err
-    overwrite = plan_run(jobs, CaptionOptions(overwrite=True))
-    assert _names(overwrite.todo, root) == ["a.png", "b.png", "c.png"] and overwrite.summary.skipped == 0
+    for mode in ("overwrite", "append", "prepend"):
+        again = plan_run(jobs, CaptionOptions(existing=mode))
+        assert _names(again.todo, root) == ["a.png", "b.png", "c.png"] and again.summary.skipped == 0
     assert _names(plan_run(jobs, CaptionOptions(ext=".caption")).todo, root) == ["a.png", "b.png", "c.png"]
 
 
@@ -133,6 +134,9 @@ def test_plan_clears_what_killed_runs_left(tmp_path):
     (CaptionOptions(min_words=20, temperature=0.7), "--min-words only acts with --retries"),
     (CaptionOptions(retries=3, temperature=0.7), "--retries only acts with --min-words"),
     (CaptionOptions(min_words=20, retries=3), "need sampling"),
+    (CaptionOptions(existing="merge"), "--existing must be skip, overwrite, append, prepend"),
+    (CaptionOptions(captions_per_image=2), "--captions-per-image needs sampling"),
+    (CaptionOptions(captions_per_image=0, temperature=0.7), "--captions-per-image must be at least 1"),
 ])
 def test_contradicting_options_are_one_sentence(options, message):
     with pytest.raises(CheckError, match=message):
@@ -236,15 +240,78 @@ def test_summary_line_says_what_happened():
 def test_publish_writes_prefix_clean_caption_suffix_and_refuses_to_overwrite_exclusively(tmp_path):
     result = CaptionResult(source="a.png", text="a red circle (big) on blue, and", tokens=[5, 6, 7])
     options = CaptionOptions(prefix="style, ", suffix=" end", clean=True)
-    record = publish(result, tmp_path / "a.txt", options)
+    record = publish([result], tmp_path / "a.txt", options)
     assert (tmp_path / "a.txt").read_text() == "style, a red circle on blue end" == record.caption
     assert record.status == "captioned" and record.tokens == 3 and record.output == str(tmp_path / "a.txt")
-    again = publish(CaptionResult(source="a.png", text="other", tokens=[1]), tmp_path / "a.txt", CaptionOptions(),
+    again = publish([CaptionResult(source="a.png", text="other", tokens=[1])], tmp_path / "a.txt", CaptionOptions(),
                     exclusive=True)
     assert again.caption == (tmp_path / "a.txt").read_text() == "style, a red circle on blue end"
-    failed = publish(CaptionResult(source="b.png", text="", tokens=[], error="b.png: unreadable"), tmp_path / "b.txt",
+    failed = publish([CaptionResult(source="b.png", text="", tokens=[], error="b.png: unreadable")], tmp_path / "b.txt",
                      options)
     assert failed.status == "failed" and not (tmp_path / "b.txt").exists()
+
+
+def test_joined_puts_the_new_caption_after_or_before_the_existing_text(tmp_path):
+    target = tmp_path / "a.txt"
+    assert joined(["new"], target, CaptionOptions(existing="append")) == "new"  # no file yet
+    target.write_text("  old, tags \n")
+    assert joined(["new"], target, CaptionOptions()) == "new"
+    assert joined(["new"], target, CaptionOptions(existing="overwrite")) == "new"
+    assert joined(["new"], target, CaptionOptions(existing="append")) == "old, tags, new"
+    assert joined(["new"], target, CaptionOptions(existing="prepend", separator=" | ")) == "new | old, tags"
+    assert joined(["one", "two"], target, CaptionOptions(existing="append")) == "old, tags\none\ntwo"
+    assert joined(["one", "two"], target, CaptionOptions()) == "one\ntwo"
+    target.write_text(" \n")
+    assert joined(["new"], target, CaptionOptions(existing="prepend")) == "new"
+
+
+def test_publish_appends_and_an_unreadable_existing_caption_is_left_alone(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    record = publish([CaptionResult("a.png", "new", [1])], target, CaptionOptions(existing="append", prefix="p "))
+    assert target.read_text() == "old, p new" == record.caption and record.captions == ["p new"]
+    target.write_bytes(b"\xff\xfe not utf-8")
+    bad = publish([CaptionResult("a.png", "new", [1])], target, CaptionOptions(existing="append"))
+    assert bad.status == "failed" and "cannot read the existing caption" in bad.error
+    assert target.read_bytes() == b"\xff\xfe not utf-8"
+
+
+def test_publish_of_several_captions_writes_one_per_line_or_fails_whole(tmp_path):
+    results = [CaptionResult("a.png", text, [1, 2], attempts=attempt) for text, attempt in (("x", 1), ("y", 2))]
+    record = publish(results, tmp_path / "a.txt", CaptionOptions(suffix="."))
+    assert (tmp_path / "a.txt").read_text() == "x.\ny." and record.captions == ["x.", "y."]
+    assert record.tokens == 4 and record.attempts == 3 and "captions" not in json.loads(
+        publish(results[:1], tmp_path / "b.txt", CaptionOptions()).line())
+    failed = publish([results[0], CaptionResult("a.png", error="a.png: out of memory")], tmp_path / "c.txt",
+                     CaptionOptions())
+    assert failed.status == "failed" and failed.error == "a.png: out of memory" and not (tmp_path / "c.txt").exists()
+
+
+def test_per_image_gathers_each_tags_results():
+    first, second = object(), object()
+    stream = [(first, "a1"), (second, "b1"), (first, "a2"), (second, "b2"), (second, "b3"), (first, "a3")]
+    assert list(per_image(stream, 3)) == [(second, ["b1", "b2", "b3"]), (first, ["a1", "a2", "a3"])]
+
+
+def test_a_claim_of_a_published_append_stays_as_its_mark_until_the_run_is_done(tmp_path):
+    target = tmp_path / "a.txt"
+    claims = Claims(None, marks=True)
+    assert claims.claim(target)
+    claims.store_record(target, "{}", "old, new")
+    target.write_text("old, new")
+    claims.release(target)
+    assert claim_path(target).exists() and read_claim(claim_path(target)).text == "old, new"
+    other = Claims(None, marks=True)
+    assert not other.claim(target) and other.done_by_mark(target)  # a live run's mark: done, not busy
+    claims.release_all()
+    assert claim_path(target).exists()  # interrupted: the mark stays for the re-run
+    claims.clear_marks()
+    assert not claim_path(target).exists()
+    unpublished = tmp_path / "b.txt"
+    assert claims.claim(unpublished)
+    claims.store_record(unpublished, "{}", "old, never written")
+    claims.release(unpublished)
+    assert not claim_path(unpublished).exists()
 
 
 # --- whole runs on a model ----------------------------------------------------------------------------------
@@ -316,3 +383,64 @@ def test_options_build_a_greedy_or_seeded_sampler():
     assert len(CaptionOptions(repetition_penalty=1.3, no_repeat_ngram_size=2).logits_processors()) == 2
     with pytest.raises(AttributeError):
         CaptionOptions().prompt = "x"  # frozen: one job's settings do not change under it
+
+
+# --- existing captions and several captions per image --------------------------------------------------------
+
+def test_append_and_prepend_runs_add_each_new_caption_once(tmp_path, captioner):
+    root = _images(tmp_path / "d", ["a.png", "b.png", "c.png"])
+    (root / "a.txt").write_text("sks, old a\n")
+    (root / "b.txt").write_text("old b")
+    fresh = CaptionOptions(max_new_tokens=5, output_dir=tmp_path / "fresh")
+    caption_files(captioner, plan_run(find_images([str(root)]), fresh), fresh, quiet=True)
+    new = {name: (tmp_path / "fresh" / f"{name}.txt").read_text() for name in "abc"}
+    jsonl = tmp_path / "r.jsonl"
+    options = CaptionOptions(max_new_tokens=5, existing="append", jsonl=jsonl)
+    summary = caption_files(captioner, plan_run(find_images([str(root)]), options), options, quiet=True)
+    assert summary.captioned == 3
+    assert captions(root) == {"a.txt": f"sks, old a, {new['a']}", "b.txt": f"old b, {new['b']}", "c.txt": new["c"]}
+    rows = {Path(r["path"]).name: r for r in map(json.loads, jsonl.read_text().splitlines())}
+    assert rows["a.png"]["caption"] == f"sks, old a, {new['a']}" and rows["a.png"]["captions"] == [new["a"]]
+    assert not list(root.glob(f".*{CLAIM_SUFFIX}"))  # the run finished: its marks are gone
+    prepend = CaptionOptions(max_new_tokens=5, existing="prepend", separator=" / ")
+    caption_files(captioner, plan_run(find_images([str(root)]), prepend), prepend, quiet=True)
+    assert (root / "b.txt").read_text() == f"{new['b']} / old b, {new['b']}"  # a new run adds again
+
+
+def test_an_interrupted_appends_marks_make_the_rerun_add_once(tmp_path, captioner):
+    """What a killed append run leaves: a mark (claim text = the caption file) for a finished image, and a
+    claim whose caption never reached the file. The re-run skips the first, appends to the second, and
+    clears both."""
+    root = _images(tmp_path / "d", ["a.png", "b.png"])
+    jsonl = tmp_path / "r.jsonl"
+    dead = ProcessId(socket.gethostname(), os.getpid(), 1.0)
+    line = json.dumps({"path": str(root / "a.png"), "status": "captioned"})
+    (root / "a.txt").write_text("old a, done")
+    (root / "b.txt").write_text("old b")
+    for name, text in (("a.txt", "old a, done"), ("b.txt", "old b, lost")):
+        claim_path(root / name).write_text(json.dumps(
+            {"owner": dead.to_json(), "jsonl": str(jsonl), "line": line if name == "a.txt" else None, "text": text}))
+    options = CaptionOptions(max_new_tokens=5, existing="append", jsonl=jsonl)
+    summary = caption_files(captioner, plan_run(find_images([str(root)]), options), options, quiet=True)
+    assert (summary.captioned, summary.by_others) == (1, 1)
+    assert (root / "a.txt").read_text() == "old a, done"
+    assert (root / "b.txt").read_text().startswith("old b, ") and "lost" not in (root / "b.txt").read_text()
+    assert jsonl.read_text().splitlines()[0] == line  # the dead run's record, recovered once
+    assert len(jsonl.read_text().splitlines()) == 2
+    assert not list(root.glob(f".*{CLAIM_SUFFIX}"))
+
+
+def test_several_captions_per_image_are_lines_of_one_file_and_all_recorded(tmp_path, captioner):
+    root = _images(tmp_path / "d", ["a.png", "b.png"])
+    (root / "bad.png").write_bytes(b"not an image")
+    jsonl = tmp_path / "r.jsonl"
+    options = CaptionOptions(max_new_tokens=6, temperature=1.5, seed=0, captions_per_image=3, batch_size=4,
+                             jsonl=jsonl)
+    summary = caption_files(captioner, plan_run(find_images([str(root)]), options), options, quiet=True)
+    assert (summary.captioned, summary.failed) == (2, 1)
+    rows = {Path(r["path"]).name: r for r in map(json.loads, jsonl.read_text().splitlines())}
+    for name in ("a", "b"):
+        lines = (root / f"{name}.txt").read_text().split("\n")
+        assert len(lines) == 3 and rows[f"{name}.png"]["captions"] == lines
+        assert len(set(lines)) > 1  # sampled: the captions differ
+    assert rows["bad.png"]["status"] == "failed" and not (root / "bad.txt").exists()

@@ -183,3 +183,39 @@ def test_tag_filters_on_the_trained_models_tags(tmp_path, shapes_exported):
     recorded = {Path(r["path"]).with_suffix(".txt").name: r["caption"]
                 for r in map(json.loads, jsonl.read_text().splitlines())}
     assert recorded == {name: (data / name).read_text() for name in raw}
+
+
+def test_existing_captions_and_several_captions_per_image(tmp_path, shapes_exported):
+    """--existing append / prepend join the new caption to the file's text; --skip-existing and --overwrite are
+    its aliases; --captions-per-image writes one sampled caption per line, all of them in --jsonl."""
+    model = shapes_exported("fp32")
+    data = scene_folder(tmp_path / "data", 3, seed=5)
+    names = [f"{i}.txt" for i in range(3)]
+
+    def run(*args) -> None:
+        done = palionnx("caption", data, "--model", model, "-q", *args)
+        assert done.returncode == 0, done.stderr
+
+    def texts() -> list[str]:
+        return [(data / name).read_text() for name in names]
+
+    run("--prompt", TAGS_PROMPT)
+    tags = texts()
+    run("--output-dir", tmp_path / "plain")
+    plain = [(tmp_path / "plain" / name).read_text() for name in names]
+    run("--existing", "append")
+    assert texts() == [f"{t}, {c}" for t, c in zip(tags, plain)]
+    run("--skip-existing")
+    assert texts() == [f"{t}, {c}" for t, c in zip(tags, plain)]
+    run("--overwrite", "--prompt", TAGS_PROMPT)
+    assert texts() == tags
+    run("--existing", "prepend", "--separator", " | ")
+    assert texts() == [f"{c} | {t}" for t, c in zip(tags, plain)]
+
+    jsonl = tmp_path / "run.jsonl"
+    run("--overwrite", "--captions-per-image", 3, "--temperature", 0.7, "--seed", 0, "--jsonl", jsonl)
+    records = {Path(r["output"]).name: r for r in map(json.loads, jsonl.read_text().splitlines())}
+    for name, text in zip(names, texts()):
+        lines = text.split("\n")
+        assert len(lines) == 3 and all(lines) and records[name]["captions"] == lines
+        assert records[name]["caption"] == text and records[name]["attempts"] == 3

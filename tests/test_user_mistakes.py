@@ -185,6 +185,22 @@ def test_export_refuses_a_file_and_a_foreign_folder_and_leaves_nothing_on_failur
     assert not (tmp_path / "new").exists()  # no output folder, no staging folder, no created parent
 
 
+def test_export_refuses_a_head_dim_the_fused_attention_cannot_run(tmp_path):
+    """GroupQueryAttention needs head_dim % 8 == 0: such a checkpoint is refused before any graph is written,
+    not exported to fail at the first caption."""
+    from dataclasses import replace
+
+    from palionnx.testmodels.synth import GEOMETRIES, write_checkpoint
+
+    cases = [(12, "fp32", "needs a multiple of 8"), (264, "fp16", "CUDA GroupQueryAttention takes at most 256")]
+    for head_dim, quant, says in cases:
+        checkpoint = write_checkpoint(replace(GEOMETRIES["tiny-pg1"], head_dim=head_dim), tmp_path / f"h{head_dim}")
+        run = palionnx("export", checkpoint, "-o", tmp_path / "out", "--quant", quant)
+        assert run.returncode == 2, run.stderr
+        one_error(run, f"text_config.head_dim is {head_dim}", says)
+        assert not (tmp_path / "out").exists() and "vision encoder" not in run.stderr
+
+
 def test_quantized_exports_follow_the_umask(exported):
     umask = os.umask(0)
     os.umask(umask)
@@ -249,6 +265,7 @@ def test_unwritable_outputs_are_refused_before_the_model_loads(tmp_path, model):
         (["--jsonl", tmp_path / "missing" / "run.jsonl"], "does not exist"),
         (["--jsonl", ro / "run.jsonl"], "not writable"),
         (["--output-dir", ro / "captions"], "not writable"),
+        (["--output-dir", ro / "captions", "--existing", "append"], "not writable"),
         (["--parquet", tmp_path / "a-folder"], "is a folder"),
     ]
     for args, words in cases:
@@ -313,6 +330,11 @@ def test_decompression_bomb_sized_image_is_one_line_in_our_words(tmp_path, model
     (["--retry-words", "no_parallel", "--retries", "3"], ["need sampling"]),
     (["--exclude-tags", "@/no/such/tags.txt"], ["--exclude-tags /no/such/tags.txt: cannot read the tag file"]),
     (["--tag-underscores", "camel"], ["--tag-underscores must be keep, spaces, drop"]),
+    (["--existing", "merge"], ["--existing must be skip, overwrite, append, prepend, got 'merge'"]),
+    (["--overwrite", "--existing", "append"], ["--overwrite contradicts --existing append"]),
+    (["--captions-per-image", "3"], ["--captions-per-image needs sampling"]),
+    (["--captions-per-image", "0", "--temperature", "0.7"], ["--captions-per-image"]),
+    (["--existing", "prepend", "--ray", "local"], ["--existing prepend is not available with --ray"]),
 ])
 def test_bad_options_are_one_line_and_exit_2(tmp_path, model, args, words):
     data = images(tmp_path / "data", 1)

@@ -88,8 +88,18 @@ ExtOpt = Annotated[str, typer.Option(metavar="EXT", rich_help_panel=IO_PANEL,
                                      help="Caption file extension: .txt or .caption.")]
 OutputDirOpt = Annotated[Path | None, typer.Option(metavar="FOLDER", rich_help_panel=IO_PANEL, help=(
     "Write captions here, mirroring the input folders, instead of beside the images."))]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite/--skip-existing", rich_help_panel=IO_PANEL,
-                                            help="Replace existing captions, or skip their images.")]
+ExistingOpt = Annotated[str, typer.Option(metavar="MODE", rich_help_panel=IO_PANEL, help=(
+    "An image that has a caption file: skip it, overwrite the file, or append / prepend the new caption to its "
+    "text (joined by --separator). Re-running an interrupted append adds to each image once."))]
+OverwriteOpt = Annotated[bool | None, typer.Option("--overwrite/--skip-existing", rich_help_panel=IO_PANEL,
+                                                   help="Short for --existing overwrite / --existing skip.",
+                                                   show_default=False)]
+SeparatorOpt = Annotated[str, typer.Option(metavar="TEXT", rich_help_panel=IO_PANEL, help=(
+    "With --existing append / prepend: put between the existing text and the new caption (a line break with "
+    "several captions per image)."))]
+CaptionsPerImageOpt = Annotated[int, typer.Option(min=1, metavar="N", rich_help_panel=IO_PANEL, help=(
+    "With sampling: N captions per image, one per line of its caption file (kohya's sd-scripts pick one line "
+    "per epoch); each is a request of its own in the batch; --jsonl lists them."))]
 JsonlOpt = Annotated[Path | None, typer.Option(metavar="FILE", rich_help_panel=IO_PANEL, help=(
     "Append one JSON record per image to this file (path, status, caption, tokens, timings, error)."))]
 ParquetOpt = Annotated[Path | None, typer.Option(metavar="FILE", rich_help_panel=IO_PANEL, help=(
@@ -174,7 +184,9 @@ CpusOpt = Annotated[float, typer.Option(min=0.0, metavar="N", rich_help_panel=RA
 @app.command()
 def caption(
     inputs: Inputs, model: ModelOpt = DEFAULT_MODEL, quant: QuantOpt = None, ext: ExtOpt = CAPTION.ext,
-    output_dir: OutputDirOpt = CAPTION.output_dir, overwrite: OverwriteOpt = CAPTION.overwrite,
+    output_dir: OutputDirOpt = CAPTION.output_dir, existing: ExistingOpt = CAPTION.existing,
+    overwrite: OverwriteOpt = None, separator: SeparatorOpt = CAPTION.separator,
+    captions_per_image: CaptionsPerImageOpt = CAPTION.captions_per_image,
     jsonl: JsonlOpt = CAPTION.jsonl, prefix: PrefixOpt = CAPTION.prefix, suffix: SuffixOpt = CAPTION.suffix,
     prompt: PromptOpt = CAPTION.prompt, max_new_tokens: MaxTokensOpt = CAPTION.max_new_tokens,
     batch_size: BatchOpt = CAPTION.batch_size, device: DeviceOpt = "auto", recursive: RecursiveOpt = CAPTION.recursive,
@@ -207,7 +219,8 @@ def caption(
         palionnx caption /shared/dataset --ray auto --workers 8 --gpus-per-worker 1
     """
     options = CaptionOptions(
-        ext=ext, output_dir=output_dir, overwrite=overwrite, jsonl=jsonl, parquet=parquet, prefix=prefix,
+        ext=ext, output_dir=output_dir, existing=_existing(existing, overwrite), separator=separator,
+        captions_per_image=captions_per_image, jsonl=jsonl, parquet=parquet, prefix=prefix,
         suffix=suffix, clean=clean, recursive=recursive, prompt=prompt, max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, min_words=min_words, retries=retries, batch_size=batch_size,
@@ -215,6 +228,9 @@ def caption(
         retry_words=tuple(word.strip() for word in retry_words.split(",") if word.strip()),
         exclude_tags=_tag_list(exclude_tags), tag_underscores=tag_underscores, max_tags=max_tags)
     ray_options = RayOptions(ray, workers, gpus_per_worker, cpus_per_worker) if ray else None
+    if ray and options.adds:
+        _usage(f"--existing {options.existing} is not available with --ray (a retried Ray task could add twice): "
+               "caption without --ray, or use skip or overwrite")
     plan = _plan_caption(inputs, options, device, quiet)
     folder, captioner = _open_model(model, quant, device, ray, quiet, cuda_graph)
     summary = _run_caption(plan, folder, captioner, options, ray_options, device, quiet)
@@ -223,6 +239,16 @@ def caption(
     if summary.interrupted:
         raise typer.Exit(130)
     raise typer.Exit(1 if summary.failed else 0)
+
+
+def _existing(existing: str, overwrite: bool | None) -> str:
+    """--existing, or what its aliases --overwrite / --skip-existing say (both given: they must agree)."""
+    if overwrite is None:
+        return existing
+    alias = "overwrite" if overwrite else "skip"
+    if existing not in (alias, CAPTION.existing):
+        _usage(f"--{'overwrite' if overwrite else 'skip-existing'} contradicts --existing {existing}")
+    return alias
 
 
 def _plan_caption(inputs: list[str], options: CaptionOptions, device: str, quiet: bool) -> Plan:
@@ -355,7 +381,8 @@ def export(
 @app.command()
 def synth(
     geometry: Annotated[str, typer.Argument(metavar="GEOMETRY", help=(
-        "pg1-3b-224, pg1-3b-448, pg2-3b-224, pg2-3b-448, pg1-3b-224-l4, tiny-pg1 or tiny-pg2 (random weights); "
+        "pg1-3b-, pg2-3b-, pg2-10b- or pg2-28b- with 224, 448 or 896; their -l4 variants (4 layers at the real "
+        "widths: the 224 ones and pg2-28b-*); tiny-pg1, tiny-pg2, tiny-pg2-28b (random weights); "
         "shapes-pg1 or shapes-pg2 (trained here on procedural scenes, once, then taken from the cache)."))],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="FOLDER", help="Checkpoint folder to write.")],
     seed: Annotated[int, typer.Option(min=0, metavar="N", help="Seed of the random weights.")] = 0,

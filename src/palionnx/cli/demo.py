@@ -69,7 +69,7 @@ def run_demo(captioner: Captioner, folder: Path, count: int, seed: int) -> Repor
     beside its truth, then the scores."""
     scenes = make_scenes(count, seed)
     jobs = write_scenes(scenes, folder, captioner.manifest.image_size)
-    options = CaptionOptions(overwrite=True, prompt=CAPTION_PROMPT)
+    options = CaptionOptions(existing="overwrite", prompt=CAPTION_PROMPT)
     caption_files(captioner, plan_run(jobs, options, quiet=True), options, quiet=True)
     tokenizer = captioner.text.tokenizer
     report = Report(folder=str(captioner.folder), prompt=CAPTION_PROMPT, seed=seed)

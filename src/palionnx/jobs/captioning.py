@@ -79,38 +79,88 @@ def retry_policy(options: CaptionOptions) -> Retry | None:
 
 def caption_stream(captioner: Captioner, items: Iterable[tuple[Any, ImageInput] | None], options: CaptionOptions
                    ) -> CaptionStream:
-    """A CaptionStream over `items` with the run's generation options, --min-words / --retries included."""
+    """A CaptionStream over `items` with the run's generation options, --min-words / --retries and
+    --captions-per-image included (each image's captions are separate requests: see `per_image`)."""
     return CaptionStream(captioner, items, slots=options.batch_size, prompt=options.prompt,
                          max_new_tokens=options.max_new_tokens, sampler=options.sampler(),
-                         logits_processors=options.logits_processors(), retry=retry_policy(options))
+                         logits_processors=options.logits_processors(), retry=retry_policy(options),
+                         copies=options.captions_per_image)
 
 
-def publish(result: CaptionResult, target: Path, options: CaptionOptions, exclusive: bool = False,
+def publish(results: list[CaptionResult], target: Path, options: CaptionOptions, exclusive: bool = False,
             claims: Claims | None = None) -> Record:
-    """Write one image's caption file and return its record.
+    """Write one image's caption file from its captions (one per line) and return its record; a failed
+    caption fails the image and leaves its file as it was.
 
-    With `exclusive`, an existing caption file is left alone (a retried Ray task must not write twice).
-    With `claims`, the record is stored in the image's claim first, so a kill right after the caption is
-    written still gets its --jsonl line (see `palionnx.jobs.claims`).
+    With --existing append / prepend the captions join the file's text (`joined`). With `exclusive`, an
+    existing caption file is left alone (a retried Ray task must not write twice). With `claims`, the record
+    is stored in the image's claim first, so a kill right after the caption is written still gets its --jsonl
+    line (see `palionnx.jobs.claims`).
     """
-    record = Record(path=str(result.source), status="captioned" if result.ok else "failed",
-                    tokens=len(result.tokens), error=result.error, attempts=result.attempts,
-                    timings={"vision_s": round(result.timings.vision_s, 4),
-                             "prefill_s": round(result.timings.prefill_s, 4),
-                             "decode_ms_per_token": round(result.timings.decode_ms_per_token, 3)})
-    if not result.ok:
+    failed = next((result for result in results if not result.ok), None)
+    record = Record(path=str(results[0].source), status="failed" if failed else "captioned",
+                    tokens=sum(len(result.tokens) for result in results), error=failed.error if failed else None,
+                    attempts=sum(result.attempts for result in results), timings=_timings(results))
+    if failed:
         return record
-    record.output, record.caption = str(target), caption_text(result, options)
-    if claims:
-        claims.store_record(target, record.line())
+    captions = [caption_text(result, options) for result in results]
     try:
-        write_atomic(target, record.caption, exclusive=exclusive)
+        text = joined(captions, target, options)
+    except (OSError, UnicodeDecodeError) as exc:
+        record.status, record.error = "failed", f"{target}: cannot read the existing caption ({exc})"
+        return record
+    record.output, record.caption = str(target), text
+    if options.adds or len(captions) > 1:
+        record.captions = captions
+    if claims:
+        claims.store_record(target, record.line(), text)
+    try:
+        write_atomic(target, text, exclusive=exclusive)
     except FileExistsError:
         record.caption = target.read_text(encoding="utf-8")
     except OSError as exc:
-        record.status, record.output, record.caption = "failed", None, None
+        record.status, record.output, record.caption, record.captions = "failed", None, None, None
         record.error = f"{target}: cannot write the caption ({exc})"
     return record
+
+
+def joined(captions: list[str], target: Path, options: CaptionOptions) -> str:
+    """The caption file's new text: the captions one per line, and with --existing append / prepend the text
+    the file holds now (stripped) before / after them, joined by --separator (by a line break when there
+    are several captions per image). A missing or empty file gets the captions alone."""
+    new = "\n".join(captions)
+    if not options.adds:
+        return new
+    try:
+        old = target.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        old = ""
+    if not old:
+        return new
+    separator = "\n" if len(captions) > 1 else options.separator
+    return old + separator + new if options.existing == "append" else new + separator + old
+
+
+def _timings(results: list[CaptionResult]) -> dict[str, float]:
+    """An image's timings over its captions: vision and prefill summed, decode per token over them all."""
+    decode_s = sum(result.timings.decode_s for result in results)
+    steps = sum(result.timings.decode_steps for result in results)
+    return {"vision_s": round(sum(result.timings.vision_s for result in results), 4),
+            "prefill_s": round(sum(result.timings.prefill_s for result in results), 4),
+            "decode_ms_per_token": round(1000 * decode_s / steps if steps else 0.0, 3)}
+
+
+def per_image(stream: Iterable[tuple[Any, CaptionResult]], count: int
+              ) -> Iterator[tuple[Any, list[CaptionResult]]]:
+    """(tag, its `count` results) as each tag's last caption ends (--captions-per-image; the stream gives each
+    tag `count` results, its copies carrying the same tag object)."""
+    waiting: dict[int, list[CaptionResult]] = {}
+    for tag, result in stream:
+        results = waiting.setdefault(id(tag), [])
+        results.append(result)
+        if len(results) == count:
+            del waiting[id(tag)]
+            yield tag, results
 
 
 @dataclass
@@ -133,17 +183,19 @@ def caption_files(captioner: Captioner, plan: Plan, options: CaptionOptions, qui
     units: dict[Path, Unit] = {}
     for job in plan.todo:
         units.setdefault(job.image.resolve(), Unit(job.image, [])).jobs.append(job)
-    claims = Claims(options.jsonl)
+    claims = Claims(options.jsonl, marks=options.adds)
     with recording(plan, options, started, quiet) as recorder:
         try:
             stream = caption_stream(captioner, claimed_units(list(units.values()), plan, claims, options, recorder),
                                     options)
-            for unit, result in stream:
+            for unit, results in per_image(stream, options.captions_per_image):
                 for job in unit.jobs:
                     target = plan.targets[job]
-                    recorder.add(publish(_for_path(result, job), target, options, claims=claims))
+                    recorder.add(publish([_for_path(result, job) for result in results], target, options,
+                                         claims=claims))
                     claims.release(target)
                 plan.summary.occupancy = stream.occupancy
+            claims.clear_marks()  # every image done (a Ctrl-C leaves the marks for the re-run)
         finally:
             claims.release_all()
     return plan.summary
@@ -181,7 +233,7 @@ def claimed_units(units: list[Unit], plan: Plan, claims: Claims, options: Captio
         mine, busy = [], []
         for job in unit.jobs:
             try:
-                state = _claim(plan.targets[job], claims, options.overwrite, run_started)
+                state = _claim(plan.targets[job], claims, options.recaptions, run_started)
             except OSError as exc:
                 recorder.add(Record(str(job.image), "failed", error=f"{plan.targets[job]}: cannot claim it ({exc})"))
                 continue
@@ -198,13 +250,13 @@ def claimed_units(units: list[Unit], plan: Plan, claims: Claims, options: Captio
             yield Unit(unit.image, mine), unit.image
 
 
-def _claim(target: Path, claims: Claims, overwrite: bool, run_started: float) -> str:
+def _claim(target: Path, claims: Claims, recaptions: bool, run_started: float) -> str:
     """"mine" (claimed), "busy" (another live run holds it) or "done" (captioned meanwhile by another run;
-    with --overwrite: a caption newer than this run's start)."""
+    when recaptioning: a caption newer than this run's start, or, appending, one a run marked done)."""
     if not claims.claim(target):
-        return "busy"
+        return "done" if claims.done_by_mark(target) else "busy"
     try:
-        done = target.is_file() and (not overwrite or target.stat().st_mtime >= run_started)
+        done = target.is_file() and (not recaptions or target.stat().st_mtime >= run_started)
     except FileNotFoundError:
         done = False
     if done:

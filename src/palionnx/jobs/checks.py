@@ -10,7 +10,7 @@ from pathlib import Path
 from ..runtime.generate import SettingError, check_settings
 from ..system import memory, nvidia_gpus
 from .cleanup import STYLES, UNDERSCORES
-from .options import CaptionOptions
+from .options import EXISTING, CaptionOptions
 from .plan import Plan
 
 GB = 1e9
@@ -33,6 +33,13 @@ def check_options(options: CaptionOptions) -> None:
     if options.keep not in ("longest", "last"):
         raise CheckError(f"--keep must be longest or last, got {options.keep!r}")
     check_retries(options.min_words or bool(options.retry_words), options.retries, options.temperature)
+    if options.existing not in EXISTING:
+        raise CheckError(f"--existing must be {', '.join(EXISTING)}, got {options.existing!r}")
+    if options.captions_per_image < 1:
+        raise CheckError(f"--captions-per-image must be at least 1, got {options.captions_per_image}")
+    if options.captions_per_image > 1 and options.temperature <= 0:
+        raise CheckError("--captions-per-image needs sampling (--temperature above 0, e.g. 0.7): greedy decoding "
+                         "gives the same caption every time")
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, seed: int | None, repetition_penalty: float,

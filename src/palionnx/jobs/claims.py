@@ -12,6 +12,12 @@ stale. Whoever finds a stale claim finishes the dead run's work: when the captio
 the stored record to that run's --jsonl if it is missing; then it removes the dead run's temp file of that
 caption (killed mid-write) and the claim and, if there was no caption, captions the image itself. So after
 any sequence of kills and re-runs every caption has exactly one --jsonl record.
+
+With `--existing append` / `prepend` a caption file exists before and after, so its presence cannot say
+whether an image is done. There the claim also stores the caption file's new text, and a claim whose text
+the caption file holds is a *mark*: that image is done. A run keeps its marks until it has finished every
+image (Ctrl-C or a kill leaves them), then removes them and the marks of dead runs it found; so re-running
+an interrupted append adds to each image once, and runs sharing the folder add once between them.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class ClaimInfo:
     owner: ProcessId | None
     jsonl: str | None = None
     line: str | None = None  # the --jsonl record, stored just before the caption is published
+    text: str | None = None  # with marks (--existing append / prepend): the caption file's new text
 
 
 def read_claim(path: Path) -> ClaimInfo | None:
@@ -58,9 +65,21 @@ def read_claim(path: Path) -> ClaimInfo | None:
         return ClaimInfo(None)
     try:
         data = json.loads(text)
-        return ClaimInfo(ProcessId.from_json(data["owner"]), data.get("jsonl"), data.get("line"))
+        return ClaimInfo(ProcessId.from_json(data["owner"]), data.get("jsonl"), data.get("line"), data.get("text"))
     except (ValueError, KeyError, TypeError):
         return ClaimInfo(None)
+
+
+def is_mark(info: ClaimInfo, target: Path) -> bool:
+    """Whether the claim marks `target` as done: the caption file holds the text stored in the claim."""
+    return info.text is not None and _holds(target, info.text)
+
+
+def _holds(target: Path, text: str) -> bool:
+    try:
+        return target.read_text(encoding="utf-8") == text
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def is_stale(path: Path, info: ClaimInfo) -> bool:
@@ -76,13 +95,17 @@ def is_stale(path: Path, info: ClaimInfo) -> bool:
 
 
 class Claims:
-    """This run's claims. `claim(target)` -> True when this run may caption `target`."""
+    """This run's claims. `claim(target)` -> True when this run may caption `target`. With `marks`, a published
+    caption's claim stays as its mark until `clear_marks` (see the module docstring)."""
 
-    def __init__(self, jsonl: Path | None):
+    def __init__(self, jsonl: Path | None, marks: bool = False):
         self.me = ProcessId.current()
         self.jsonl = str(jsonl.resolve()) if jsonl else None
+        self.marks = marks
         self.held: set[Path] = set()
         self.lines: dict[Path, str] = {}  # records stored in held claims
+        self.texts: dict[Path, str] = {}  # with marks: the caption texts stored in held claims
+        self.marked: set[Path] = set()  # marks to remove when the run has done every image
 
     def claim(self, target: Path) -> bool:
         """Take the claim of `target`; a stale claim is finished and taken over. False if someone holds it;
@@ -93,7 +116,7 @@ class Claims:
             try:
                 handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                if not recover_stale(path, target):
+                if not recover_stale(path, target, self.marks):
                     return False
                 continue
             with os.fdopen(handle, "w", encoding="utf-8") as claim:
@@ -102,33 +125,60 @@ class Claims:
             return True
         return False
 
-    def store_record(self, target: Path, line: str) -> None:
-        """Keep the --jsonl record in the claim, so a kill after the caption is published loses nothing."""
+    def store_record(self, target: Path, line: str, text: str | None = None) -> None:
+        """Keep the --jsonl record (and, with marks, the caption file's new `text`) in the claim, so a kill
+        after the caption is published loses nothing."""
         if target in self.held:
-            write_atomic(claim_path(target), json.dumps(self._content(line)))
+            text = text if self.marks else None
+            write_atomic(claim_path(target), json.dumps(self._content(line, text)))
             self.lines[target] = line
+            if text is not None:
+                self.texts[target] = text
+
+    def done_by_mark(self, target: Path) -> bool:
+        """With marks: whether a claim on `target` marks it done (a dead run's mark is removed with ours)."""
+        path = claim_path(target)
+        info = read_claim(path) if self.marks else None
+        if info is None or info.owner is None or not is_mark(info, target):
+            return False
+        if info.owner != self.me and is_stale(path, info):
+            self.marked.add(target)
+        return True
 
     def release(self, target: Path) -> None:
-        """Remove the claim of `target` (its record, if any, is in --jsonl by now)."""
+        """Remove the claim of `target` (its record, if any, is in --jsonl by now); with marks, the claim of
+        a published caption stays as its mark."""
         if target in self.held:
             self.held.discard(target)
             self.lines.pop(target, None)
+            text = self.texts.pop(target, None)
+            if text is not None and _holds(target, text):
+                self.marked.add(target)
+            else:
+                claim_path(target).unlink(missing_ok=True)
+
+    def clear_marks(self) -> None:
+        """The run has done every image: remove its marks and those of dead runs it found."""
+        for target in self.marked:
             claim_path(target).unlink(missing_ok=True)
+        self.marked.clear()
 
     def release_all(self) -> None:
         """End of run or interrupted: a caption already published keeps its --jsonl record."""
         for target in list(self.held):
-            line = self.lines.get(target)
-            if line and self.jsonl and target.is_file():
+            line, text = self.lines.get(target), self.texts.get(target)
+            published = target.is_file() if text is None else _holds(target, text)
+            if line and self.jsonl and published:
                 append_missing_record(Path(self.jsonl), line)
             self.release(target)
 
-    def _content(self, line: str | None = None) -> dict[str, Any]:
-        return {"owner": self.me.to_json(), "jsonl": self.jsonl, "line": line}
+    def _content(self, line: str | None = None, text: str | None = None) -> dict[str, Any]:
+        return {"owner": self.me.to_json(), "jsonl": self.jsonl, "line": line, "text": text}
 
 
-def recover_stale(path: Path, target: Path) -> bool:
+def recover_stale(path: Path, target: Path, keep_marks: bool = False) -> bool:
     """If the claim at `path` is stale, finish its dead run's record and remove it; True when removed.
+    With `keep_marks`, a stale claim that marks its caption done stays (False; its record finished).
 
     Removal happens under a lock file, so two runs finding the same stale claim never both take it.
     """
@@ -147,8 +197,10 @@ def recover_stale(path: Path, target: Path) -> bool:
         info = read_claim(path)  # read again under the lock: it may have been taken over meanwhile
         if info is None or not is_stale(path, info):
             return info is None
-        if info.line and info.jsonl and target.is_file():
+        if info.line and info.jsonl and target.is_file() and (info.text is None or is_mark(info, target)):
             append_missing_record(Path(info.jsonl), info.line)
+        if keep_marks and is_mark(info, target):
+            return False
         # a caption and its claim only the claim's holder writes (the claim again in `store_record`): a temp
         # file of either is the dead owner's, half-written
         for temp in temp_files(target) + temp_files(path):

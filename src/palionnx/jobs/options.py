@@ -8,6 +8,8 @@ from pathlib import Path
 from ..runtime.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from ..runtime.generate import LogitsProcessor, Sampler, make_logits_processors, make_sampler
 
+EXISTING = ("skip", "overwrite", "append", "prepend")  # what `--existing` may say
+
 
 @dataclass(frozen=True)
 class RayOptions:
@@ -26,7 +28,9 @@ class CaptionOptions:
     # input and output
     ext: str = ".txt"
     output_dir: Path | None = None
-    overwrite: bool = False
+    existing: str = "skip"  # an image whose caption file exists: one of EXISTING
+    separator: str = ", "  # with existing append / prepend: between the old text and the new caption
+    captions_per_image: int = 1  # with sampling: this many captions per image, one per line of its file
     jsonl: Path | None = None
     parquet: Path | None = None
     prefix: str = ""
@@ -54,6 +58,16 @@ class CaptionOptions:
     batch_size: int | None = None  # None: the device's default (Captioner.default_batch_size), halved to fit
     max_memory_gb: float | None = None  # None: what is free on the device once the model has loaded
     cuda_graph: bool = True
+
+    @property
+    def recaptions(self) -> bool:
+        """Whether images that have a caption file are captioned again (anything but --existing skip)."""
+        return self.existing != "skip"
+
+    @property
+    def adds(self) -> bool:
+        """Whether the new caption joins the existing text (--existing append / prepend)."""
+        return self.existing in ("append", "prepend")
 
     @property
     def filters_tags(self) -> bool:

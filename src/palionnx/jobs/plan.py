@@ -30,7 +30,8 @@ class Plan:
 def plan_run(jobs: list[ImageJob], options: CaptionOptions, quiet: bool = False) -> Plan:
     """Map images to caption files and decide, before any model is loaded, what to do with each.
 
-    - A caption file that exists is skipped (or, with --overwrite, replaced).
+    - A caption file that exists is skipped (or, with --existing overwrite / append / prepend, captioned
+      again: see `captioning.publish`).
     - A caption path that is a folder is an error for that image.
     - Name clash (`a.gif` and `a.webp` both want `a.txt`): the first image in sorted order owns the
       caption file; the others are reported, counted and recorded as clashes, never captioned, and do not
@@ -41,7 +42,7 @@ def plan_run(jobs: list[ImageJob], options: CaptionOptions, quiet: bool = False)
     targets = {job: caption_path(job, options.ext, options.output_dir) for job in jobs}
     folders = {path.parent for path in targets.values()}
     remove_stale_temp_files(folders)
-    _recover_claims(folders, set(targets.values()))
+    _recover_claims(folders, set(targets.values()), keep_marks=options.adds)
     todo: list[ImageJob] = []
     early: list[Record] = []
     owner: dict[Path, Path] = {}
@@ -52,7 +53,7 @@ def plan_run(jobs: list[ImageJob], options: CaptionOptions, quiet: bool = False)
                                 f"{owner[target]} (same name); rename one of them to caption both"))
         elif target.is_dir():
             early.append(Record(str(job.image), "failed", error=f"{target} is a folder, not a caption file"))
-        elif target.exists() and not options.overwrite:
+        elif target.exists() and not options.recaptions:
             summary.skipped += 1
         else:
             todo.append(job)
@@ -64,9 +65,10 @@ def plan_run(jobs: list[ImageJob], options: CaptionOptions, quiet: bool = False)
     return Plan(todo, targets, summary, early)
 
 
-def _recover_claims(folders: set[Path], targets: set[Path]) -> None:
-    """Finish what killed runs left: stale claims beside captions (their --jsonl records included). A claim's
-    caption is known from its name, or for a shortened name (a long caption name) from this run's targets."""
+def _recover_claims(folders: set[Path], targets: set[Path], keep_marks: bool) -> None:
+    """Finish what killed runs left: stale claims beside captions (their --jsonl records included; with
+    `keep_marks`, the marks of --existing append / prepend stay). A claim's caption is known from its name, or
+    for a shortened name (a long caption name) from this run's targets."""
     known = {claim_path(target): target for target in targets}
     for folder in folders:
         if folder.is_dir():
@@ -75,7 +77,7 @@ def _recover_claims(folders: set[Path], targets: set[Path]) -> None:
                 if target is None and claim_path(claim.with_name(claim.name[1 : -len(CLAIM_SUFFIX)])) == claim:
                     target = claim.with_name(claim.name[1 : -len(CLAIM_SUFFIX)])
                 if target is not None:
-                    recover_stale(claim, target)
+                    recover_stale(claim, target, keep_marks)
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from ..runtime.limits import check_request
 from ..runtime.manifest import Manifest
 from ..runtime.preprocess import ImageSpec
 from ..runtime.text import TextCodec
-from .captioning import caption_stream, publish
+from .captioning import caption_stream, per_image, publish
 from .options import CaptionOptions, RayOptions
 from .plan import Plan, recording
 from .records import Record, Summary
@@ -64,12 +64,14 @@ class CaptionActor:
         options = self.options
         good = [(i, Pixels(batch["pixels"][i], str(batch["image"][i])))
                 for i, error in enumerate(batch["error"]) if not error]
-        results = dict(caption_stream(self.captioner, good, options))  # as a plain run: --min-words included
+        # as a plain run: --min-words and --captions-per-image included
+        results = dict(per_image(caption_stream(self.captioner, good, options), options.captions_per_image))
         records = []
         for i, path in enumerate(batch["image"]):
-            result = results.get(i) or CaptionResult(source=str(path), error=str(batch["error"][i]))
-            result.source = str(path)
-            records.append(publish(result, Path(batch["target"][i]), options, exclusive=not options.overwrite))
+            captions = results.get(i) or [CaptionResult(source=str(path), error=str(batch["error"][i]))]
+            for result in captions:
+                result.source = str(path)
+            records.append(publish(captions, Path(batch["target"][i]), options, exclusive=not options.recaptions))
         return {"record": np.array([asdict(r) for r in records], dtype=object)}
 
 

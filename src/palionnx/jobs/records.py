@@ -46,7 +46,8 @@ class Record:
     tokens: int = 0
     error: str | None = None
     output: str | None = None
-    caption: str | None = None
+    caption: str | None = None  # the caption file's text as written
+    captions: list[str] | None = None  # this run's new captions, with --existing append / prepend or several
     timings: dict[str, float] = field(default_factory=dict)
     attempts: int = 1  # captions generated for the image (more than one with --min-words and --retries)
 
@@ -55,6 +56,8 @@ class Record:
         bytes, which the OS hands over with surrogate escapes) is written with its bad bytes as \\xNN, and for
         `path` and `output` the name's exact bytes go in `path_bytes` / `output_bytes` (base64)."""
         data = asdict(self)
+        if data["captions"] is None:
+            del data["captions"]
         for key, value in list(data.items()):
             if isinstance(value, str) and not _is_utf8(value):
                 data[key] = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

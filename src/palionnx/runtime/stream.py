@@ -71,15 +71,17 @@ class CaptionStream:
     as a result with `error` set. `items` may yield None for "nothing ready yet" (see `Scheduler.run`).
     With `retry`, a short caption goes back to the scheduler as a new request for the same pixels, and the
     image's result comes once it is long enough or out of retries (`CaptionResult.attempts` counts them).
-    `occupancy` says how full the slots were so far.
+    With `copies`, each image is captioned that many times, each caption a request of its own (with
+    sampling they differ), and gives that many results with its tag. `occupancy` says how full the slots
+    were so far.
     """
 
     def __init__(self, captioner: Captioner, items: Iterable[tuple[Any, ImageInput] | None], *,
                  slots: int | None = None,
                  prompt: str = DEFAULT_PROMPT, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  sampler: Sampler | None = None, logits_processors: Sequence[LogitsProcessor] | None = None,
-                 ignore_eos: bool = False, retry: Retry | None = None):
-        self.captioner, self.items, self.retry = captioner, items, retry
+                 ignore_eos: bool = False, retry: Retry | None = None, copies: int = 1):
+        self.captioner, self.items, self.retry, self.copies = captioner, items, retry, copies
         self.slots = slots or captioner.default_batch_size
         self.template = Request(np.empty(0), prompt, max_new_tokens, sampler or greedy, logits_processors or (),
                                 ignore_eos)
@@ -138,6 +140,8 @@ class CaptionStream:
             tag, image, future = ahead.popleft()
             pixels = future.result()
             if isinstance(pixels, ImageLoadError):
-                self._failed.append((tag, CaptionResult(source_name(image), error=str(pixels))))
+                failed = CaptionResult(source_name(image), error=str(pixels))
+                self._failed.extend([(tag, failed)] * self.copies)
                 continue
-            yield dataclasses.replace(self.template, pixels=pixels, tag=_Ticket(tag, source_name(image)))
+            for _ in range(self.copies):
+                yield dataclasses.replace(self.template, pixels=pixels, tag=_Ticket(tag, source_name(image)))
