@@ -314,6 +314,22 @@ def test_a_claim_of_a_published_append_stays_as_its_mark_until_the_run_is_done(t
     assert not claim_path(unpublished).exists()
 
 
+def test_a_mark_holds_a_caption_with_a_carriage_return(tmp_path):
+    """A random model can decode "\r": compared as text read back ("\r" read as "\n") the mark was missed
+    and a re-run appended to that image twice."""
+    target = tmp_path / "a.txt"
+    target.write_bytes(b"old\r")
+    options = CaptionOptions(existing="append")
+    text = joined(["new\rline"], target, options)
+    assert text == "old, new\rline"  # the old text stripped, the new one as decoded
+    claims = Claims(None, marks=True)
+    assert claims.claim(target)
+    record = publish([CaptionResult("a.png", "new\rline", [1])], target, options, claims=claims)
+    claims.release(target)
+    assert target.read_bytes() == text.encode() and record.caption == text
+    assert Claims(None, marks=True).done_by_mark(target)
+
+
 # --- whole runs on a model ----------------------------------------------------------------------------------
 
 def test_a_run_captions_every_good_image_once_and_records_each(tmp_path, captioner, capsys):

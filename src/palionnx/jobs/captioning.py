@@ -132,7 +132,8 @@ def joined(captions: list[str], target: Path, options: CaptionOptions) -> str:
     if not options.adds:
         return new
     try:
-        old = target.read_text(encoding="utf-8").strip()
+        with open(target, encoding="utf-8", newline="") as existing:  # as it is: no "\r" turned into "\n"
+            old = existing.read().strip()
     except FileNotFoundError:
         old = ""
     if not old:

@@ -76,9 +76,11 @@ def is_mark(info: ClaimInfo, target: Path) -> bool:
 
 
 def _holds(target: Path, text: str) -> bool:
+    """Whether the file holds exactly `text` (bytes compared: reading text would turn a caption's "\r" into
+    "\n")."""
     try:
-        return target.read_text(encoding="utf-8") == text
-    except (OSError, UnicodeDecodeError):
+        return target.read_bytes() == text.encode("utf-8")
+    except OSError:
         return False
 
 
