@@ -34,7 +34,7 @@ def test_decoder_inputs_are_the_float_models(family, checkpoints, reference):
     pixels = torch.tensor(np.random.default_rng(0).standard_normal((2, 3, checkpoint.image_size,
                                                                      checkpoint.image_size)), dtype=torch.float32)
     with torch.no_grad():
-        features = VisionEncoder(model)(pixels).numpy()
+        features = VisionEncoder.of(model)(pixels).numpy()
     text = [checkpoint.bos_token_id] + checkpoint.tokenizer.encode("caption en\n", add_special_tokens=False)
     collector = Collector()
     decoder_inputs(CheckpointWeights(checkpoint.folder, checkpoint.config.text_config),

@@ -39,6 +39,6 @@ def test_vision_graph_computes_what_transformers_does(reference, family, tmp_pat
     session = ort.InferenceSession(str(tmp_path / info.file), providers=["CPUExecutionProvider"])
     (ours,) = session.run(None, {info.inputs[0]: pixels})
     with torch.no_grad():
-        theirs = VisionEncoder(model).eval()(torch.from_numpy(pixels)).numpy()
+        theirs = VisionEncoder.of(model).eval()(torch.from_numpy(pixels)).numpy()
     assert ours.shape == theirs.shape == (3, config.patches, config.projection)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)

@@ -330,7 +330,7 @@ def spiky_channels(folder: Path, count: int) -> dict[int, list[int]]:
                      checkpoint.resample)
     pixels = np.stack([image_pixels(image, spec) for image in calibration_images(None, checkpoint.image_size)])
     with torch.no_grad():
-        features = VisionEncoder(checkpoint.model).eval()(torch.from_numpy(pixels)).numpy()
+        features = VisionEncoder.of(checkpoint.model).eval()(torch.from_numpy(pixels)).numpy()
     config = DecoderConfig.from_text_config(checkpoint.config.text_config)
     text = [checkpoint.bos_token_id] + checkpoint.tokenizer.encode("caption en\n", add_special_tokens=False)
     collector = Collector()

@@ -36,7 +36,7 @@ from .linear import SitePlan
 from .options import ExportError, ExportOptions
 from .output import staged_output
 from .quantize import Kernel
-from .weights import CheckpointWeights
+from .weights import CheckpointWeights, tensor_files
 
 Progress = Callable[[str], None]
 
@@ -220,37 +220,36 @@ def _export_in_child(folder: Path, scratch: Path, fp16: bool, progress: Progress
 
 
 def _export_worker(folder: str, scratch: str, fp16: bool, messages: Any, started: float) -> None:
-    """Child process: load the model and export the vision encoder, reporting through `messages`."""
+    """Child process: read the vision encoder's weights and export it, reporting through `messages`."""
     try:
         _quiet_exporters()
+        from transformers import AutoConfig
+
+        from .vision import load_vision_encoder
+
         say = _timed(lambda text: messages.put(("progress", text)), started)
-        say("loading the model for export")
-        # Loaded as stored (the weights are mapped, not read, until used); only the vision encoder is touched
-        # here, converted to fp16 on its own when asked, so the language model never enters memory.
-        checkpoint = open_checkpoint(folder, dtype="float32")
+        say("reading the vision encoder's weights")
+        # only the vision tower and projector are read: the language model never enters memory
+        config = AutoConfig.from_pretrained(folder)
+        encoder = load_vision_encoder(config, tensor_files(Path(folder)))
         if fp16:
-            checkpoint.model.model.vision_tower.half()
-            checkpoint.model.model.multi_modal_projector.half()
+            encoder.half()
         say(f"exporting the vision encoder ({'fp16' if fp16 else 'fp32'})")
-        messages.put(("done", _export_vision(checkpoint, Path(scratch))))
+        messages.put(("done", _export_vision(encoder, config.vision_config.image_size, Path(scratch))))
     except Exception as exc:  # everything goes back to the parent as a message
         messages.put(("error", f"exporting failed: {type(exc).__name__}: {exc}"))
 
 
-def _export_vision(checkpoint: Checkpoint, folder: Path) -> GraphInfo:
+def _export_vision(encoder: Any, size: int, folder: Path) -> GraphInfo:
     import torch
 
-    from .vision import VisionEncoder
-
-    model = checkpoint.model
-    size = model.config.vision_config.image_size
     io = graph_io(VISION_ENCODER, 0)
     path = folder / GRAPH_FILES[VISION_ENCODER]
     # An example batch of 2: torch.export specialises dimensions of size 0 or 1.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            VisionEncoder(model).eval(), (torch.zeros(2, 3, size, size),), dynamo=True, input_names=io.inputs,
+            encoder, (torch.zeros(2, 3, size, size),), dynamo=True, input_names=io.inputs,
             output_names=io.outputs, dynamic_shapes=({0: torch.export.Dim("batch")},),
             opset_version=quantize.OPSET, external_data=True, verbose=False,
         )

@@ -25,7 +25,7 @@ class CheckpointWeights:
 
     def __init__(self, folder: Path, text_config: Any, dtype: str = "float32"):
         self.folder, self.text_config, self.dtype = folder, text_config, dtype
-        self.files = _tensor_files(folder)
+        self.files = tensor_files(folder)
         embed = [name for name in self.files if name.endswith("embed_tokens.weight") and "language_model" in name]
         if len(embed) != 1:
             raise ValueError(f"{folder}: cannot find the language model's embed_tokens.weight in the safetensors")
@@ -83,7 +83,7 @@ class CheckpointWeights:
         return tensor.to(getattr(torch, self.dtype)).numpy()
 
 
-def _tensor_files(folder: Path) -> dict[str, Path]:
+def tensor_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it (sharded checkpoints through their index)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():

@@ -7,8 +7,9 @@ PaliGemma id layout: text pieces, then 1024 `<locNNNN>` and 128 `<segNNN>` token
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0..3, as in Gemma
 EXTRA_TOKENS = [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
 IMAGE_TOKEN = "<image>"
+SHARD_BYTES = 2 * 10**9  # safetensors shards of write_checkpoint
 START_OF_TURN_ID, END_OF_TURN_ID, NEWLINE_ID = 106, 107, 108  # Gemma's ids; <end_of_turn> is a PG2 eos
 
 
@@ -200,8 +202,9 @@ def make_config(geometry: Geometry) -> Any:  # PaliGemmaConfig
     )
 
 
-def _randomise(model: Any, seed: int, scale: float, embed_scale: float) -> None:
-    """Fill every weight with seeded noise: N(0, scale/sqrt(fan_in)) for matrices, and random norm gains.
+def _random_weights(model: Any, seed: int, scale: float, embed_scale: float) -> Iterator[tuple[str, Any]]:
+    """(name, seeded noise) for every parameter of `model` (which may live on the meta device), one at a time:
+    N(0, scale/sqrt(fan_in)) for matrices, and random norm gains.
 
     Gemma's RMSNorm multiplies by (1 + w), so its w ~ N(0, 0.5) (Gemma 2's post-sublayer norms N(1, 0.5));
     SigLIP's LayerNorm uses w directly. With tied embeddings a random decoder tends to repeat its input
@@ -210,48 +213,106 @@ def _randomise(model: Any, seed: int, scale: float, embed_scale: float) -> None:
     import torch
 
     gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+            gemma_norm = "language_model" in name and ".post_" not in name
+            yield name, noise * 0.5 + (0.0 if gemma_norm else 1.0)
+        elif p.ndim == 1:
+            yield name, noise * 0.02
+        elif "embed_tokens" in name:
+            yield name, noise * (embed_scale / math.sqrt(p.shape[1]))
+        else:
+            gain = scale if "language_model" in name else 1.0  # the vision tower stays tame
+            yield name, noise * (gain / math.sqrt(math.prod(p.shape[1:])))
+
+
+def _randomise(model: Any, seed: int, scale: float, embed_scale: float) -> None:
+    """Fill the parameters of a materialised `model` in place with `_random_weights`."""
+    import torch
+
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                gemma_norm = "language_model" in name and ".post_" not in name
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (0.0 if gemma_norm else 1.0))
-            elif p.ndim == 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * embed_scale / math.sqrt(p.shape[1]))
-            else:
-                fan_in = math.prod(p.shape[1:])
-                gain = scale if "language_model" in name else 1.0  # the vision tower stays tame
-                p.copy_(torch.randn(p.shape, generator=gen) * gain / math.sqrt(fan_in))
+        for name, value in _random_weights(model, seed, scale, embed_scale):
+            model.get_parameter(name).copy_(value)
 
 
 def write_checkpoint(geometry: str | Geometry, outdir: str | Path, seed: int = 0, dtype: str = "float32") -> Path:
     """Write a random-weight PaliGemma checkpoint (weights, config, processor) that
-    `PaliGemmaForConditionalGeneration.from_pretrained(outdir)` and `AutoProcessor` load."""
+    `PaliGemmaForConditionalGeneration.from_pretrained(outdir)` and `AutoProcessor` load.
+
+    The weights are drawn and written one tensor at a time into safetensors shards of at most SHARD_BYTES
+    (with an index when there are several), so a 10B or 28B checkpoint is written in a few GB of RAM."""
     import torch
     from transformers import PaliGemmaForConditionalGeneration
 
     g = GEOMETRIES[geometry] if isinstance(geometry, str) else geometry
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    config = make_config(g)
     with torch.device("meta"):
-        model = PaliGemmaForConditionalGeneration(make_config(g))
-    model.to_empty(device="cpu")
+        model = PaliGemmaForConditionalGeneration(config)
     model.tie_weights()
     scale = 1.0 if g.hidden >= 1024 else 2.0
-    _randomise(model, seed, scale=scale, embed_scale=scale * (0.25 if g.family == "pg2" else 1.0))
-    model.to(getattr(torch, dtype))
-    return save_checkpoint(model, g, build_tokenizer(g), outdir)
+    weights = _random_weights(model, seed, scale=scale, embed_scale=scale * (0.25 if g.family == "pg2" else 1.0))
+    _write_shards(((name, value.to(getattr(torch, dtype))) for name, value in weights), outdir)
+    config.dtype = dtype
+    config.save_pretrained(outdir)
+    _save_processing(g, build_tokenizer(g), config.text_config.eos_token_id, outdir)
+    return outdir
+
+
+def _write_shards(tensors: Iterator[tuple[str, Any]], outdir: Path) -> None:
+    """Save (name, tensor) pairs as model.safetensors, or as numbered shards and their index when they exceed
+    SHARD_BYTES, holding one shard in memory at a time."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    size = total = 0
+    written: list[str] = []
+
+    def flush() -> None:
+        nonlocal current, size
+        if current:
+            name = f"part-{len(written):05d}.safetensors"
+            save_file(current, str(outdir / name), metadata={"format": "pt"})
+            written.append(name)
+            shards.append(dict.fromkeys(current, name))
+        current, size = {}, 0
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > SHARD_BYTES:
+            flush()
+        current[name], size, total = tensor.contiguous(), size + nbytes, total + nbytes
+    flush()
+    if len(written) == 1:
+        (outdir / written[0]).rename(outdir / "model.safetensors")
+        return
+    count = len(written)
+    weight_map: dict[str, str] = {}
+    for i, (old, shard) in enumerate(zip(written, shards, strict=True)):
+        new = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+        (outdir / old).rename(outdir / new)
+        weight_map.update(dict.fromkeys(shard, new))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (outdir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def save_checkpoint(model: Any, g: Geometry, tokenizer: Tokenizer, outdir: str | Path) -> Path:
     """Save `model` with its tokenizer and image processor as a transformers PaliGemma checkpoint folder."""
-    from transformers import GenerationConfig, PaliGemmaProcessor, PreTrainedTokenizerFast, SiglipImageProcessor
-
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    eos = model.config.text_config.eos_token_id
-    model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=eos, pad_token_id=0)
     model.save_pretrained(outdir)
+    _save_processing(g, tokenizer, model.config.text_config.eos_token_id, outdir)
+    return outdir
 
+
+def _save_processing(g: Geometry, tokenizer: Tokenizer, eos: int | list[int], outdir: Path) -> None:
+    """The generation config, tokenizer and image processor files of a checkpoint folder."""
+    from transformers import GenerationConfig, PaliGemmaProcessor, PreTrainedTokenizerFast, SiglipImageProcessor
+
+    GenerationConfig(bos_token_id=2, eos_token_id=eos, pad_token_id=0).save_pretrained(outdir)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
         unk_token="<unk>", padding_side="left", extra_special_tokens={"image_token": IMAGE_TOKEN},
@@ -263,4 +324,3 @@ def save_checkpoint(model: Any, g: Geometry, tokenizer: Tokenizer, outdir: str |
     setattr(image_processor, "image_seq_length", g.image_seq_length)  # noqa: B010 (not a declared attribute)
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=fast)
     processor.save_pretrained(outdir)
-    return outdir
