@@ -272,7 +272,7 @@ def test_hub_checkpoint_is_exported_once_with_a_plan_then_listed_and_removed(tmp
 
 
 def test_export_plan_scales_the_measured_export_and_refuses_what_cannot_fit():
-    from palionnx.cli.export_plan import GB, estimate, parameter_count, shortfall
+    from palionnx.cli.export_plan import GB, embedding_size, estimate, parameter_count, shortfall
 
     files = {"model.safetensors": int(5.84e9), "config.json": 1000}
     params = parameter_count(files, {"torch_dtype": "bfloat16"})
@@ -286,6 +286,19 @@ def test_export_plan_scales_the_measured_export_and_refuses_what_cannot_fit():
     assert "6.1 GB of RAM" in shortfall(plan, available_ram=3 * GB, free_disk=100 * GB)
     assert "11.3 GB of disk and 5.0 GB is free" in shortfall(plan, available_ram=64 * GB, free_disk=5 * GB)
     assert estimate(params / 2, "fp16", 0).peak_ram_bytes == pytest.approx(1.8 * GB)
+    # a 10B / 28B: the peak follows the embedding table, the fp32 vision scratch stays SigLIP's
+    ten_b = {"text_config": {"vocab_size": 257_216, "hidden_size": 3584}}
+    assert embedding_size(ten_b) == 257_216 * 3584 and embedding_size({"text_config": {}}) is None
+    big = estimate(9.66e9, "int4", 0, embedding_size(ten_b))
+    assert big.peak_ram_bytes == pytest.approx(6.1 * GB * 3584 / 2048) and big.scratch_bytes == pytest.approx(1.66 * GB)
+    assert big.folder_bytes == pytest.approx(3.77 * GB * 9.66 / 2.92)
+    whole = estimate(27.65e9, "fp32", 0, 257_216 * 4608)
+    refused = shortfall(whole, available_ram=64 * GB, free_disk=1000 * GB, total_ram=24 * GB)
+    assert refused.startswith("captioning with its fp32 folder needs about 112.1 GB") and "has 24.0 GB" in refused
+    assert shortfall(big, available_ram=20 * GB, free_disk=100 * GB, total_ram=24 * GB) is None
+    assert big.run_ram_bytes == pytest.approx(7.4 * GB, rel=0.05)  # measured: benchmarks/results/big-pg2-10b-224.md
+    whole_int4 = estimate(27.65e9, "int4", 0, 257_216 * 4608)
+    assert shortfall(whole_int4, available_ram=20 * GB, free_disk=100 * GB, total_ram=24 * GB) is None
     from palionnx.cli.export_plan import MEASURED
     from palionnx.runtime.levels import QUANT_LEVELS
 

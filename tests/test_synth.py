@@ -68,18 +68,18 @@ IMAGE_TOKENS = {224: 256, 448: 1024, 896: 4096}
 
 
 @pytest.mark.parametrize("name", [f"{model}-{size}" for model in PUBLISHED_DECODERS for size in IMAGE_TOKENS]
-                         + ["pg2-10b-224-l4", "pg2-28b-896-l4"])
+                         + ["pg2-10b-224-l4", "pg2-28b-896-l4", "pg2-28b-224-l8"])
 def test_real_geometries_have_the_published_configs(name):
     from palionnx.testmodels.synth import make_config
 
     family, params, size = name.split("-")[:3]
-    model, truncated = f"{family}-{params}", name.endswith("-l4")
+    model, layers = f"{family}-{params}", int(name.split("-l")[1]) if "-l" in name else None
     config = make_config(GEOMETRIES[name])
     expected = dict(PUBLISHED_DECODERS[model], **(GEMMA2 if model.startswith("pg2") else {}))
-    if truncated:
-        expected["num_hidden_layers"] = 4
+    if layers:
+        expected["num_hidden_layers"] = layers
     assert {key: getattr(config.text_config, key) for key in expected} == expected
-    vision = dict(SIGLIP, image_size=int(size), num_hidden_layers=4 if truncated else 27)
+    vision = dict(SIGLIP, image_size=int(size), num_hidden_layers=layers or 27)
     assert {key: getattr(config.vision_config, key) for key in vision} == vision
     assert GEOMETRIES[name].image_seq_length == IMAGE_TOKENS[int(size)] == (int(size) // 14) ** 2
     assert config.text_config.vocab_size == 257216 and config.image_token_index == 257152

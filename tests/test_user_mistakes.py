@@ -201,6 +201,21 @@ def test_export_refuses_a_head_dim_the_fused_attention_cannot_run(tmp_path):
         assert not (tmp_path / "out").exists() and "vision encoder" not in run.stderr
 
 
+def test_export_refuses_a_checkpoint_this_machine_cannot_hold_before_any_work(tmp_path, checkpoints):
+    """The export plan (cli/export_plan.py) of a local checkpoint: what it costs is said, and a level whose folder
+    this disk cannot hold is refused in one line with the numbers, before the vision export."""
+    big = tmp_path / "big"
+    shutil.copytree(checkpoints["tiny-pg1"], big)
+    with open(big / "padding.safetensors", "wb") as padding:  # sparse: 400 GB (100 B float32) taking no disk
+        padding.truncate(400 * 10**9)
+    run = palionnx("export", big, "-o", tmp_path / "out", "--quant", "fp32")
+    assert run.returncode == 2, run.stderr
+    one_error(run, f"cannot export {big} at fp32 on this machine: the export needs about", "of disk and")
+    assert "needs: local checkpoint; export of a 100.00 B-parameter" in run.stderr
+    assert "vision encoder" not in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_quantized_exports_follow_the_umask(exported):
     umask = os.umask(0)
     os.umask(umask)

@@ -315,6 +315,26 @@ def _open_model(model: str, quant: str | None, device: str, ray: str | None, qui
         _usage(str(exc))
 
 
+def _check_export_plan(folder: Path, quant: str, output: Path, say: Any) -> None:
+    """Say what exporting `folder` costs and refuse, before any work, when this machine lacks the RAM or disk.
+
+    A folder too big to caption with here is only noted: it may be exported for a bigger machine."""
+    from ..export.options import ExportError
+    from ..system import memory
+    from .export_plan import free_disk, local_estimate, shortfall
+    from .tables import human_bytes
+
+    plan = local_estimate(folder, quant)
+    say(f"needs: {plan.describe()}")
+    available = memory()
+    problem = shortfall(plan, available.available if available else None, free_disk(output))
+    if problem:
+        raise ExportError(f"cannot export {folder} at {quant} on this machine: {problem}")
+    if available and plan.run_ram_bytes > available.total:
+        say(f"note: captioning with it needs about {human_bytes(plan.run_ram_bytes)} of RAM and this machine has "
+            f"{human_bytes(available.total)}: run it on a bigger one")
+
+
 @app.command()
 def export(
     source: Annotated[str, typer.Argument(metavar="SOURCE", help=(
@@ -366,6 +386,8 @@ def export(
 
     try:
         with Steps() as steps:
+            if Path(source).expanduser().is_dir():  # a hub id is planned where it is downloaded (cli/models.py)
+                _check_export_plan(Path(source).expanduser(), options.quant, output, steps.say)
             manifest = run_export(source, output, options, progress=steps.say)
     except (CheckpointError, ExportError, OutputError) as exc:
         _usage(str(exc))

@@ -1,20 +1,24 @@
 """What a first-use export will cost, told before it starts and refused early when the machine lacks it.
 
 The figures scale the export measured on the real `pg1-3b-224` geometry (2.92 B parameters, a 2-core 24 GB
-machine; README, Export) by the checkpoint's parameter count.
+machine; README, Export): the folder, its time and the captioning memory by the checkpoint's parameter count,
+the export's peak RAM by its embedding table (vocab x hidden, held in float32 while it is quantized: the
+largest tensor), checked on pg2-10b-224 and the real-width pg2-28b-224-l4 (benchmarks/results/big-*.md).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .tables import human_bytes
 
 GB = 1e9
 REFERENCE_PARAMS = 2.92e9  # pg1-3b-224
+REFERENCE_EMBEDDING = 257_216 * 2048  # its vocab x hidden
 # quant: (folder GB, export seconds, peak RSS GB) measured for REFERENCE_PARAMS with the fused decoder
 # (benchmarks/results/fused-decoder-cpu.md; fp16 and int8 ran beside another job, so their times err high).
 MEASURED = {
@@ -24,7 +28,12 @@ MEASURED = {
     "int8": (5.13, 227, 7.0),  # with its int8 QGEMM prefill graph and calibration (README, Export)
     "int4": (3.77, 198, 6.1),  # with its int8 prefill graph and calibration (README, Export)
 }
-VISION_FP32_GB = 1.66  # int8 / int4 first write the vision encoder in fp32, then quantize it
+VISION_FP32_GB = 1.66  # int8 / int4 first write the vision encoder in fp32 (every PaliGemma's SigLIP), then
+# quantize it
+# RAM to caption with a folder: (GB, GB per billion parameters), peak RSS of one 256-token caption fitted
+# through pg1-3b-224 (README, Quant levels) and pg2-10b-224 (benchmarks/results/big-pg2-10b-224.md) for int8 and
+# int4; fp32 from pg1-3b-224 with 4 bytes a parameter; fp16 / bf16 (CUDA levels) assumed at 2 bytes a parameter
+RUN_RAM = {"fp32": (1.5, 4.0), "fp16": (1.5, 2.0), "bf16": (1.5, 2.0), "int8": (1.4, 1.15), "int4": (1.1, 0.65)}
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -39,35 +48,64 @@ class ExportEstimate:
     scratch_bytes: float  # the fp32 vision graph written before quantizing, removed at the end
     peak_ram_bytes: float
     seconds: float
+    run_ram_bytes: float  # RAM to caption with the folder
+    local: bool = False  # a checkpoint folder on this machine, not a hub id
 
     def describe(self) -> str:
         minutes, seconds = divmod(round(self.seconds), 60)
-        download = "checkpoint in the hub cache"
+        download = "local checkpoint" if self.local else "checkpoint in the hub cache"
         if self.download_bytes:
             download = f"download {human_bytes(self.download_bytes)}"
         count = f"{self.params / 1e9:.2f} B" if self.params >= 1e8 else f"{self.params / 1e6:.1f} M"
         return (f"{download}; export of a {count}-parameter checkpoint: about {minutes} min {seconds:02d} s on "
                 f"2 cores, up to {human_bytes(self.peak_ram_bytes)} of RAM, {human_bytes(self.folder_bytes)} on "
-                f"disk (plus {human_bytes(self.scratch_bytes)} while it runs)")
+                f"disk (plus {human_bytes(self.scratch_bytes)} while it runs); captioning with it: about "
+                f"{human_bytes(self.run_ram_bytes)} of RAM")
 
 
-def parameter_count(files: dict[str, int | None], config: dict) -> float:
+def parameter_count(files: Mapping[str, int | None], config: dict) -> float:
     """Parameters of a checkpoint from its weight files' sizes and the dtype its config.json names."""
     weight_bytes = sum(size or 0 for name, size in files.items() if name.endswith((".safetensors", ".bin")))
     dtype = config.get("torch_dtype") or config.get("dtype") or (config.get("text_config") or {}).get("torch_dtype")
     return weight_bytes / _DTYPE_BYTES.get(str(dtype), 2)  # unknown: assume 16-bit, which errs on the high side
 
 
-def estimate(params: float, quant: str, download_bytes: int) -> ExportEstimate:
+def embedding_size(config: dict) -> float | None:
+    """vocab x hidden of the checkpoint's language model, from its config.json (None when it does not say)."""
+    text = config.get("text_config") or {}
+    vocab, hidden = text.get("vocab_size") or config.get("vocab_size"), text.get("hidden_size")
+    return float(vocab * hidden) if isinstance(vocab, int) and isinstance(hidden, int) else None
+
+
+def estimate(params: float, quant: str, download_bytes: int, embedding: float | None = None) -> ExportEstimate:
+    """Scale the measured export to `params` (and its peak RAM to `embedding`, vocab x hidden, when known)."""
     folder_gb, seconds, peak_gb = MEASURED[quant]
     scale = params / REFERENCE_PARAMS
-    scratch = VISION_FP32_GB * scale * GB if quant in ("int8", "int4") else 0.0
-    return ExportEstimate(quant, params, download_bytes, folder_gb * scale * GB, scratch, peak_gb * scale * GB,
-                          seconds * scale)
+    scratch = min(VISION_FP32_GB, VISION_FP32_GB * scale) * GB if quant in ("int8", "int4") else 0.0
+    peak_scale = embedding / REFERENCE_EMBEDDING if embedding else scale
+    return ExportEstimate(quant, params, download_bytes, folder_gb * scale * GB, scratch, peak_gb * peak_scale * GB,
+                          seconds * scale, run_ram(params, quant))
 
 
-def shortfall(plan: ExportEstimate, available_ram: float | None, free_disk: float) -> str | None:
-    """Why this machine cannot run the export (None when it can)."""
+def run_ram(params: float, quant: str) -> float:
+    """Peak RAM, in bytes, of captioning with a `quant` folder of a `params`-parameter checkpoint."""
+    base_gb, per_billion_gb = RUN_RAM[quant]
+    return (base_gb + per_billion_gb * params / 1e9) * GB
+
+
+def local_estimate(folder: Path, quant: str) -> ExportEstimate:
+    """What exporting the local checkpoint `folder` at `quant` costs (nothing to download)."""
+    files = {path.name: path.stat().st_size for path in folder.iterdir() if path.is_file()}
+    config = read_config(folder / "config.json")
+    return replace(estimate(parameter_count(files, config), quant, 0, embedding_size(config)), local=True)
+
+
+def shortfall(plan: ExportEstimate, available_ram: float | None, free_disk: float,
+              total_ram: float | None = None) -> str | None:
+    """Why this machine cannot run the export, or could not caption with its folder (None when it can)."""
+    if total_ram is not None and plan.run_ram_bytes > total_ram:
+        return (f"captioning with its {plan.quant} folder needs about {human_bytes(plan.run_ram_bytes)} of RAM and "
+                f"this machine has {human_bytes(total_ram)}: export a smaller level (int4 needs the least)")
     if available_ram is not None and plan.peak_ram_bytes > available_ram:
         return (f"the export needs about {human_bytes(plan.peak_ram_bytes)} of RAM at its peak and "
                 f"{human_bytes(available_ram)} is available")

@@ -20,7 +20,15 @@ from ..hub import HubError, cached_snapshot, download, is_hub_id, repo_files
 from ..runtime.contract import MANIFEST_NAME
 from ..runtime.levels import LevelError, resolve_quant, target_device
 from ..system import memory
-from .export_plan import ExportEstimate, estimate, free_disk, parameter_count, read_config, shortfall
+from .export_plan import (
+    ExportEstimate,
+    embedding_size,
+    estimate,
+    free_disk,
+    parameter_count,
+    read_config,
+    shortfall,
+)
 from .tables import human_bytes
 
 DEFAULT_MODEL = "mnemic/paligemma-longprompt-v1-safetensors"
@@ -136,7 +144,8 @@ def first_use_export(repo: str, files: dict[str, int | None], offline: bool, qua
     progress(f"first use of {repo}: exporting it once at {quant} into {folder}")
     progress(f"needs: {plan.describe()}")
     available = memory()
-    problem = shortfall(plan, available.available if available else None, free_disk(cache_root()))
+    problem = shortfall(plan, available.available if available else None, free_disk(cache_root()),
+                        available.total if available else None)
     if problem:
         raise ModelResolveError(
             f"cannot export {repo} on this machine: {problem}. Export it elsewhere (palionnx export {repo} -o FOLDER "
@@ -159,7 +168,7 @@ def export_estimate(repo: str, files: dict[str, int | None], offline: bool, quan
     except HubError:
         snapshot = None
     missing = sum(size or 0 for name, size in wanted.items() if snapshot is None or not (snapshot / name).is_file())
-    return estimate(parameter_count(files, config), quant, 0 if offline else missing)
+    return estimate(parameter_count(files, config), quant, 0 if offline else missing, embedding_size(config))
 
 
 @dataclass(frozen=True)

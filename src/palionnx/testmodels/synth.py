@@ -81,10 +81,12 @@ GEOMETRIES: dict[str, Geometry] = {
     for name, (family, decoder) in _DECODERS.items() for size in _SIZES
 }
 # Real widths and vocabulary, 4 decoder (and vision) layers: speed at realistic matmuls, and the large models
-# measured in part where the whole does not fit (`truncated`).
+# measured in part where the whole does not fit (`truncated`); the 28B at 224 px also with 8, so that two
+# truncations give its cost per layer (benchmarks/big_models.py).
 TRUNCATED_LAYERS = 4
 GEOMETRIES.update({f"{name}-l{TRUNCATED_LAYERS}": replace(g, vision_layers=TRUNCATED_LAYERS, layers=TRUNCATED_LAYERS)
                    for name, g in list(GEOMETRIES.items()) if name.endswith("-224") or name.startswith("pg2-28b")})
+GEOMETRIES["pg2-28b-224-l8"] = replace(GEOMETRIES["pg2-28b-224"], vision_layers=8, layers=8)
 GEOMETRIES.update({
     # Tiny: 28 px images (4 image tokens), for tests. MQA for pg1, GQA + a short window for pg2.
     "tiny-pg1": Geometry(
