@@ -8,9 +8,9 @@ For one random-weight geometry (`palionnx synth`): the checkpoint written (secon
 exported (`palionnx.export.convert.export`) under `/usr/bin/time -v` (seconds, peak RSS, folder size), then
 one caption of one image in a fresh process (fixed length, eos ignored, after a 2-token warm-up): vision ms,
 prefill ms, decode ms/token, seconds per caption, RSS after loading and the peak of each phase (RSS sampled
-every 5 ms), and `runtime/limits.py`'s estimate of the caption's memory beside the measured growth over the
-loaded RSS. The transformers row is run when its float32 weights fit in the available RAM, else the reason is
-recorded.
+every 5 ms; the vision encoder also alone, before the caption), and `runtime/limits.py`'s estimate of the
+caption's memory beside the measured growth over the loaded RSS. The transformers row is run when its float32
+weights fit in the available RAM, else the reason is recorded.
 Writes benchmarks/results/big-GEOMETRY.json and .md. `--extrapolate SHORT LONG --layers N` reads two such
 reports of one model truncated to different layer counts and writes, as a straight line through them, what the
 whole model's decoder would cost (big-SHORT-extrapolated.md): an extrapolation, not a measurement.
@@ -88,6 +88,7 @@ def measure_caption(folder: Path, new_tokens: int, warmup_tokens: int) -> dict[s
     from palionnx import Captioner
     from palionnx.runtime.defaults import DEFAULT_PROMPT
     from palionnx.runtime.limits import request_bytes
+    from palionnx.runtime.preprocess import image_pixels
     from palionnx.samples import sample_images
     from palionnx.system import rss_bytes
 
@@ -101,6 +102,8 @@ def measure_caption(folder: Path, new_tokens: int, warmup_tokens: int) -> dict[s
     if warmup_tokens:
         captioner.caption([image], max_new_tokens=warmup_tokens, ignore_eos=True)
     memory["after_warmup_gb"] = (rss_bytes() or 0) / GB
+    with peak_rss(memory, "vision_peak_gb"):  # the vision encoder alone: its attention over every patch
+        captioner.model.encode_images(image_pixels(image, captioner.image_spec)[None])
     with peak_rss(memory, "caption_peak_gb"):
         started = time.perf_counter()
         result = captioner.caption([image], max_new_tokens=new_tokens, ignore_eos=True)[0]
@@ -153,20 +156,24 @@ def markdown(report: dict[str, Any]) -> str:
              f"(eos ignored). Machine: {report['machine']}.", "",
              f"Checkpoint written (`write_checkpoint`, bf16 safetensors): {report['checkpoint']['seconds']:.0f} s, "
              f"peak RSS {report['checkpoint']['peak_rss_gb']:.1f} GB, {report['checkpoint']['gb']:.1f} GB on disk.",
-             "", "| level | export s | export peak RSS GB | folder GB | load s | RSS loaded GB | vision ms "
+             "", "| level | kernels (vision / prefill / decode) | export s | export peak RSS GB | folder GB | load s "
+             "| RSS loaded GB | vision ms "
              "| prefill ms | decode ms/tok | s per caption | caption peak RSS GB | growth GB | limits.py estimate GB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in report["levels"]:
         e, c = row["export"], row["caption"]
-        lines.append(f"| {c['level']} | {e['seconds']:.0f} | {e['peak_rss_gb']:.1f} | {row['folder_gb']:.2f} | "
-                     f"{c['load_s']:.1f} | {c['loaded_gb']:.1f} | {c['vision_ms']:.0f} | {c['prefill_ms']:.0f} | "
-                     f"{c['decode_ms_per_token']:.0f} | {c['caption_s']:.1f} | {c['caption_peak_gb']:.1f} | "
-                     f"{c['caption_growth_gb']:.2f} | {c['limits_estimate_gb']:.2f} |")
+        kernels = " / ".join(str(k) for k in row.get("kernels", {}).values()) or "—"
+        lines.append(f"| {c['level']} | {kernels} | {e['seconds']:.0f} | {e['peak_rss_gb']:.1f} | "
+                     f"{row['folder_gb']:.2f} | {c['load_s']:.1f} | {c['loaded_gb']:.1f} | {c['vision_ms']:.0f} | "
+                     f"{c['prefill_ms']:.0f} | {c['decode_ms_per_token']:.0f} | {c['caption_s']:.1f} | "
+                     f"{c['caption_peak_gb']:.1f} | {c['caption_growth_gb']:.2f} | {c['limits_estimate_gb']:.2f} |")
     t = report["transformers"]
     if t["ran"]:
+        # decode is what the whole generate() took beyond vision and prefill, timed apart: with few new
+        # tokens after a long prompt the difference is within the prefill's own variation
+        decode = f"{t['decode_ms_per_token']:.0f} ms/token" if t["decode_ms_per_token"] > 0 else "not resolved"
         lines += ["", f"transformers fp32: vision {t['vision_ms_per_image']:.0f} ms, prefill {t['prefill_ms']:.0f} "
-                      f"ms, decode {t['decode_ms_per_token']:.0f} ms/token, peak RSS "
-                      f"{t['peak_rss_mb'] / 1000:.1f} GB."]
+                      f"ms, decode {decode}, peak RSS {t['peak_rss_mb'] / 1000:.1f} GB."]
     else:
         lines += ["", f"transformers fp32: {t['reason']}."]
     return "\n".join(lines) + "\n"
@@ -243,7 +250,10 @@ def main() -> None:
             raise RuntimeError(out.stderr[-3000:])
         caption = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{level} caption: {caption}", flush=True)
-        report["levels"].append({"export": exported, "folder_gb": folder_gb(folder), "caption": caption})
+        kernels = json.loads((folder / "palionnx.json").read_text())["quant"].get("cpu_kernels") or {}
+        chosen = {part: kernels.get(part) for part in ("vision", "prefill", "decode")}
+        report["levels"].append({"export": exported, "folder_gb": folder_gb(folder), "kernels": chosen,
+                                 "caption": caption})
         if not args.keep:
             subprocess.run(["rm", "-rf", str(folder)], check=True)
     RESULTS.mkdir(parents=True, exist_ok=True)

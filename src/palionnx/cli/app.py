@@ -324,9 +324,9 @@ def _check_export_plan(folder: Path, quant: str, output: Path, say: Any) -> None
     from .export_plan import free_disk, local_estimate, shortfall
     from .tables import human_bytes
 
-    plan = local_estimate(folder, quant)
-    say(f"needs: {plan.describe()}")
     available = memory()
+    plan = local_estimate(folder, quant, available.total if available else None)
+    say(f"needs: {plan.describe()}")
     problem = shortfall(plan, available.available if available else None, free_disk(output))
     if problem:
         raise ExportError(f"cannot export {folder} at {quant} on this machine: {problem}")

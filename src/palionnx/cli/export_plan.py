@@ -1,9 +1,10 @@
-"""What a first-use export will cost, told before it starts and refused early when the machine lacks it.
+"""What an export will cost, told before it starts and refused early when the machine lacks it.
 
 The figures scale the export measured on the real `pg1-3b-224` geometry (2.92 B parameters, a 2-core 24 GB
 machine; README, Export): the folder, its time and the captioning memory by the checkpoint's parameter count,
 the export's peak RAM by its embedding table (vocab x hidden, held in float32 while it is quantized: the
-largest tensor), checked on pg2-10b-224 and the real-width pg2-28b-224-l4 (benchmarks/results/big-*.md).
+largest tensor), the calibration and the captioning memory by the image tokens; checked on pg2-10b-224,
+pg1-3b-896 and the real-width pg2-28b-224-l4 (benchmarks/results/big-*.md; the tests hold the plan to them).
 """
 
 from __future__ import annotations
@@ -14,26 +15,40 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..runtime.defaults import MAX_SPLIT_MEMORY
 from .tables import human_bytes
 
 GB = 1e9
 REFERENCE_PARAMS = 2.92e9  # pg1-3b-224
 REFERENCE_EMBEDDING = 257_216 * 2048  # its vocab x hidden
 # quant: (folder GB, export seconds, peak RSS GB) measured for REFERENCE_PARAMS with the fused decoder
-# (benchmarks/results/fused-decoder-cpu.md; fp16 and int8 ran beside another job, so their times err high).
+# (benchmarks/results/fused-decoder-cpu.md; fp16 and int8 ran beside another job, so their times err high); the
+# int8 / int4 folders without an int8 prefill graph (`--cpu-kernels nbits`), which is counted apart.
 MEASURED = {
     "fp32": (11.71, 93, 4.6),
     "fp16": (5.86, 128, 3.6),
     "bf16": (5.86, 118, 3.6),  # measured alone on the AMD VM (/usr/bin/time palionnx export ... --quant bf16)
-    "int8": (5.13, 227, 7.0),  # with its int8 QGEMM prefill graph and calibration (README, Export)
-    "int4": (3.77, 198, 6.1),  # with its int8 prefill graph and calibration (README, Export)
+    "int8": (3.31, 227, 7.0),  # time and peak with the int8 prefill graph and calibration (README, Export)
+    "int4": (1.85, 198, 6.1),  # time and peak with the int8 prefill graph and calibration (README, Export)
 }
+# int8 / int4 calibrate on 8 images through the float model: at 896 px (4096 image tokens) pg1-3b-896's int4
+# export peaked 7.5 GB above pg1-3b-224's and took 700 s longer (benchmarks/results/big-pg1-3b-896.md); at
+# 448 px no more than at 224. Scaled by image tokens squared (attention over every patch), which errs high at
+# 448, and by the decoder's attention heads over pg1-3b's 8 (an assumption: unmeasured beyond 8 heads).
+CALIBRATION_TOKENS, CALIBRATION_PEAK_GB, CALIBRATION_SECONDS, REFERENCE_HEADS = 4096, 7.5, 700, 8
+VISION_PARAMS = 0.43e9  # SigLIP-So400m and the projector: every PaliGemma's vision encoder
 VISION_FP32_GB = 1.66  # int8 / int4 first write the vision encoder in fp32 (every PaliGemma's SigLIP), then
 # quantize it
-# RAM to caption with a folder: (GB, GB per billion parameters), peak RSS of one 256-token caption fitted
-# through pg1-3b-224 (README, Quant levels) and pg2-10b-224 (benchmarks/results/big-pg2-10b-224.md) for int8 and
-# int4; fp32 from pg1-3b-224 with 4 bytes a parameter; fp16 / bf16 (CUDA levels) assumed at 2 bytes a parameter
+# RAM to caption with a folder without an int8 prefill graph: (GB, GB per billion parameters), peak RSS of one
+# 256-token caption fitted through pg1-3b-224 (README, Quant levels) and pg2-10b-224
+# (benchmarks/results/big-pg2-10b-224.md) for int8 and int4; fp32 from pg1-3b-224 with 4 bytes a parameter;
+# fp16 / bf16 (CUDA levels) assumed at 2 bytes a parameter
 RUN_RAM = {"fp32": (1.5, 4.0), "fp16": (1.5, 2.0), "bf16": (1.5, 2.0), "int8": (1.4, 1.15), "int4": (1.1, 0.65)}
+# ... plus, beyond 224 px, attention over more image tokens in the vision encoder and the prefill: pg1-3b-896's
+# caption peaked 4.4 GB above pg1-3b-224's (9.6 GB against 5.2, both with the int8 prefill graph;
+# benchmarks/results/big-pg1-3b-896.md), scaled by image tokens squared; and the int8 prefill graph's weights
+# (about a byte a parameter), where the export may add them.
+RUN_IMAGE_GB = 4.4
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -49,6 +64,7 @@ class ExportEstimate:
     peak_ram_bytes: float
     seconds: float
     run_ram_bytes: float  # RAM to caption with the folder
+    prefill_graph_bytes: float = 0.0  # of the folder and captioning RAM: the int8 prefill graph this export may add
     local: bool = False  # a checkpoint folder on this machine, not a hub id
 
     def describe(self) -> str:
@@ -57,10 +73,13 @@ class ExportEstimate:
         if self.download_bytes:
             download = f"download {human_bytes(self.download_bytes)}"
         count = f"{self.params / 1e9:.2f} B" if self.params >= 1e8 else f"{self.params / 1e6:.1f} M"
+        prefill = bool(self.prefill_graph_bytes) * (f" (with {human_bytes(self.prefill_graph_bytes)} for an int8 "
+                                                    "prefill graph, where it measures faster)")
         return (f"{download}; export of a {count}-parameter checkpoint: about {minutes} min {seconds:02d} s on "
                 f"2 cores, up to {human_bytes(self.peak_ram_bytes)} of RAM, {human_bytes(self.folder_bytes)} on "
                 f"disk (plus {human_bytes(self.scratch_bytes)} while it runs); captioning with it: about "
-                f"{human_bytes(self.run_ram_bytes)} of RAM")
+                f"{human_bytes(self.run_ram_bytes)} of RAM{prefill}")
+
 
 
 def parameter_count(files: Mapping[str, int | None], config: dict) -> float:
@@ -77,27 +96,59 @@ def embedding_size(config: dict) -> float | None:
     return float(vocab * hidden) if isinstance(vocab, int) and isinstance(hidden, int) else None
 
 
-def estimate(params: float, quant: str, download_bytes: int, embedding: float | None = None) -> ExportEstimate:
-    """Scale the measured export to `params` (and its peak RAM to `embedding`, vocab x hidden, when known)."""
-    folder_gb, seconds, peak_gb = MEASURED[quant]
+def estimate(params: float, quant: str, download_bytes: int, embedding: float | None = None,
+             image_tokens: int = 256, heads: int = REFERENCE_HEADS, total_ram: float | None = None) -> ExportEstimate:
+    """Scale the measured export to `params` (its peak RAM to `embedding`, vocab x hidden, when known; the
+    calibration of int8 / int4 to `image_tokens` and the decoder's attention `heads`). An int8 / int4 folder's
+    int8 prefill graph is counted where the export could add it: where it takes at most MAX_SPLIT_MEMORY of
+    `total_ram` (export/tune.py; always when `total_ram` is not known)."""
+    folder_gb, measured_seconds, peak_gb = MEASURED[quant]
     scale = params / REFERENCE_PARAMS
     scratch = min(VISION_FP32_GB, VISION_FP32_GB * scale) * GB if quant in ("int8", "int4") else 0.0
-    peak_scale = embedding / REFERENCE_EMBEDDING if embedding else scale
-    return ExportEstimate(quant, params, download_bytes, folder_gb * scale * GB, scratch, peak_gb * peak_scale * GB,
-                          seconds * scale, run_ram(params, quant))
+    peak = peak_gb * (embedding / REFERENCE_EMBEDDING if embedding else scale) * GB
+    seconds = measured_seconds * scale
+    if quant in ("int8", "int4"):
+        patches = _beyond_224(image_tokens)
+        peak += CALIBRATION_PEAK_GB * patches * max(1.0, heads / REFERENCE_HEADS) * GB
+        seconds += CALIBRATION_SECONDS * patches * max(1.0, scale)
+    prefill_graph = 0.0
+    if quant in ("int8", "int4"):  # int8 copies of the layers and the lm_head table at the level's bits
+        table = embedding or 0.0
+        prefill_graph = max(0.0, params - table - VISION_PARAMS) + table * (8 if quant == "int8" else 4) / 8
+        if total_ram is not None and prefill_graph > MAX_SPLIT_MEMORY * total_ram:
+            prefill_graph = 0.0
+    return ExportEstimate(quant, params, download_bytes, folder_gb * scale * GB + prefill_graph, scratch, peak,
+                          seconds, run_ram(params, quant, image_tokens) + prefill_graph, prefill_graph)
 
 
-def run_ram(params: float, quant: str) -> float:
+def checkpoint_estimate(files: Mapping[str, int | None], config: dict, quant: str, download_bytes: int,
+                        total_ram: float | None = None) -> ExportEstimate:
+    """`estimate` for a checkpoint of these weight files' sizes and this config.json."""
+    text, vision = config.get("text_config") or {}, config.get("vision_config") or {}
+    size, patch = vision.get("image_size") or 224, vision.get("patch_size") or 14
+    image_tokens = vision.get("num_image_tokens") or (int(size) // int(patch)) ** 2
+    heads = text.get("num_attention_heads") or REFERENCE_HEADS
+    return estimate(parameter_count(files, config), quant, download_bytes, embedding_size(config),
+                    int(image_tokens), int(heads), total_ram)
+
+
+def run_ram(params: float, quant: str, image_tokens: int = 256) -> float:
     """Peak RAM, in bytes, of captioning with a `quant` folder of a `params`-parameter checkpoint."""
     base_gb, per_billion_gb = RUN_RAM[quant]
-    return (base_gb + per_billion_gb * params / 1e9) * GB
+    return (base_gb + per_billion_gb * params / 1e9 + RUN_IMAGE_GB * _beyond_224(image_tokens)) * GB
 
 
-def local_estimate(folder: Path, quant: str) -> ExportEstimate:
-    """What exporting the local checkpoint `folder` at `quant` costs (nothing to download)."""
+def _beyond_224(image_tokens: int) -> float:
+    """How far `image_tokens`' attention (tokens squared) is beyond 224 px's, where 896 px's is 1."""
+    return max(0.0, (image_tokens**2 - 256**2) / (CALIBRATION_TOKENS**2 - 256**2))
+
+
+def local_estimate(folder: Path, quant: str, total_ram: float | None = None) -> ExportEstimate:
+    """What exporting the local checkpoint `folder` at `quant` costs (nothing to download) on a machine of
+    `total_ram`."""
     files = {path.name: path.stat().st_size for path in folder.iterdir() if path.is_file()}
     config = read_config(folder / "config.json")
-    return replace(estimate(parameter_count(files, config), quant, 0, embedding_size(config)), local=True)
+    return replace(checkpoint_estimate(files, config, quant, 0, total_ram), local=True)
 
 
 def shortfall(plan: ExportEstimate, available_ram: float | None, free_disk: float,

@@ -20,15 +20,7 @@ from ..hub import HubError, cached_snapshot, download, is_hub_id, repo_files
 from ..runtime.contract import MANIFEST_NAME
 from ..runtime.levels import LevelError, resolve_quant, target_device
 from ..system import memory
-from .export_plan import (
-    ExportEstimate,
-    embedding_size,
-    estimate,
-    free_disk,
-    parameter_count,
-    read_config,
-    shortfall,
-)
+from .export_plan import ExportEstimate, checkpoint_estimate, free_disk, read_config, shortfall
 from .tables import human_bytes
 
 DEFAULT_MODEL = "mnemic/paligemma-longprompt-v1-safetensors"
@@ -140,10 +132,10 @@ def first_use_export(repo: str, files: dict[str, int | None], offline: bool, qua
             f"(pip install 'palionnx[export]'), or pass --model with an exported folder ({exc.name} missing)"
         ) from None
     folder = cached_folder(repo, cache_key(quant, target))
-    plan = export_estimate(repo, files, offline, quant)
+    available = memory()
+    plan = export_estimate(repo, files, offline, quant, available.total if available else None)
     progress(f"first use of {repo}: exporting it once at {quant} into {folder}")
     progress(f"needs: {plan.describe()}")
-    available = memory()
     problem = shortfall(plan, available.available if available else None, free_disk(cache_root()),
                         available.total if available else None)
     if problem:
@@ -159,7 +151,8 @@ def first_use_export(repo: str, files: dict[str, int | None], offline: bool, qua
     return folder
 
 
-def export_estimate(repo: str, files: dict[str, int | None], offline: bool, quant: str) -> ExportEstimate:
+def export_estimate(repo: str, files: dict[str, int | None], offline: bool, quant: str,
+                    total_ram: float | None = None) -> ExportEstimate:
     """Download size, time, RAM and disk of exporting `repo` (its config.json is fetched for the dtype)."""
     config = read_config(download(repo, ["config.json"], offline) / "config.json")
     wanted = {name: size for name, size in files.items() if any(fnmatch(name, p) for p in CHECKPOINT_PATTERNS)}
@@ -168,7 +161,7 @@ def export_estimate(repo: str, files: dict[str, int | None], offline: bool, quan
     except HubError:
         snapshot = None
     missing = sum(size or 0 for name, size in wanted.items() if snapshot is None or not (snapshot / name).is_file())
-    return estimate(parameter_count(files, config), quant, 0 if offline else missing, embedding_size(config))
+    return checkpoint_estimate(files, config, quant, 0 if offline else missing, total_ram)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .. import system
-from ..runtime.defaults import DEFAULT_BLOCK_SIZE
+from ..runtime.defaults import DEFAULT_BLOCK_SIZE, MAX_SPLIT_MEMORY
 from ..runtime.manifest import CpuKernels
 from .linear import ERROR_BOUND, LinearInput, SitePlan
 from .options import KERNEL_CHOICES
@@ -46,7 +46,6 @@ from .quantize import BITS, CPU_ACCURACY_LEVEL, OPSET, QGEMM, Kernel
 PROMPT_TEXT_TOKENS = 4  # <bos>, a short prompt and "\n" after the image tokens: the prefill probe's rows
 CAPTION_TOKENS = 64  # decode steps per caption, when weighing decode against prefill
 MARGIN = 0.10  # a coarser kernel (larger error) or a second graph only when it is this much faster
-MAX_SPLIT_MEMORY = 0.25  # ... and only where its weights take at most this share of the machine's memory
 SPLIT_GAIN = 1.3  # a second (int8) prefill graph costs memory: only for at least this prefill speed-up
 MIN_MEASURED_PARAMS = 50_000_000  # smaller decoders keep the defaults: their products time overheads
 BLOCK_SIZES = {"int4": (32, 64, 128), "int8": (32, 64, 128, 256)}  # int4 beyond 128 loses too much accuracy
