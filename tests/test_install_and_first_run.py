@@ -317,6 +317,12 @@ def test_export_plan_scales_the_measured_export_and_refuses_what_cannot_fit():
     assert at_896.peak_ram_bytes == pytest.approx(13.6 * GB, rel=0.05) and at_896.seconds == pytest.approx(900, rel=0.1)
     assert at_896.run_ram_bytes == pytest.approx(9.6 * GB, rel=0.1) and at_896.folder_bytes == pytest.approx(
         4.02 * GB, rel=0.1)
+    pg2 = {"torch_dtype": "bfloat16", "vision_config": {"image_size": 896, "patch_size": 14},
+           "text_config": {"vocab_size": 257_216, "hidden_size": 2304, "model_type": "gemma2", "sliding_window": 4096,
+                           "num_attention_heads": 8}}
+    pg2_896 = checkpoint_estimate({"model.safetensors": int(3.04e9 * 2)}, pg2, "int4", 0, 24 * GB)
+    assert pg2_896.run_ram_bytes == pytest.approx(15.1 * GB, rel=0.1)  # the windowed graph too: big-pg2-3b-896.md
+    assert pg2_896.peak_ram_bytes == pytest.approx(13.5 * GB, rel=0.1)
     config["vision_config"] = {"num_image_tokens": 256}
     assert checkpoint_estimate({"model.safetensors": int(2.93e9 * 2)}, config, "int4", 0).peak_ram_bytes < 6.2 * GB
     from palionnx.cli.export_plan import MEASURED

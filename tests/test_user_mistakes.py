@@ -206,12 +206,12 @@ def test_export_refuses_a_checkpoint_this_machine_cannot_hold_before_any_work(tm
     this disk cannot hold is refused in one line with the numbers, before the vision export."""
     big = tmp_path / "big"
     shutil.copytree(checkpoints["tiny-pg1"], big)
-    with open(big / "padding.safetensors", "wb") as padding:  # sparse: 400 GB (100 B float32) taking no disk
-        padding.truncate(400 * 10**9)
+    with open(big / "padding.safetensors", "wb") as padding:  # sparse: 4 TB (1000 B float32) taking no disk
+        padding.truncate(4000 * 10**9)
     run = palionnx("export", big, "-o", tmp_path / "out", "--quant", "fp32")
     assert run.returncode == 2, run.stderr
     one_error(run, f"cannot export {big} at fp32 on this machine: the export needs about", "of disk and")
-    assert "needs: local checkpoint; export of a 100.00 B-parameter" in run.stderr
+    assert "needs: local checkpoint; export of a 1000.00 B-parameter" in run.stderr
     assert "vision encoder" not in run.stderr
     assert not (tmp_path / "out").exists()
 

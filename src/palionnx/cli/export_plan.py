@@ -36,6 +36,7 @@ MEASURED = {
 # 448 px no more than at 224. Scaled by image tokens squared (attention over every patch), which errs high at
 # 448, and by the decoder's attention heads over pg1-3b's 8 (an assumption: unmeasured beyond 8 heads).
 CALIBRATION_TOKENS, CALIBRATION_PEAK_GB, CALIBRATION_SECONDS, REFERENCE_HEADS = 4096, 7.5, 700, 8
+PROMPT_TOKENS = 12  # <bos>, a short prompt and "\n" after the image tokens
 VISION_PARAMS = 0.43e9  # SigLIP-So400m and the projector: every PaliGemma's vision encoder
 VISION_FP32_GB = 1.66  # int8 / int4 first write the vision encoder in fp32 (every PaliGemma's SigLIP), then
 # quantize it
@@ -128,8 +129,15 @@ def checkpoint_estimate(files: Mapping[str, int | None], config: dict, quant: st
     size, patch = vision.get("image_size") or 224, vision.get("patch_size") or 14
     image_tokens = vision.get("num_image_tokens") or (int(size) // int(patch)) ** 2
     heads = text.get("num_attention_heads") or REFERENCE_HEADS
-    return estimate(parameter_count(files, config), quant, download_bytes, embedding_size(config),
+    plan = estimate(parameter_count(files, config), quant, download_bytes, embedding_size(config),
                     int(image_tokens), int(heads), total_ram)
+    window = text.get("sliding_window") if text.get("model_type") == "gemma2" else None
+    if isinstance(window, int) and image_tokens + PROMPT_TOKENS > window:
+        # every prompt outgrows the window: the windowed decoder graph is loaded beside the decoder (README,
+        # Limits); pg2-3b-896 int4 peaked at 15.1 GB, 7 % above this (benchmarks/results/big-pg2-3b-896.md)
+        decoder = RUN_RAM[quant][1] * plan.params / 1e9 * GB + plan.prefill_graph_bytes
+        plan = replace(plan, run_ram_bytes=plan.run_ram_bytes + decoder)
+    return plan
 
 
 def run_ram(params: float, quant: str, image_tokens: int = 256) -> float:

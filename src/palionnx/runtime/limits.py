@@ -18,6 +18,10 @@ GB = 1e9
 # prompts took 0.44 GB, 5005 tokens 1.68 GB, 8005 tokens 4.17 GB, about 1.0 copy; 1.5 leaves room for the
 # allocator's slack. --max-memory overrides the limit.
 ATTENTION_COPIES = 1.5
+# The vision encoder's attention scores over every patch, [images, VISION_HEADS, tokens, tokens] float32, kept
+# in its own session's arena: at 896 px (4096 image tokens) pg2-3b-896's vision encoder grew RSS by 1.58 GB for
+# one image, 1.5 copies (benchmarks/results/big-pg2-3b-896.md). SigLIP-So400m, every PaliGemma's, has 16 heads.
+VISION_HEADS = 16
 # Prefill activations per prompt token: the MLP's gate, up and product at up to 8 x hidden (Gemma 2B's
 # ratio), float32.
 MLP_WIDTH, MLP_COPIES = 8, 3
@@ -43,11 +47,13 @@ def kv_cache_bytes(m: Manifest, batch: int, max_len: int) -> int:
 
 
 def prefill_bytes(m: Manifest, batch: int, prompt_len: int) -> int:
-    """Transient memory of the prefill of `batch` prompts at once: attention over the whole prompt (prompt x
-    prompt scores: the cache's free slots are not attended) and the MLP activations."""
+    """Transient memory of the prefill of `batch` prompts at once: their images' vision encoder, attention over
+    the whole prompt (prompt x prompt scores: the cache's free slots are not attended) and the MLP
+    activations."""
     attention = int(ATTENTION_COPIES * batch * m.heads * prompt_len * prompt_len * 4)
     mlp = MLP_COPIES * batch * prompt_len * MLP_WIDTH * m.hidden * 4
-    return attention + mlp
+    vision = int(ATTENTION_COPIES * batch * VISION_HEADS * m.image_seq_length**2 * 4)
+    return attention + mlp + vision
 
 
 def request_bytes(m: Manifest, batch: int, prompt_len: int, max_new_tokens: int, min_cache_slots: int = 0,
