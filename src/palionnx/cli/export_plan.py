@@ -33,9 +33,12 @@ MEASURED = {
 }
 # int8 / int4 calibrate on 8 images through the float model: at 896 px (4096 image tokens) pg1-3b-896's int4
 # export peaked 7.5 GB above pg1-3b-224's and took 700 s longer (benchmarks/results/big-pg1-3b-896.md); at
-# 448 px no more than at 224. Scaled by image tokens squared (attention over every patch), which errs high at
-# 448, and by the decoder's attention heads over pg1-3b's 8 (an assumption: unmeasured beyond 8 heads).
+# 448 px no more than at 224. Of the 7.5 GB, the float decoder's attention scores over one prompt
+# (export/calibrate.py: [heads, prompt, prompt] float32, about DECODER_SCORE_COPIES copies) follow the heads;
+# the rest, the vision encoder's, is the same SigLIP in every PaliGemma. Both scale by image tokens squared
+# (which errs high at 448); pg2-3b-896 (8 heads too) checks it, more heads are unmeasured.
 CALIBRATION_TOKENS, CALIBRATION_PEAK_GB, CALIBRATION_SECONDS, REFERENCE_HEADS = 4096, 7.5, 700, 8
+DECODER_SCORE_COPIES = 3
 PROMPT_TOKENS = 12  # <bos>, a short prompt and "\n" after the image tokens
 VISION_PARAMS = 0.43e9  # SigLIP-So400m and the projector: every PaliGemma's vision encoder
 VISION_FP32_GB = 1.66  # int8 / int4 first write the vision encoder in fp32 (every PaliGemma's SigLIP), then
@@ -110,7 +113,8 @@ def estimate(params: float, quant: str, download_bytes: int, embedding: float | 
     seconds = measured_seconds * scale
     if quant in ("int8", "int4"):
         patches = _beyond_224(image_tokens)
-        peak += CALIBRATION_PEAK_GB * patches * max(1.0, heads / REFERENCE_HEADS) * GB
+        scores = DECODER_SCORE_COPIES * REFERENCE_HEADS * CALIBRATION_TOKENS**2 * 4 / GB
+        peak += (CALIBRATION_PEAK_GB - scores + scores * heads / REFERENCE_HEADS) * patches * GB
         seconds += CALIBRATION_SECONDS * patches * max(1.0, scale)
     prefill_graph = 0.0
     if quant in ("int8", "int4"):  # int8 copies of the layers and the lm_head table at the level's bits
