@@ -202,6 +202,14 @@ def extrapolate(short: dict[str, Any], long: dict[str, Any], layers: int) -> str
     return "\n".join(lines) + "\n"
 
 
+def write_extrapolation(names: list[str], layers: int) -> str:
+    """`extrapolate` the reports of the geometries `names` (short, long), written to big-SHORT-extrapolated.md."""
+    short, long = (json.loads((RESULTS / f"big-{name}.json").read_text()) for name in names)
+    text = extrapolate(short, long, layers)
+    (RESULTS / f"big-{names[0]}-extrapolated.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--geometry", default="pg2-10b-224")
@@ -215,10 +223,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=46)
     args = parser.parse_args()
     if args.extrapolate:
-        short, long = (json.loads((RESULTS / f"big-{name}.json").read_text()) for name in args.extrapolate)
-        text = extrapolate(short, long, args.layers)
-        (RESULTS / f"big-{args.extrapolate[0]}-extrapolated.md").write_text(text)
-        print(text)
+        print(write_extrapolation(args.extrapolate, args.layers))
         return
     if args.caption:
         print(json.dumps(measure_caption(Path(args.caption), args.new_tokens, args.warmup_tokens)))

@@ -315,10 +315,14 @@ def _open_model(model: str, quant: str | None, device: str, ray: str | None, qui
         _usage(str(exc))
 
 
-def _check_export_plan(folder: Path, quant: str, output: Path, say: Any) -> None:
-    """Say what exporting `folder` costs and refuse, before any work, when this machine lacks the RAM or disk.
+def _check_export_plan(source: str, quant: str, output: Path, say: Any) -> None:
+    """Say what exporting the checkpoint folder `source` costs and refuse, before any work, when this machine
+    lacks the RAM or disk (a hub id is planned where it is downloaded: cli/models.py).
 
     A folder too big to caption with here is only noted: it may be exported for a bigger machine."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        return
     from ..export.options import ExportError
     from ..system import memory
     from .export_plan import free_disk, local_estimate, shortfall
@@ -386,13 +390,11 @@ def export(
 
     try:
         with Steps() as steps:
-            if Path(source).expanduser().is_dir():  # a hub id is planned where it is downloaded (cli/models.py)
-                _check_export_plan(Path(source).expanduser(), options.quant, output, steps.say)
+            _check_export_plan(source, options.quant, output, steps.say)
             manifest = run_export(source, output, options, progress=steps.say)
     except (CheckpointError, ExportError, OutputError) as exc:
         _usage(str(exc))
-    quant = options.quant
-    typer.echo(f"exported {manifest.family} at {quant} to {output} ({folder_size(output) / 1e9:.2f} GB)")
+    typer.echo(f"exported {manifest.family} at {options.quant} to {output} ({folder_size(output) / 1e9:.2f} GB)")
     if validate:
         from ..export.validate import validate as run_validate
 
