@@ -80,7 +80,9 @@ def _field(pattern: str, text: str) -> str:
 
 
 def folder_gb(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / GB
+    from palionnx.runtime.contract import folder_size
+
+    return folder_size(folder) / GB
 
 
 def measure_caption(folder: Path, new_tokens: int, warmup_tokens: int) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..runtime.defaults import MAX_SPLIT_MEMORY
+from ..export.tune import PROMPT_TEXT_TOKENS, prefill_graph_bytes, prefill_graph_fits
 from .tables import human_bytes
 
 GB = 1e9
@@ -39,7 +39,6 @@ MEASURED = {
 # (which errs high at 448); pg2-3b-896 (8 heads too) checks it, more heads are unmeasured.
 CALIBRATION_TOKENS, CALIBRATION_PEAK_GB, CALIBRATION_SECONDS, REFERENCE_HEADS = 4096, 7.5, 700, 8
 DECODER_SCORE_COPIES = 3
-PROMPT_TOKENS = 12  # <bos>, a short prompt and "\n" after the image tokens
 VISION_PARAMS = 0.43e9  # SigLIP-So400m and the projector: every PaliGemma's vision encoder
 VISION_FP32_GB = 1.66  # int8 / int4 first write the vision encoder in fp32 (every PaliGemma's SigLIP), then
 # quantize it
@@ -58,7 +57,7 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 @dataclass(frozen=True)
 class ExportEstimate:
-    """Resources a first-use export of one checkpoint at one quant level needs."""
+    """Resources an export of one checkpoint at one quant level needs, and captioning with its folder."""
 
     quant: str
     params: float
@@ -101,29 +100,33 @@ def embedding_size(config: dict) -> float | None:
 
 
 def estimate(params: float, quant: str, download_bytes: int, embedding: float | None = None,
-             image_tokens: int = 256, heads: int = REFERENCE_HEADS, total_ram: float | None = None) -> ExportEstimate:
+             image_tokens: int = 256, heads: int = REFERENCE_HEADS, total_ram: float | None = None,
+             both_decoders: bool = False) -> ExportEstimate:
     """Scale the measured export to `params` (its peak RAM to `embedding`, vocab x hidden, when known; the
     calibration of int8 / int4 to `image_tokens` and the decoder's attention `heads`). An int8 / int4 folder's
-    int8 prefill graph is counted where the export could add it: where it takes at most MAX_SPLIT_MEMORY of
-    `total_ram` (export/tune.py; always when `total_ram` is not known)."""
+    int8 prefill graph is counted where the export could add it (export/tune.py, for a machine of `total_ram`;
+    always when it is not known); `both_decoders`: every prompt outgrows a PaliGemma 2 window, so the windowed
+    decoder graph is loaded beside the decoder (README, Limits)."""
     folder_gb, measured_seconds, peak_gb = MEASURED[quant]
     scale = params / REFERENCE_PARAMS
-    scratch = min(VISION_FP32_GB, VISION_FP32_GB * scale) * GB if quant in ("int8", "int4") else 0.0
     peak = peak_gb * (embedding / REFERENCE_EMBEDDING if embedding else scale) * GB
     seconds = measured_seconds * scale
+    scratch = prefill_graph = 0.0
     if quant in ("int8", "int4"):
+        scratch = min(VISION_FP32_GB, VISION_FP32_GB * scale) * GB
         patches = _beyond_224(image_tokens)
         scores = DECODER_SCORE_COPIES * REFERENCE_HEADS * CALIBRATION_TOKENS**2 * 4 / GB
         peak += (CALIBRATION_PEAK_GB - scores + scores * heads / REFERENCE_HEADS) * patches * GB
         seconds += CALIBRATION_SECONDS * patches * max(1.0, scale)
-    prefill_graph = 0.0
-    if quant in ("int8", "int4"):  # int8 copies of the layers and the lm_head table at the level's bits
         table = embedding or 0.0
-        prefill_graph = max(0.0, params - table - VISION_PARAMS) + table * (8 if quant == "int8" else 4) / 8
-        if total_ram is not None and prefill_graph > MAX_SPLIT_MEMORY * total_ram:
+        prefill_graph = prefill_graph_bytes(quant, max(0.0, params - table - VISION_PARAMS), table)
+        if total_ram is not None and not prefill_graph_fits(prefill_graph, total_ram):
             prefill_graph = 0.0
+    captioning = run_ram(params, quant, image_tokens) + prefill_graph
+    if both_decoders:  # pg2-3b-896 int4 peaked at 15.1 GB, 7 % above this (benchmarks/results/big-pg2-3b-896.md)
+        captioning += RUN_RAM[quant][1] * params / 1e9 * GB + prefill_graph
     return ExportEstimate(quant, params, download_bytes, folder_gb * scale * GB + prefill_graph, scratch, peak,
-                          seconds, run_ram(params, quant, image_tokens) + prefill_graph, prefill_graph)
+                          seconds, captioning, prefill_graph)
 
 
 def checkpoint_estimate(files: Mapping[str, int | None], config: dict, quant: str, download_bytes: int,
@@ -131,17 +134,11 @@ def checkpoint_estimate(files: Mapping[str, int | None], config: dict, quant: st
     """`estimate` for a checkpoint of these weight files' sizes and this config.json."""
     text, vision = config.get("text_config") or {}, config.get("vision_config") or {}
     size, patch = vision.get("image_size") or 224, vision.get("patch_size") or 14
-    image_tokens = vision.get("num_image_tokens") or (int(size) // int(patch)) ** 2
-    heads = text.get("num_attention_heads") or REFERENCE_HEADS
-    plan = estimate(parameter_count(files, config), quant, download_bytes, embedding_size(config),
-                    int(image_tokens), int(heads), total_ram)
+    image_tokens = int(vision.get("num_image_tokens") or (int(size) // int(patch)) ** 2)
     window = text.get("sliding_window") if text.get("model_type") == "gemma2" else None
-    if isinstance(window, int) and image_tokens + PROMPT_TOKENS > window:
-        # every prompt outgrows the window: the windowed decoder graph is loaded beside the decoder (README,
-        # Limits); pg2-3b-896 int4 peaked at 15.1 GB, 7 % above this (benchmarks/results/big-pg2-3b-896.md)
-        decoder = RUN_RAM[quant][1] * plan.params / 1e9 * GB + plan.prefill_graph_bytes
-        plan = replace(plan, run_ram_bytes=plan.run_ram_bytes + decoder)
-    return plan
+    return estimate(parameter_count(files, config), quant, download_bytes, embedding_size(config), image_tokens,
+                    int(text.get("num_attention_heads") or REFERENCE_HEADS), total_ram,
+                    isinstance(window, int) and image_tokens + PROMPT_TEXT_TOKENS > window)
 
 
 def run_ram(params: float, quant: str, image_tokens: int = 256) -> float:

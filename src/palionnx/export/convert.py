@@ -167,8 +167,7 @@ def _kernel_plan(checkpoint: Checkpoint, config: DecoderConfig, o: ExportOptions
         return plans
 
     params = decoder.params * config.layers
-    # a prefill graph holds int8 copies of the layers, and its own prepacked copy of the lm_head table
-    split_bytes = params + config.vocab * config.hidden * quantize.BITS[o.quant] // 8
+    split_bytes = int(tune.prefill_graph_bytes(o.quant, params, config.vocab * config.hidden))
     plan = tune.choose(o.quant, config.hidden, params, o.kernels, o.block_size, measure, split_bytes, check,
                        o.always_measure)
     plan.calibration, plan.activations = calibration.images, calibration.summary()

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .. import system
-from ..runtime.defaults import DEFAULT_BLOCK_SIZE, MAX_SPLIT_MEMORY
+from ..runtime.defaults import DEFAULT_BLOCK_SIZE
 from ..runtime.manifest import CpuKernels
 from .linear import ERROR_BOUND, LinearInput, SitePlan
 from .options import KERNEL_CHOICES
@@ -46,6 +46,7 @@ from .quantize import BITS, CPU_ACCURACY_LEVEL, OPSET, QGEMM, Kernel
 PROMPT_TEXT_TOKENS = 4  # <bos>, a short prompt and "\n" after the image tokens: the prefill probe's rows
 CAPTION_TOKENS = 64  # decode steps per caption, when weighing decode against prefill
 MARGIN = 0.10  # a coarser kernel (larger error) or a second graph only when it is this much faster
+MAX_SPLIT_MEMORY = 0.25  # ... and only where its weights take at most this share of the machine's memory
 SPLIT_GAIN = 1.3  # a second (int8) prefill graph costs memory: only for at least this prefill speed-up
 MIN_MEASURED_PARAMS = 50_000_000  # smaller decoders keep the defaults: their products time overheads
 BLOCK_SIZES = {"int4": (32, 64, 128), "int8": (32, 64, 128, 256)}  # int4 beyond 128 loses too much accuracy
@@ -129,7 +130,7 @@ def choose(level: str, hidden: int, decoder_params: int, kernels: str = "auto", 
     prefill graph whose memory (`split_bytes`) would exceed MAX_SPLIT_MEMORY of this machine's is not
     measured."""
     options = allowed(level, hidden, kernels, block_size)
-    if options.split == "measured" and split_bytes > MAX_SPLIT_MEMORY * physical_memory():
+    if options.split == "measured" and not prefill_graph_fits(split_bytes, physical_memory()):
         options = dataclasses.replace(options, split="never")  # the vision encoder may still use QGEMM
     plans: dict[tuple[str, str], dict[str, SitePlan]] = {}
 
@@ -355,6 +356,17 @@ def _probe_session(kernel: Kernel, probe: Probe, weights: list[list[np.ndarray]]
 def _cache_bytes() -> int:
     """Twice the last-level cache (at least 64 MB): what one pass must touch to evict it."""
     return max(2 * (system.last_level_cache_bytes() or 0), 64 * 2**20)
+
+
+def prefill_graph_bytes(level: str, layer_params: float, table: float) -> float:
+    """The weights of a prefill graph: int8 copies of the layers' `layer_params` and its own prepacked copy of
+    the lm_head `table` (vocab x hidden) at the level's bits."""
+    return layer_params + table * BITS[level] / 8
+
+
+def prefill_graph_fits(split_bytes: float, memory: float) -> bool:
+    """Whether a prefill graph of `split_bytes` may be built for a machine of `memory` bytes."""
+    return split_bytes <= MAX_SPLIT_MEMORY * memory
 
 
 def physical_memory() -> int:

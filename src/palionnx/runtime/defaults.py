@@ -22,6 +22,3 @@ CUDA_INT4_BLOCK_SIZE = 128
 # bf16 2.21 -> 2.05; fp16 and batch 8 unchanged; same benchmark).
 CUDA_MIN_CACHE_SLOTS = 1024
 CUDA_SMALL_BATCH = 8
-# A CPU folder's second, int8 prefill graph (export/tune.py) only where its weights take at most this share of
-# the exporting machine's memory: the export plan (cli/export_plan.py) counts it in the captioning RAM then.
-MAX_SPLIT_MEMORY = 0.25
