@@ -106,3 +106,14 @@ def test_tag_lists_from_the_command_line_or_a_file(tmp_path):
     assert tag_list(f"@{tmp_path / 'tags.txt'}") == ("watermark", "signature", "text")
     with pytest.raises(CheckError, match="cannot read the tag file"):
         tag_list(f"@{tmp_path / 'missing.txt'}")
+
+
+def test_clean_takes_a_style_as_its_value_and_leaves_a_folder_alone():
+    from palionnx.cli.launcher import clean_styles
+
+    assert clean_styles(["caption", "in", "--clean", "origin"]) == ["caption", "in", "--clean", "--clean-style",
+                                                                   "origin"]
+    assert clean_styles(["caption", "--clean=basic", "in"]) == ["caption", "--clean", "--clean-style", "basic", "in"]
+    assert clean_styles(["caption", "--clean", "in/", "-o", "x"]) == ["caption", "--clean", "in/", "-o", "x"]
+    assert clean_styles(["caption", "in", "--clean"]) == ["caption", "in", "--clean"]
+    assert clean_styles(["caption", "--", "--clean", "origin"]) == ["caption", "--", "--clean", "origin"]

@@ -341,6 +341,7 @@ def test_decompression_bomb_sized_image_is_one_line_in_our_words(tmp_path, model
     (["--ext", ".md"], ["--ext"]),
     (["--batch-size", "0"], ["--batch-size"]),
     (["--clean", "--clean-style", "fancy"], ["--clean-style must be basic or origin, got 'fancy'"]),
+    (["--clean=fancy"], ["--clean-style must be basic or origin, got 'fancy'"]),
     (["--keep", "first"], ["--keep must be longest or last"]),
     (["--retry-words", "no_parallel", "--retries", "3"], ["need sampling"]),
     (["--exclude-tags", "@/no/such/tags.txt"], ["--exclude-tags /no/such/tags.txt: cannot read the tag file"]),

@@ -108,7 +108,7 @@ PrefixOpt = Annotated[str, typer.Option(metavar="TEXT", rich_help_panel=IO_PANEL
                                         help='Text put before every caption, e.g. "sks, ".')]
 SuffixOpt = Annotated[str, typer.Option(metavar="TEXT", rich_help_panel=IO_PANEL, help="Text put after every caption.")]
 CleanOpt = Annotated[bool, typer.Option("--clean/--no-clean", rich_help_panel=IO_PANEL, help=(
-    "Post-process raw captions in --clean-style."))]
+    "Post-process raw captions in --clean-style (--clean basic / --clean origin pick the style too)."))]
 CleanStyleOpt = Annotated[str, typer.Option(metavar="STYLE", rich_help_panel=IO_PANEL, help=(
     "basic: drop bracketed text, cut back to the last '.' or ',', collapse whitespace; origin: exactly the "
     "origin script's clean-up (palionnx.clean_caption)."))]

@@ -36,7 +36,7 @@ def _run(app: object, args: list[str]) -> int:
     import typer
 
     try:
-        result = app(args=args, prog_name="palionnx", standalone_mode=False)  # type: ignore[operator]
+        result = app(args=clean_styles(args), prog_name="palionnx", standalone_mode=False)  # type: ignore[operator]
     except (typer.Abort, KeyboardInterrupt):  # typer turns Ctrl-C into exit 130 itself; EOF on stdin is Abort
         sys.stderr.write("interrupted\n")
         return 130
@@ -49,6 +49,26 @@ def _run(app: object, args: list[str]) -> int:
     if result == 130:
         sys.stderr.write("interrupted\n")
     return result if isinstance(result, int) else 0
+
+
+def clean_styles(args: list[str]) -> list[str]:
+    """`--clean STYLE` and `--clean=STYLE` spelled as `--clean --clean-style STYLE`. typer has no option whose
+    value may be left out without taking the next argument (a folder) for it, so only a style's own name
+    after `--clean` is read as its value."""
+    from ..jobs.cleanup import STYLES
+
+    spelled: list[str] = []
+    rest = iter(args)
+    for arg in rest:
+        if arg == "--":
+            spelled += [arg, *rest]
+        elif arg.startswith("--clean="):
+            spelled += ["--clean", "--clean-style", arg.removeprefix("--clean=")]
+        elif arg == "--clean" and (following := next(rest, None)) is not None:
+            spelled += ["--clean", "--clean-style", following] if following in STYLES else [arg, following]
+        else:
+            spelled.append(arg)
+    return spelled
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:
