@@ -205,6 +205,32 @@ def test_release_all_keeps_the_record_of_a_published_caption(tmp_path):
     assert [json.loads(row)["path"] for row in jsonl.read_text().splitlines()] == ["a.txt"]
 
 
+def test_a_ctrl_c_inside_claim_or_release_leaves_no_claim_file(tmp_path, monkeypatch):
+    """The CI trace: a Ctrl-C landing between a claim file's creation (or removal) and the bookkeeping of it;
+    the run's `release_all` (its `finally`) then removes the file, and leaves another run's claim alone."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for name, step, (module, function) in (("a.txt", "claim", (os, "fdopen")),
+                                           ("b.txt", "release", (Path, "unlink"))):
+        claims = Claims(None)
+        if step == "release":
+            assert claims.claim(tmp_path / name)
+        with monkeypatch.context() as patch:
+            patch.setattr(module, function, interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                getattr(claims, step)(tmp_path / name)
+        assert claim_path(tmp_path / name).exists()
+        claims.release_all()
+        assert not claim_path(tmp_path / name).exists(), step
+    other = tmp_path / "other.txt"  # another run's claim, there as this run's create of it failed
+    claim_path(other).write_text(json.dumps({"owner": ProcessId("elsewhere", 1, 1.0).to_json()}))
+    claims = Claims(None)
+    claims.creating = other
+    claims.release_all()
+    assert claim_path(other).exists()
+
+
 def test_write_atomic_leaves_no_temp_and_exclusive_keeps_the_first(tmp_path):
     target = tmp_path / "sub" / "a.txt"
     write_atomic(target, "first")

@@ -108,6 +108,7 @@ class Claims:
         self.lines: dict[Path, str] = {}  # records stored in held claims
         self.texts: dict[Path, str] = {}  # with marks: the caption texts stored in held claims
         self.marked: set[Path] = set()  # marks to remove when the run has done every image
+        self.creating: Path | None = None  # a claim being created: a Ctrl-C there leaves a file `held` lacks
 
     def claim(self, target: Path) -> bool:
         """Take the claim of `target`; a stale claim is finished and taken over. False if someone holds it;
@@ -115,15 +116,18 @@ class Claims:
         path = claim_path(target)
         path.parent.mkdir(parents=True, exist_ok=True)  # --output-dir mirrors folders that may not exist yet
         for _ in range(2):
+            self.creating = target
             try:
                 handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
+                self.creating = None
                 if not recover_stale(path, target, self.marks):
                     return False
                 continue
             with os.fdopen(handle, "w", encoding="utf-8") as claim:
                 claim.write(json.dumps(self._content()))
             self.held.add(target)
+            self.creating = None
             return True
         return False
 
@@ -150,14 +154,15 @@ class Claims:
     def release(self, target: Path) -> None:
         """Remove the claim of `target` (its record, if any, is in --jsonl by now); with marks, the claim of
         a published caption stays as its mark."""
-        if target in self.held:
-            self.held.discard(target)
-            self.lines.pop(target, None)
-            text = self.texts.pop(target, None)
+        if target in self.held:  # forgotten only once its file is dealt with, so a Ctrl-C here loses nothing
+            text = self.texts.get(target)
             if text is not None and _holds(target, text):
                 self.marked.add(target)
             else:
                 claim_path(target).unlink(missing_ok=True)
+            self.held.discard(target)
+            self.lines.pop(target, None)
+            self.texts.pop(target, None)
 
     def clear_marks(self) -> None:
         """The run has done every image: remove its marks and those of dead runs it found."""
@@ -167,6 +172,12 @@ class Claims:
 
     def release_all(self) -> None:
         """End of run or interrupted: a caption already published keeps its --jsonl record."""
+        if self.creating is not None:  # interrupted while creating a claim: remove it if it is ours
+            path = claim_path(self.creating)
+            info = read_claim(path)
+            if info is not None and info.owner in (None, self.me):  # None: created, not yet written
+                path.unlink(missing_ok=True)
+            self.creating = None
         for target in list(self.held):
             line, text = self.lines.get(target), self.texts.get(target)
             published = target.is_file() if text is None else _holds(target, text)
