@@ -128,12 +128,17 @@ def pytest_configure(config) -> None:
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """Mark the integration tier. When some test needs the trained shapes-pg1 and it is not cached, start
-    training it in a child process now: it trains (minutes, once per machine) while the other tests run."""
+    """Mark the integration tier (before `-m` deselects by the mark)."""
     for item in items:
         if _integration(item):
             item.add_marker(pytest.mark.integration)
-    if not any("shapes_pg1" in item.fixturenames for item in items):
+
+
+def pytest_collection_finish(session) -> None:
+    """When a test that will run needs the trained shapes-pg1 and it is not cached, start training it in a
+    child process now: it trains (minutes, once per machine) while the other tests run. Only the selected
+    tests count: the unit tier (`-m "not integration"`) never starts it."""
+    if not any("shapes_pg1" in item.fixturenames for item in session.items):
         return
     from palionnx.cli.models import cache_root
     from palionnx.testmodels.trained import cache_key
