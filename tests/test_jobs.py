@@ -223,10 +223,13 @@ def test_a_ctrl_c_inside_claim_or_release_leaves_no_claim_file(tmp_path, monkeyp
         assert claim_path(tmp_path / name).exists()
         claims.release_all()
         assert not claim_path(tmp_path / name).exists(), step
-    other = tmp_path / "other.txt"  # another run's claim, there as this run's create of it failed
+    other = tmp_path / "other.txt"  # another run's claim, there as this run's create of it is interrupted
     claim_path(other).write_text(json.dumps({"owner": ProcessId("elsewhere", 1, 1.0).to_json()}))
     claims = Claims(None)
-    claims.creating = other
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "open", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            claims.claim(other)
     claims.release_all()
     assert claim_path(other).exists()
 
