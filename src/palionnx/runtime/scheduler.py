@@ -126,7 +126,7 @@ class Scheduler:
         source = iter(requests)
         exhausted = False
         while True:
-            while not exhausted and len(self.waiting) < self.slots - self.busy:
+            while not exhausted and self.queued < self.slots - self.busy:
                 request = next(source, _END)
                 if request is _END:
                     exhausted = True
@@ -134,7 +134,7 @@ class Scheduler:
                     break
                 else:
                     self.submit(request)
-            if not self.waiting and not self.busy:
+            if not self.queued and not self.busy:  # queued: the requests being prefilled beside the steps too
                 if exhausted:
                     return
                 time.sleep(IDLE_S)
